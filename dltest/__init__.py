@@ -1,0 +1,24 @@
+"""dltest: test and harden deep-learning image classifiers.
+
+data -> model -> outputs -> selector -> attack -> trainer -> report::
+
+    from dltest import load_dataset, load_model, select
+    pool = load_dataset("mnist", "test")
+    model, _ = load_model(dataset="mnist")
+    selection = select("dre", "4%", model=model, data=pool, seed=0)
+"""
+
+__version__ = "0.1.0"
+
+from dltest.checkpoint import load_model, save_checkpoint  # noqa: E402
+from dltest.data import ImageDataset, load_dataset  # noqa: E402
+from dltest.errors import DltestError  # noqa: E402
+from dltest.inference import PoolOutputs, infer  # noqa: E402
+from dltest.selection import SelectionResult, load_selection, select  # noqa: E402
+from dltest.selectors import REGISTRY as SELECTORS  # noqa: E402
+from dltest.training import TrainConfig, accuracy, train  # noqa: E402
+
+__all__ = [
+    "DltestError", "ImageDataset", "PoolOutputs", "SELECTORS", "SelectionResult", "TrainConfig",
+    "accuracy", "infer", "load_dataset", "load_model", "load_selection", "save_checkpoint", "select", "train",
+]

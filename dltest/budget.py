@@ -1,0 +1,35 @@
+"""Labeling budgets: ``400`` inputs or ``4%`` of the pool."""
+
+from __future__ import annotations
+
+import math
+import re
+
+from dltest.errors import DltestError
+
+_PERCENT = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*%\s*$")
+_COUNT = re.compile(r"^\s*\d+\s*$")
+
+
+def parse_budget(spec: str | int, pool_size: int) -> int:
+    """The number of inputs a budget asks for: an integer count, or a percentage of the pool.
+
+    A percentage rounds half up; the result must lie in [1, pool_size].
+    """
+    text = str(spec)
+    if _COUNT.match(text):
+        budget = int(text)
+    elif match := _PERCENT.match(text):
+        percent = float(match.group(1))
+        if not 0 < percent <= 100:
+            raise DltestError(f"budget {text!r} is not a percentage in (0%, 100%]")
+        budget = math.floor(pool_size * percent / 100 + 0.5)
+        if budget < 1:
+            raise DltestError(f"budget {text!r} of a pool of {pool_size} selects no input; ask for more")
+    else:
+        raise DltestError(f"budget {text!r} is neither a count (e.g. 400) nor a percentage (e.g. 4%)")
+    if budget < 1:
+        raise DltestError(f"budget {text!r} must select at least one input")
+    if budget > pool_size:
+        raise DltestError(f"budget {text!r} exceeds the pool of {pool_size} inputs")
+    return budget

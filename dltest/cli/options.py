@@ -1,0 +1,32 @@
+"""Options shared by several commands, and the loading steps they share."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from torch import nn
+
+from dltest.checkpoint import ModelInfo, check_fits, load_model
+from dltest.data import ImageDataset, load_dataset
+
+Dataset = Annotated[str, typer.Option("--dataset", "-d", help="mnist, fashion-mnist, cifar10, svhn, an .npz file or an image folder.")]
+Split = Annotated[str, typer.Option(help="train, test, val or holdout (the test set's halves); all/val/holdout for files.")]
+ModelPath = Annotated[Optional[Path], typer.Option("--model", "-m", help="A dltest checkpoint or TorchScript file; default: the bundled model of the dataset.")]
+DataRoot = Annotated[Optional[Path], typer.Option(help="Folder with the datasets (default: $DLTEST_DATA, else ~/.cache/dltest/data).")]
+Download = Annotated[bool, typer.Option("--download", help="Allow downloading a missing built-in dataset.")]
+Device = Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1, ... (default: cuda when available).")]
+Seed = Annotated[int, typer.Option(help="Random seed; written into the output.")]
+TrustModel = Annotated[bool, typer.Option("--trust-model", help="Also load pickled nn.Module files (runs code from the file: only for files you trust).")]
+BatchSize = Annotated[int, typer.Option(min=1, help="Inference batch size.")]
+
+
+def load_data_and_model(
+    dataset: str, split: str, model: Path | None, data_root: Path | None, download: bool, trust: bool = False
+) -> tuple[ImageDataset, nn.Module, ModelInfo]:
+    """The pool and the model, checked to fit each other."""
+    data = load_dataset(dataset, split, root=data_root, download=download or None)
+    net, info = load_model(model, dataset=None if model else data.name, trust=trust)
+    check_fits(net, data, info)
+    return data, net, info

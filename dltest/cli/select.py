@@ -1,0 +1,78 @@
+"""``dltest select``: rank a pool with an acquisition function and write the selection."""
+
+from __future__ import annotations
+
+import csv
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from dltest.cli.app import app
+from dltest.cli.options import (
+    BatchSize, DataRoot, Dataset, Device, Download, ModelPath, Seed, Split, TrustModel, load_data_and_model,
+)
+from dltest.budget import parse_budget
+from dltest.io import atomic_path, check_writable
+from dltest.selection import SelectionResult, load_selection, select
+from dltest.selectors import get_selector
+
+
+@app.command("select")
+def select_command(
+    metric: Annotated[str, typer.Option("--metric", help="Acquisition function; `dltest metrics` lists them.")] = "dre",
+    budget: Annotated[str, typer.Option("--budget", "-b", help="How many inputs: a count (400) or a share of the pool (4%).")] = "4%",
+    dataset: Dataset = "mnist",
+    split: Split = "test",
+    model: ModelPath = None,
+    seed: Seed = 0,
+    out: Annotated[Optional[Path], typer.Option(help="Selection JSON (default: selection-<metric>-<budget>.json).")] = None,
+    csv_path: Annotated[Optional[Path], typer.Option("--csv", help="Also write rank, index, score as CSV.")] = None,
+    labeled: Annotated[Optional[Path], typer.Option(help="A selection JSON of already-labeled inputs of the same pool: never selected again; core-set starts from them.")] = None,
+    data_root: DataRoot = None,
+    download: Download = False,
+    device: Device = None,
+    batch_size: BatchSize = 1024,
+    trust_model: TrustModel = False,
+) -> None:
+    """Select the inputs most worth labeling or testing."""
+    get_selector(metric)  # unknown metric or malformed budget: fail before loading anything
+    parse_budget(budget, pool_size=sys.maxsize)
+    out = check_writable(out or Path(f"selection-{metric}-{budget.strip().replace('%', 'pct')}.json"))
+    if csv_path:
+        check_writable(csv_path)
+    data, net, info = load_data_and_model(dataset, split, model, data_root, download, trust_model)
+    labeled_indices = load_selection(str(labeled), data).indices if labeled else None
+    result = select(
+        metric, budget, model=net, data=data, seed=seed, labeled=labeled_indices, device=device,
+        batch_size=batch_size, progress=True, model_name=info.source,
+    )
+    result.save(str(out))
+    if csv_path:
+        _write_csv(csv_path, result)
+    print_summary(result, out)
+
+
+def print_summary(result: SelectionResult, out: Path) -> None:
+    console = Console()
+    table = Table(title=f"{result.metric}: {result.budget} of {result.pool_size} inputs ({result.dataset}/{result.split}, seed {result.seed})")
+    table.add_column("predicted class")
+    table.add_column("selected", justify="right")
+    table.add_column("share", justify="right")
+    for name, count in sorted(result.predicted_counts.items(), key=lambda kv: -kv[1]):
+        table.add_row(name, str(count), f"{100 * count / result.budget:.1f}%")
+    console.print(table)
+    if result.scores:
+        console.print(f"{result.score_name or 'score'}: min {min(result.scores):.4g}, max {max(result.scores):.4g}")
+    console.print(f"wrote {out} in {result.seconds:.2f} s")
+
+
+def _write_csv(path: Path, result: SelectionResult) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["rank", "index", result.score_name or "score"])
+        scores = result.scores or [None] * len(result.indices)
+        writer.writerows((rank, index, score) for rank, (index, score) in enumerate(zip(result.indices, scores)))

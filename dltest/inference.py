@@ -1,0 +1,90 @@
+"""One inference pass over a pool: logits, probabilities and penultimate embeddings, cached.
+
+Selectors consume these outputs; only the ones that must (MC dropout, EGL, DFAL) run the
+model again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from dltest.data import ImageDataset
+from dltest.progress import progress_bar
+from dltest.settings import default_device
+
+
+@dataclass
+class PoolOutputs:
+    """Model outputs for every pool input, on the CPU, in pool order."""
+
+    logits: Tensor
+    embeddings: Tensor | None = None
+    _probs: Tensor | None = None
+
+    @property
+    def probs(self) -> Tensor:
+        """Softmax probabilities (n, C), float32."""
+        if self._probs is None:
+            self._probs = torch.softmax(self.logits.float(), dim=1)
+        return self._probs
+
+    @property
+    def predictions(self) -> Tensor:
+        return self.logits.argmax(dim=1)
+
+    @classmethod
+    def from_probs(cls, probs: Tensor, embeddings: Tensor | None = None) -> "PoolOutputs":
+        """Outputs built from probabilities alone (their log stands in for the logits)."""
+        probs = torch.as_tensor(probs, dtype=torch.float32)
+        return cls(logits=probs.clamp_min(1e-45).log(), embeddings=embeddings, _probs=probs)
+
+    def __len__(self) -> int:
+        return len(self.logits)
+
+
+def embedding_head(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
+    """(embed, head) for a model split as penultimate features + final linear layer, else None."""
+    embed, head = getattr(model, "embed", None), getattr(model, "head", None)
+    if callable(embed) and isinstance(head, nn.Linear):
+        return embed, head  # type: ignore[return-value]
+    return None
+
+
+@torch.inference_mode()
+def infer(
+    model: nn.Module,
+    data: ImageDataset,
+    *,
+    batch_size: int = 1024,
+    device: torch.device | str | None = None,
+    embeddings: bool = True,
+    progress: bool = False,
+) -> PoolOutputs:
+    """Run ``model`` (in eval mode) once over ``data``; embeddings come from the same pass."""
+    device = default_device(device)
+    model = model.eval().to(device)
+    split = embedding_head(model) if embeddings else None
+    n = len(data)
+    logits: Tensor | None = None
+    feats: Tensor | None = None
+    with progress_bar("inference", total=n, enabled=progress) as advance:
+        for start in range(0, n, batch_size):
+            x = data.images(slice(start, start + batch_size), device)
+            if split is not None:
+                z = split[0](x)
+                out = split[1](z)
+                if feats is None:
+                    feats = torch.empty((n, z.shape[1]), dtype=torch.float32)
+                feats[start : start + len(x)] = z.float()
+            else:
+                out = model(x)
+            if logits is None:
+                logits = torch.empty((n, out.shape[1]), dtype=torch.float32)
+            logits[start : start + len(x)] = out.float()
+            advance(len(x))
+    if logits is None:
+        raise ValueError("cannot run inference on an empty pool")
+    return PoolOutputs(logits=logits, embeddings=feats)

@@ -1,0 +1,192 @@
+"""``select``: the Python API behind ``dltest select``.
+
+model + pool -> one inference pass -> a registered selector -> a :class:`SelectionResult`
+that knows its seed, budget and options and writes itself as JSON.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from dltest import __version__
+from dltest.budget import parse_budget
+from dltest.data import ImageDataset
+from dltest.errors import DltestError
+from dltest.inference import PoolOutputs, infer
+from dltest.io import read_json, write_json
+from dltest.selectors import REGISTRY, Pool, get_selector
+from dltest.settings import default_device
+
+
+@dataclass
+class SelectionResult:
+    """A selection, with everything needed to reproduce it.
+
+    ``indices`` are positions in the pool (the dataset split as loaded), distinct, in selection
+    order; ``scores[i]`` is the metric's score of ``indices[i]`` where the metric has one.
+    """
+
+    metric: str
+    budget: int
+    budget_spec: str
+    pool_size: int
+    seed: int
+    indices: list[int]
+    scores: list[float] | None = None
+    score_name: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+    dataset: str | None = None
+    split: str | None = None
+    model: str | None = None
+    labeled: int = 0
+    predicted_counts: dict[str, int] = field(default_factory=dict)
+    label_counts: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+    dltest_version: str = __version__
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def save(self, path: str) -> None:
+        """Write the selection as JSON, atomically."""
+        write_json(path, self.to_dict())
+
+    @property
+    def tensor(self) -> Tensor:
+        return torch.tensor(self.indices, dtype=torch.long)
+
+
+def select(
+    metric: str,
+    budget: int | str,
+    *,
+    model: nn.Module | None = None,
+    data: ImageDataset | None = None,
+    outputs: PoolOutputs | Tensor | None = None,
+    seed: int = 0,
+    labeled: Sequence[int] | Tensor | None = None,
+    device: str | torch.device | None = None,
+    batch_size: int = 1024,
+    progress: bool = False,
+    model_name: str | None = None,
+    **options: Any,
+) -> SelectionResult:
+    """Select ``budget`` inputs of a pool with the acquisition function ``metric``.
+
+    The pool is ``data`` (with ``model``), or precomputed ``outputs`` (a :class:`PoolOutputs` or a
+    probability matrix) for the selectors that need no model. ``budget`` is a count or a
+    percentage string (``"4%"``). ``labeled`` are pool positions already labeled: they are never
+    selected, and core-set starts its centers from them. ``options`` go to the selector
+    (e.g. ``samples=10`` for ``bald``).
+    """
+    selector = get_selector(metric, **options)
+    started = time.perf_counter()
+    device = default_device(device)
+    if outputs is None:
+        if model is None or data is None:
+            raise DltestError("select needs either model and data, or precomputed outputs")
+        outputs = infer(model, data, batch_size=batch_size, device=device, progress=progress)
+    elif isinstance(outputs, Tensor):
+        outputs = PoolOutputs.from_probs(outputs)
+    n = len(outputs)
+    if data is not None and len(data) != n:
+        raise DltestError(f"outputs cover {n} inputs but the pool has {len(data)}")
+    if selector.needs_model and (model is None or data is None):
+        raise DltestError(f"metric {metric!r} runs the model again: pass model and data")
+
+    labeled_t = _labeled_positions(labeled, n)
+    candidates = _complement(labeled_t, n)
+    budget_int = parse_budget(budget, len(candidates))
+    pool = Pool(
+        outputs=_subset_outputs(outputs, candidates),
+        model=model,
+        data=data.subset(candidates) if data is not None else None,
+        labeled_embeddings=(
+            outputs.embeddings[labeled_t] if outputs.embeddings is not None and len(labeled_t) else None
+        ),
+        device=device,
+    )
+    generator = torch.Generator().manual_seed(seed)
+    chosen = selector(pool, budget_int, generator)
+    indices = candidates[chosen.indices]
+    if len(indices) != budget_int or len(torch.unique(indices)) != budget_int:
+        raise RuntimeError(f"selector {metric} returned {len(indices)} positions for a budget of {budget_int}")
+
+    preds = outputs.predictions[indices]
+    classes = data.classes if data is not None else None
+    return SelectionResult(
+        metric=metric,
+        budget=budget_int,
+        budget_spec=str(budget),
+        pool_size=n,
+        seed=seed,
+        indices=indices.tolist(),
+        scores=chosen.scores.double().tolist() if chosen.scores is not None else None,
+        score_name=type(selector).score_name,
+        options=selector.options(),
+        dataset=data.name if data is not None else None,
+        split=data.split if data is not None else None,
+        model=model_name,
+        labeled=len(labeled_t),
+        predicted_counts=_counts(preds, classes),
+        label_counts=_counts(data.y[indices], classes) if data is not None else {},
+        seconds=round(time.perf_counter() - started, 4),
+    )
+
+
+def load_selection(path: str, data: ImageDataset | None = None) -> SelectionResult:
+    """Read a selection JSON; with ``data``, check it was made on that dataset and split."""
+    raw = read_json(path)
+    known = SelectionResult.__dataclass_fields__
+    if not isinstance(raw, dict) or "indices" not in raw:
+        raise DltestError(f"{path} is not a dltest selection file (no 'indices')")
+    result = SelectionResult(**{k: v for k, v in raw.items() if k in known})
+    if data is not None:
+        if result.dataset and result.dataset != data.name:
+            raise DltestError(f"{path} selects from dataset {result.dataset!r}, not {data.name!r}")
+        if result.split and result.split != data.split:
+            raise DltestError(f"{path} selects from split {result.split!r}, not {data.split!r}")
+        bad = [i for i in result.indices if not 0 <= int(i) < len(data)]
+        if bad:
+            raise DltestError(f"{path} holds indices outside the pool of {len(data)}: {bad[:5]}")
+    return result
+
+
+def metric_names() -> list[str]:
+    return sorted(REGISTRY)
+
+
+def _labeled_positions(labeled: Sequence[int] | Tensor | None, n: int) -> Tensor:
+    if labeled is None:
+        return torch.empty(0, dtype=torch.long)
+    t = torch.as_tensor(labeled, dtype=torch.long).flatten().unique()
+    if len(t) and (t.min() < 0 or t.max() >= n):
+        bad = t[(t < 0) | (t >= n)][:5].tolist()
+        raise DltestError(f"labeled indices outside the pool of {n}: {bad}")
+    return t
+
+
+def _complement(labeled: Tensor, n: int) -> Tensor:
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[labeled] = False
+    return torch.nonzero(keep).flatten()
+
+
+def _subset_outputs(outputs: PoolOutputs, positions: Tensor) -> PoolOutputs:
+    if len(positions) == len(outputs):
+        return outputs
+    return PoolOutputs(
+        logits=outputs.logits[positions],
+        embeddings=outputs.embeddings[positions] if outputs.embeddings is not None else None,
+        _probs=outputs._probs[positions] if outputs._probs is not None else None,
+    )
+
+
+def _counts(labels: Tensor, classes: list[str] | None) -> dict[str, int]:
+    values, counts = torch.unique(labels, return_counts=True)
+    return {(classes[v] if classes and v < len(classes) else str(v)): int(c) for v, c in zip(values.tolist(), counts.tolist())}

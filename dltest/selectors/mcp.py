@@ -1,0 +1,53 @@
+"""MCP: multiple-boundary clustering and prioritisation (Shen et al., ASE 2020).
+
+Each input belongs to the cluster of its ordered (top-1, top-2) class pair, with priority
+p2 / p1 (higher = nearer that boundary). Round k takes the k-th best input of every cluster
+that still has one, while the budget left covers them all; the last, partial round takes the
+best of those by priority. Equivalently: sort by (rank in cluster, -priority, position) and
+take the first ``budget``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from dltest.selectors.base import Pool, Selection, Selector, register
+
+
+def mcp_priority(probs: Tensor) -> tuple[Tensor, Tensor]:
+    """(cluster id, priority p2/p1) of each row; classes tied in probability go lower index first."""
+    p = probs.detach().double().cpu().numpy()
+    n, c = p.shape
+    order = np.argsort(-p, axis=1, kind="stable")
+    first = order[:, 0]
+    second = order[:, 1] if c > 1 else first
+    p1 = p[np.arange(n), first]
+    p2 = p[np.arange(n), second] if c > 1 else np.zeros(n)
+    return torch.from_numpy(first * c + second), torch.from_numpy(p2 / p1)
+
+
+def mcp_order(cluster: Tensor, priority: Tensor) -> Tensor:
+    """All positions in MCP's selection order."""
+    cl, pr = cluster.numpy(), priority.numpy()
+    positions = np.arange(len(cl))
+    by_cluster = np.lexsort((positions, -pr, cl))  # within each cluster: best first
+    rank = np.empty(len(cl), dtype=np.int64)
+    sorted_cl = cl[by_cluster]
+    starts = np.r_[0, np.flatnonzero(np.diff(sorted_cl)) + 1]
+    run_lengths = np.diff(np.r_[starts, len(cl)])
+    rank[by_cluster] = np.arange(len(cl)) - np.repeat(starts, run_lengths)
+    return torch.from_numpy(np.lexsort((positions, -pr, rank)))
+
+
+@register
+class MCP(Selector):
+    name = "mcp"
+    summary = "MCP: round-robin over (top-1, top-2) class-pair clusters, highest p2/p1 first"
+    score_name = "p2 / p1"
+
+    def __call__(self, pool: Pool, budget: int, generator: torch.Generator) -> Selection:
+        cluster, priority = mcp_priority(pool.outputs.probs)
+        indices = mcp_order(cluster, priority)[:budget]
+        return Selection(indices, priority[indices].float())

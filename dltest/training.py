@@ -1,0 +1,209 @@
+"""The one trainer: standard training, and adversarial training when given an adversary.
+
+The best epoch is chosen on the validation data (clean accuracy, or robust accuracy under the
+adversary when training adversarially). Every epoch is checkpointed to ``<out>.partial`` so an
+interrupted run resumes where it stopped; the finished model is written to ``out`` atomically.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dltest.data import ImageDataset
+from dltest.errors import DltestError
+from dltest.io import atomic_path
+from dltest.progress import progress_bar
+from dltest.settings import default_device
+
+# An adversary maps (model, images in [0, 1], labels) to perturbed images, model in eval mode.
+Adversary = Callable[[nn.Module, Tensor, Tensor], Tensor]
+
+# Augmentation per dataset (SPEC: selection scores never see augmentation; training may).
+DEFAULT_AUGMENT = {"cifar10": "crop-flip", "svhn": "crop"}
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of one training run (all written into the checkpoint's metadata)."""
+
+    epochs: int = 20
+    batch_size: int = 128
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    augment: str = "none"  # "none", "crop", "crop-flip"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise DltestError(f"epochs must be >= 1, got {self.epochs}")
+        if self.batch_size < 1:
+            raise DltestError(f"batch size must be >= 1, got {self.batch_size}")
+        if not self.lr > 0:
+            raise DltestError(f"learning rate must be > 0, got {self.lr}")
+        if self.augment not in ("none", "crop", "crop-flip"):
+            raise DltestError(f"unknown augmentation {self.augment!r}; choose none, crop or crop-flip")
+
+
+@dataclass
+class TrainResult:
+    """The trained model (best epoch's weights) and how it got there."""
+
+    model: nn.Module
+    best_epoch: int
+    best_score: float
+    history: list[dict[str, float]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def summary(self) -> dict[str, Any]:
+        return {"best_epoch": self.best_epoch, "best_score": self.best_score, "history": self.history,
+                "seconds": round(self.seconds, 2)}
+
+
+def train(
+    model: nn.Module,
+    train_data: ImageDataset,
+    val_data: ImageDataset | None = None,
+    config: TrainConfig | None = None,
+    *,
+    adversary: Adversary | None = None,
+    val_adversary: Adversary | None = None,
+    device: str | torch.device | None = None,
+    state_path: str | os.PathLike | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> TrainResult:
+    """Train ``model`` on ``train_data``; return it with the weights of its best validation epoch.
+
+    With ``adversary``, each batch is replaced by its adversarial version (Madry et al.: the
+    perturbed inputs are used even where the attack fails) and the best epoch is chosen by
+    robust accuracy under ``val_adversary`` (default: ``adversary``). ``state_path`` is where
+    per-epoch state is kept for ``resume``.
+    """
+    config = config or TrainConfig()
+    device = default_device(device)
+    torch.manual_seed(config.seed)
+    model = model.to(device)
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, nesterov=True
+    )
+    steps_per_epoch = math.ceil(len(train_data) / config.batch_size)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=config.lr, epochs=config.epochs, steps_per_epoch=steps_per_epoch, pct_start=0.15
+    )
+    start_epoch, history = 0, []
+    best_state, best_epoch, best_score = copy.deepcopy(model.state_dict()), -1, -1.0
+    if resume and state_path and Path(state_path).is_file():
+        state = torch.load(state_path, map_location=device, weights_only=True)
+        if state.get("config") != asdict(config):
+            raise DltestError(f"{state_path} was written with other settings; remove it or rerun them")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch, history = state["epoch"] + 1, state["history"]
+        best_state, best_epoch, best_score = state["best_model"], state["best_epoch"], state["best_score"]
+
+    started = time.perf_counter()
+    val_adversary = val_adversary or adversary
+    for epoch in range(start_epoch, config.epochs):
+        torch.manual_seed(config.seed * 1000 + epoch)  # dropout etc.: same stream when resumed
+        order = torch.randperm(len(train_data), generator=torch.Generator().manual_seed(config.seed * 1000 + epoch))
+        loss_sum, correct, seen = 0.0, 0, 0
+        with progress_bar(f"epoch {epoch + 1}/{config.epochs}", total=len(order), enabled=progress) as advance:
+            for batch in order.split(config.batch_size):
+                x = augment(train_data.images(batch, device), config.augment)
+                y = train_data.y[batch].to(device)
+                if adversary is not None:
+                    model.eval()
+                    x = adversary(model, x, y).detach()
+                model.train()
+                logits = model(x)
+                loss = F.cross_entropy(logits, y)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                loss_sum += float(loss.detach()) * len(y)
+                correct += int((logits.argmax(1) == y).sum())
+                seen += len(y)
+                advance(len(y))
+        record = {"epoch": epoch, "loss": loss_sum / seen, "train_accuracy": correct / seen}
+        score = record["train_accuracy"]
+        if val_data is not None:
+            record["val_accuracy"] = accuracy(model, val_data, device=device)
+            score = record["val_accuracy"]
+            if val_adversary is not None:
+                record["val_robust_accuracy"] = accuracy(model, val_data, device=device, adversary=val_adversary)
+                score = record["val_robust_accuracy"]
+        history.append(record)
+        if score > best_score:
+            best_state, best_epoch, best_score = copy.deepcopy(model.state_dict()), epoch, score
+        if state_path:
+            _save_state(state_path, model, optimizer, scheduler, epoch, history, best_state, best_epoch, best_score, config)
+    model.load_state_dict(best_state)
+    model.eval()
+    return TrainResult(model, best_epoch, best_score, history, time.perf_counter() - started)
+
+
+def accuracy(
+    model: nn.Module,
+    data: ImageDataset,
+    *,
+    device: str | torch.device | None = None,
+    batch_size: int = 1024,
+    adversary: Adversary | None = None,
+) -> float:
+    """Share of ``data`` classified correctly, model in eval mode; under ``adversary`` if given."""
+    device = default_device(device)
+    model.eval()
+    correct = 0
+    for x, y in data.batches(batch_size, device):
+        if adversary is not None:
+            x = adversary(model, x, y).detach()
+        with torch.inference_mode():
+            correct += int((model(x).argmax(1) == y).sum())
+    return correct / max(len(data), 1)
+
+
+def augment(x: Tensor, kind: str) -> Tensor:
+    """Random 4-pixel-padded crops (and horizontal flips), drawn per image from torch's RNG."""
+    if kind == "none":
+        return x
+    n, _, h, w = x.shape
+    padded = F.pad(x, (4, 4, 4, 4), mode="reflect")
+    dy = torch.randint(0, 9, (n,), device=x.device)
+    dx = torch.randint(0, 9, (n,), device=x.device)
+    rows = (dy.view(n, 1) + torch.arange(h, device=x.device)).view(n, 1, h, 1).expand(n, x.shape[1], h, w + 8)
+    out = padded.gather(2, rows)
+    cols = (dx.view(n, 1) + torch.arange(w, device=x.device)).view(n, 1, 1, w).expand(n, x.shape[1], h, w)
+    out = out.gather(3, cols)
+    if kind == "crop-flip":
+        flip = torch.rand(n, device=x.device) < 0.5
+        out = torch.where(flip.view(n, 1, 1, 1), out.flip(3), out)
+    return out
+
+
+def _save_state(path, model, optimizer, scheduler, epoch, history, best_state, best_epoch, best_score, config) -> None:
+    state = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "epoch": epoch,
+        "history": history,
+        "best_model": best_state,
+        "best_epoch": best_epoch,
+        "best_score": best_score,
+        "config": asdict(config),
+    }
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)

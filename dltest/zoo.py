@@ -1,0 +1,198 @@
+"""The paper's architectures: LeNet-5, VGG8, VGG16, ResNet18 and PreActResNet18 (CIFAR variants).
+
+Every zoo model is a :class:`Classifier`: it takes images in [0, 1], normalises them inside,
+and splits into ``embed`` (penultimate features) and ``head`` (the final linear layer), so one
+pass yields both logits and embeddings and MC dropout can sample the head alone.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+import torch.nn.functional as F
+
+from dltest.errors import DltestError
+
+
+class Classifier(nn.Module):
+    """Images in [0, 1] -> normalise -> ``features`` -> embedding -> ``head`` -> logits."""
+
+    def __init__(self, features: nn.Module, head: nn.Linear, mean: Sequence[float], std: Sequence[float]):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+        self.features = features
+        self.head = head
+
+    def embed(self, x: Tensor) -> Tensor:
+        """Penultimate features of images in [0, 1]."""
+        return self.features((x - self.mean) / self.std)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.embed(x))
+
+
+# --- LeNet-5 -----------------------------------------------------------------------------------
+
+
+def lenet5(num_classes: int = 10, in_channels: int = 1, mean=(0.1307,), std=(0.3081,)) -> Classifier:
+    """LeNet-5 for 28x28 (padded to keep 28) or 32x32 inputs; 84-dim embedding."""
+    features = nn.Sequential(
+        nn.Conv2d(in_channels, 6, 5, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+        nn.Conv2d(6, 16, 5), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.LazyLinear(120), nn.ReLU(inplace=True),
+        nn.Linear(120, 84), nn.ReLU(inplace=True),
+    )
+    return Classifier(features, nn.Linear(84, num_classes), mean, std)
+
+
+# --- VGG ---------------------------------------------------------------------------------------
+
+VGG_CONFIGS: dict[str, list[int | str]] = {
+    # 5 conv + 2 hidden linear + head = 8 weight layers
+    "vgg8": [64, "M", 128, "M", 256, "M", 512, "M", 512, "M"],
+    # 13 conv + head, as in the common CIFAR VGG16
+    "vgg16": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"],
+}
+
+
+def _vgg_layers(cfg: list[int | str], in_channels: int) -> list[nn.Module]:
+    layers: list[nn.Module] = []
+    for v in cfg:
+        if v == "M":
+            layers.append(nn.MaxPool2d(2))
+        else:
+            layers += [nn.Conv2d(in_channels, int(v), 3, padding=1), nn.BatchNorm2d(int(v)), nn.ReLU(inplace=True)]
+            in_channels = int(v)
+    return layers
+
+
+def vgg8(num_classes: int = 10, in_channels: int = 3, mean=(0.4377, 0.4438, 0.4728), std=(0.198, 0.201, 0.197)) -> Classifier:
+    """VGG8 for 32x32 inputs (SVHN in the paper); 512-dim embedding."""
+    features = nn.Sequential(
+        *_vgg_layers(VGG_CONFIGS["vgg8"], in_channels), nn.Flatten(),
+        nn.Linear(512, 512), nn.ReLU(inplace=True),
+        nn.Linear(512, 512), nn.ReLU(inplace=True),
+    )
+    return Classifier(features, nn.Linear(512, num_classes), mean, std)
+
+
+def vgg16(num_classes: int = 10, in_channels: int = 3, mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616)) -> Classifier:
+    """VGG16 (CIFAR variant) for 32x32 inputs; 512-dim embedding."""
+    features = nn.Sequential(*_vgg_layers(VGG_CONFIGS["vgg16"], in_channels), nn.Flatten())
+    return Classifier(features, nn.Linear(512, num_classes), mean, std)
+
+
+# --- ResNets -----------------------------------------------------------------------------------
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class PreActBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(cin)
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.shortcut = None
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Conv2d(cin, cout, 1, stride, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.relu(self.bn1(x))
+        shortcut = self.shortcut(out) if self.shortcut is not None else x
+        out = self.conv1(out)
+        out = self.conv2(F.relu(self.bn2(out)))
+        return out + shortcut
+
+
+def _resnet_features(block: type[nn.Module], in_channels: int, preact: bool) -> nn.Sequential:
+    layers: list[nn.Module] = [nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False)]
+    if not preact:
+        layers += [nn.BatchNorm2d(64), nn.ReLU(inplace=True)]
+    cin = 64
+    for cout, stride in [(64, 1), (128, 2), (256, 2), (512, 2)]:
+        layers += [block(cin, cout, stride), block(cout, cout, 1)]
+        cin = cout
+    if preact:
+        layers += [nn.BatchNorm2d(512), nn.ReLU(inplace=True)]
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+    return nn.Sequential(*layers)
+
+
+def resnet18(num_classes: int = 10, in_channels: int = 3, mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616)) -> Classifier:
+    """ResNet18 (CIFAR variant: 3x3 stem, no max-pool); 512-dim embedding."""
+    return Classifier(_resnet_features(BasicBlock, in_channels, preact=False), nn.Linear(512, num_classes), mean, std)
+
+
+def preactresnet18(num_classes: int = 10, in_channels: int = 3, mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616)) -> Classifier:
+    """PreActResNet18 (He et al. 2016, CIFAR variant); 512-dim embedding."""
+    return Classifier(_resnet_features(PreActBlock, in_channels, preact=True), nn.Linear(512, num_classes), mean, std)
+
+
+ARCHITECTURES: dict[str, Callable[..., Classifier]] = {
+    "lenet5": lenet5,
+    "vgg8": vgg8,
+    "vgg16": vgg16,
+    "resnet18": resnet18,
+    "preactresnet18": preactresnet18,
+}
+
+# The paper's model for each dataset (Table 2).
+DEFAULT_ARCH = {"mnist": "lenet5", "fashion-mnist": "lenet5", "svhn": "vgg8", "cifar10": "resnet18"}
+
+
+def build_model(
+    arch: str, num_classes: int = 10, input_shape: Sequence[int] = (1, 28, 28), **kwargs
+) -> Classifier:
+    """Build a zoo architecture for inputs of ``input_shape`` (C, H, W), lazy layers materialised."""
+    if arch not in ARCHITECTURES:
+        raise DltestError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
+    model = ARCHITECTURES[arch](num_classes=num_classes, in_channels=int(input_shape[0]), **kwargs)
+    with torch.no_grad():
+        model.eval()(torch.zeros(1, *input_shape))  # materialise lazy layers, check the shape fits
+    return model
+
+# Per-dataset normalisation, baked into the model (inputs stay in [0, 1]).
+NORMALIZATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "mnist": ((0.1307,), (0.3081,)),
+    "fashion-mnist": ((0.2860,), (0.3530,)),
+    "svhn": ((0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)),
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+}
+
+
+def model_for_dataset(
+    dataset: str, arch: str | None = None, num_classes: int = 10, input_shape: Sequence[int] = (1, 28, 28)
+) -> Classifier:
+    """A fresh zoo model for ``dataset``: the paper's architecture unless ``arch`` says otherwise."""
+    arch = arch or default_arch(dataset, input_shape)
+    channels = int(input_shape[0])
+    mean, std = NORMALIZATION.get(dataset, ((0.5,) * channels, (0.5,) * channels))
+    if len(mean) != channels:
+        mean, std = (0.5,) * channels, (0.5,) * channels
+    return build_model(arch, num_classes, input_shape, mean=mean, std=std)
+
+
+def default_arch(dataset: str, input_shape: Sequence[int]) -> str:
+    """The paper's architecture for ``dataset``; for user data, LeNet-5 (grey) or ResNet18 (colour)."""
+    return DEFAULT_ARCH.get(dataset, "lenet5" if input_shape[0] == 1 else "resnet18")

@@ -1,0 +1,1 @@
+"""Checkpoints produced by dltest's own commands; installed as ``dltest.pretrained``."""
