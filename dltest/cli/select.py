@@ -18,7 +18,8 @@ from dltest.cli.options import (
 from dltest.budget import parse_budget
 from dltest.io import atomic_path, check_writable
 from dltest.selection import SelectionResult, load_selection, select
-from dltest.selectors import get_selector
+from dltest.errors import DltestError
+from dltest.selectors import REGISTRY, get_selector
 
 
 @app.command("select")
@@ -37,9 +38,26 @@ def select_command(
     device: Device = None,
     batch_size: BatchSize = 1024,
     trust_model: TrustModel = False,
+    mc_samples: Annotated[Optional[int], typer.Option("--mc-samples", help="bald, dropout-entropy: T, the number of MC-dropout samples [default: 10].", show_default=False)] = None,
+    dropout: Annotated[Optional[float], typer.Option("--dropout", help="bald, dropout-entropy: rate of the dropout put before the final linear layer of a model without dropout [default: 0.1].", show_default=False)] = None,
+    candidate_factor: Annotated[Optional[float], typer.Option("--candidate-factor", help="dfal: DeepFool runs on a random subset of min(factor x budget, pool) inputs [default: 10].", show_default=False)] = None,
+    overshoot: Annotated[Optional[float], typer.Option("--overshoot", help="dfal: DeepFool overshoot [default: 0.02].", show_default=False)] = None,
+    deepfool_steps: Annotated[Optional[int], typer.Option("--deepfool-steps", help="dfal: most DeepFool iterations per input [default: 50].", show_default=False)] = None,
+    egl_variant: Annotated[Optional[str], typer.Option("--egl-variant", help="egl: 'exact' (gradient over all trainable parameters) or 'last-layer' [default: exact].", show_default=False)] = None,
 ) -> None:
     """Select the inputs most worth labeling or testing."""
-    get_selector(metric)  # unknown metric or malformed budget: fail before loading anything
+    options = selector_options(
+        metric,
+        {
+            "--mc-samples": ("samples", mc_samples),
+            "--dropout": ("dropout", dropout),
+            "--candidate-factor": ("candidate_factor", candidate_factor),
+            "--overshoot": ("overshoot", overshoot),
+            "--deepfool-steps": ("steps", deepfool_steps),
+            "--egl-variant": ("variant", egl_variant),
+        },
+    )
+    get_selector(metric, **options)  # unknown metric, bad option or malformed budget: fail before loading anything
     parse_budget(budget, pool_size=sys.maxsize)
     out = check_writable(out or Path(f"selection-{metric}-{budget.strip().replace('%', 'pct')}.json"))
     if csv_path:
@@ -48,12 +66,29 @@ def select_command(
     labeled_indices = load_selection(str(labeled), data).indices if labeled else None
     result = select(
         metric, budget, model=net, data=data, seed=seed, labeled=labeled_indices, device=device,
-        batch_size=batch_size, progress=True, model_name=info.source,
+        batch_size=batch_size, progress=True, model_name=info.source, **options,
     )
     result.save(str(out))
     if csv_path:
         _write_csv(csv_path, result)
     print_summary(result, out)
+
+
+def selector_options(metric: str, flags: dict[str, tuple[str, object]]) -> dict[str, object]:
+    """The selector options the user set (flag -> (option, value or None)); a flag the metric
+    does not take is a one-line error."""
+    if metric not in REGISTRY:
+        get_selector(metric)  # raises the unknown-metric error
+    takes = REGISTRY[metric].option_defaults()
+    options = {}
+    for flag, (name, value) in flags.items():
+        if value is None:
+            continue
+        if name not in takes:
+            accepted = ", ".join(f for f, (n, _) in flags.items() if n in takes) or "none of the selector flags"
+            raise DltestError(f"{flag} is not an option of metric {metric!r} (it takes {accepted})")
+        options[name] = value
+    return options
 
 
 def print_summary(result: SelectionResult, out: Path) -> None:

@@ -1,0 +1,142 @@
+"""EGL: expected gradient length (SPEC §1, "EGL").
+
+score(x) = sum_i p_i(x) * || grad_theta CE(f(x), i) ||_2, over every possible label i, with the
+gradient taken with respect to the model's **trainable parameters** (not the input), for the
+per-sample loss of x alone (no batch mean).
+
+The exact variant needs no Python loop per input or per label: with J the Jacobian of the C logits
+with respect to the parameters (per sample, from ``torch.func``: ``vmap(jacrev(functional_call))``),
+the gradient of the cross-entropy for label i is exactly J^T (p - e_i). So one vectorised Jacobian
+per chunk of inputs gives all C gradients, and their norms are summed over all parameter tensors.
+
+The ``last-layer`` variant (named as such, never a silent substitute) takes the gradient with
+respect to the final linear layer only, which has a closed form from the cached embeddings z and
+probabilities p: dW = (p - e_i) z^T and db = p - e_i, so ||g_i||^2 = ||p - e_i||^2 (||z||^2 + 1).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, jacrev, vmap
+
+from dltest.errors import DltestError
+from dltest.inference import embedding_head
+from dltest.selectors.base import Pool, Selection, Selector, rank, register
+
+VARIANTS = ("exact", "last-layer")
+JACOBIAN_FLOATS = 2**24  # float elements of one chunk's Jacobian (64 MB), bounds the chunk size
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """The model in eval mode (BatchNorm uses its running statistics), modes restored after."""
+    saved = [(m, m.training) for m in model.modules()]
+    try:
+        yield model.eval()
+    finally:
+        for m, training in saved:
+            m.training = training
+
+
+def label_residuals(probs: Tensor) -> Tensor:
+    """(n, C labels, C classes): row i of input b is p_b - e_i, the logit gradient of CE(., i)."""
+    n, c = probs.shape
+    return probs.unsqueeze(1) - torch.eye(c, dtype=probs.dtype, device=probs.device).unsqueeze(0)
+
+
+def egl_from_squared_norms(probs: Tensor, squared: Tensor) -> Tensor:
+    """sum_i p_i ||g_i|| from the squared gradient norm of every label (n, C)."""
+    return (probs * squared.clamp_min(0).sqrt()).sum(dim=1)
+
+
+def egl_exact(model: nn.Module, images: Tensor, chunk: int | None = None) -> Tensor:
+    """Exact EGL of a batch of images (n, ...) on the model's device, in eval mode; returns (n,) float64."""
+    if isinstance(model, torch.jit.ScriptModule):
+        raise DltestError("exact egl needs per-sample parameter gradients, which TorchScript models do not "
+                          "support; load the model as a dltest checkpoint, or use --egl-variant last-layer")
+    named = dict(model.named_parameters())
+    trainable = {k: v.detach() for k, v in named.items() if v.requires_grad}
+    if not trainable:
+        raise DltestError("egl: the model has no trainable parameters")
+    frozen = {k: v.detach() for k, v in named.items() if not v.requires_grad}
+    buffers = dict(model.named_buffers())
+
+    def logits(params: dict[str, Tensor], x: Tensor) -> tuple[Tensor, Tensor]:
+        out = functional_call(model, (params, frozen, buffers), (x.unsqueeze(0),))[0]
+        return out, out
+
+    per_sample = vmap(jacrev(logits, has_aux=True), in_dims=(None, 0))
+    n_params = sum(v.numel() for v in trainable.values())
+    scores = []
+    with eval_mode(model):
+        with torch.no_grad():
+            c = model(images[:1]).shape[1]
+        chunk = chunk or max(1, JACOBIAN_FLOATS // (c * n_params))
+        for s in range(0, len(images), chunk):
+            jac, out = per_sample(trainable, images[s : s + chunk])
+            probs = torch.softmax(out.detach().double(), dim=1)
+            residual = label_residuals(probs)  # (B, C labels, C classes)
+            squared = torch.zeros(probs.shape, dtype=torch.float64, device=probs.device)
+            for j in jac.values():
+                g = torch.einsum("bic,bcp->bip", residual, j.detach().flatten(2).double())
+                squared += g.pow(2).sum(dim=2)
+            scores.append(egl_from_squared_norms(probs, squared).cpu())
+    return torch.cat(scores)
+
+
+def egl_last_layer(embeddings: Tensor, logits: Tensor, head: nn.Linear, chunk: int = 8192) -> Tensor:
+    """EGL over the final linear layer's trainable parameters, in closed form; (n,) float64.
+
+    The probabilities come from the logits in float64: in float32, p_y - 1 of a confident input
+    keeps too few digits."""
+    weight = head.weight.requires_grad
+    bias = head.bias is not None and head.bias.requires_grad
+    if not (weight or bias):
+        raise DltestError("last-layer egl: the final linear layer has no trainable parameters")
+    z2 = embeddings.double().pow(2).sum(dim=1) if weight else torch.zeros(len(embeddings), dtype=torch.float64)
+    factor = z2 + (1.0 if bias else 0.0)
+    scores = []
+    for s in range(0, len(logits), chunk):
+        p = torch.softmax(logits[s : s + chunk].double(), dim=1)
+        residual_sq = label_residuals(p).pow(2).sum(dim=2)  # ||p - e_i||^2, (B, C)
+        scores.append(egl_from_squared_norms(p, residual_sq * factor[s : s + chunk, None]))
+    return torch.cat(scores)
+
+
+@register
+class EGL(Selector):
+    name = "egl"
+    summary = "EGL: highest expected norm of the parameter gradient, sum_i p_i ||grad CE(x, i)||"
+    score_name = "expected gradient length"
+    needs_model = True
+
+    def __init__(self, variant: str = "exact"):
+        if variant not in VARIANTS:
+            raise DltestError(f"egl variant must be one of {', '.join(VARIANTS)}, not {variant!r}")
+        self.variant = variant
+
+    def score(self, pool: Pool) -> Tensor:
+        model = pool.model
+        if model is None:
+            raise DltestError("egl needs the model")
+        if self.variant == "last-layer":
+            split = embedding_head(model)
+            if split is None or pool.outputs.embeddings is None:
+                raise DltestError("last-layer egl needs a model split into embed + final linear head "
+                                  "(every zoo model is); use --egl-variant exact")
+            return egl_last_layer(pool.outputs.embeddings, pool.outputs.logits, split[1])
+        if pool.data is None:
+            raise DltestError("exact egl needs the pool's images")
+        model.to(pool.device)
+        parts = [egl_exact(model, pool.data.images(slice(s, s + 1024), pool.device))
+                 for s in range(0, len(pool.data), 1024)]
+        return torch.cat(parts)
+
+    def __call__(self, pool: Pool, budget: int, generator: torch.Generator) -> Selection:
+        scores = self.score(pool)
+        indices = rank(scores, budget, highest=True)
+        return Selection(indices, scores[indices])

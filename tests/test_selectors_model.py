@@ -1,0 +1,445 @@
+"""The model-dependent selectors (bald, dropout-entropy, egl, dfal, coreset) against slow,
+obviously correct references written here: T full passes, Python loops over inputs, a full
+distance matrix. BALD and MC-dropout entropy also against baal's heuristics, reimplemented from
+baal 2.1.0's ``baal/active/heuristics/heuristics.py`` (baal itself needs jupyter, matplotlib,
+scikit-learn and structlog, so it is not a dev dependency)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import numpy as np
+import pytest
+import scipy.stats
+import torch
+import torch.nn.functional as F
+from scipy.special import xlogy
+from torch import nn
+
+from dltest.data import ImageDataset
+from dltest.inference import infer
+from dltest.selection import select
+from dltest.selectors import Pool, get_selector
+from dltest.selectors.coreset import k_center_greedy
+from dltest.selectors.dfal import deepfool_l2
+from dltest.selectors.egl import egl_exact, egl_last_layer
+from dltest.selectors.mc_dropout import bald_from_samples, dropout_entropy_from_samples, mc_probabilities
+
+SEED = 7
+
+
+# --- baal 2.1.0's formulas (numpy, probabilities as [n, C, T]) ---------------------------------
+
+
+def baal_bald(predictions: np.ndarray) -> np.ndarray:
+    expected_entropy = -np.mean(np.sum(xlogy(predictions, predictions), axis=1), axis=-1)
+    expected_p = np.mean(predictions, axis=-1)
+    entropy_expected_p = -np.sum(xlogy(expected_p, expected_p), axis=1)
+    return entropy_expected_p - expected_entropy
+
+
+def baal_entropy(predictions: np.ndarray) -> np.ndarray:
+    return scipy.stats.entropy(np.swapaxes(predictions.mean(-1), 0, 1))
+
+
+def as_baal(samples: torch.Tensor) -> np.ndarray:
+    """(T, n, C) -> baal's (n, C, T)."""
+    return samples.permute(1, 2, 0).numpy()
+
+
+# --- helpers -------------------------------------------------------------------------------------
+
+
+def pool_of(model: nn.Module, data: ImageDataset, labeled_embeddings=None) -> Pool:
+    return Pool(outputs=infer(model, data, device="cpu"), model=model, data=data,
+                labeled_embeddings=labeled_embeddings, device=torch.device("cpu"))
+
+
+def all_scores(selector, pool: Pool, seed: int = SEED) -> torch.Tensor:
+    """Every pool input's score, in pool order (a selection of the whole pool)."""
+    chosen = selector(pool, len(pool), torch.Generator().manual_seed(seed))
+    scores = torch.empty(len(pool), dtype=torch.float64)
+    scores[chosen.indices] = chosen.scores.double()
+    return scores
+
+
+def reference_rank(scores: np.ndarray, budget: int, highest: bool = True) -> list[int]:
+    """The best ``budget`` positions, ties to the lower position, by a plain sort."""
+    key = [(-s if highest else s, i) for i, s in enumerate(scores.tolist())]
+    return [i for _, i in sorted(key)[:budget]]
+
+
+def derived_seed(generator: torch.Generator) -> int:
+    return int(torch.randint(0, 2**62, (1,), generator=generator))
+
+
+@pytest.fixture(scope="module")
+def small_pool(mnist_test) -> ImageDataset:
+    return mnist_test.subset(torch.arange(200))
+
+
+class TinyBN(nn.Module):
+    """Conv + BatchNorm + (optional) dropout + linear: a foreign model with no embed/head split."""
+
+    def __init__(self, dropout: float | None = 0.3):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 5, stride=3)
+        self.bn = nn.BatchNorm2d(4)
+        self.drop = nn.Dropout(dropout) if dropout else nn.Identity()
+        self.fc = nn.Linear(4 * 8 * 8, 10)
+        with torch.no_grad():  # running statistics that are not the defaults
+            self.bn.running_mean.uniform_(-0.2, 0.2)
+            self.bn.running_var.uniform_(0.5, 2.0)
+            self.bn.weight.uniform_(0.5, 1.5)
+
+    def forward(self, x):
+        return self.fc(self.drop(F.relu(self.bn(self.conv(x))).flatten(1)))
+
+
+# --- BALD and dropout entropy --------------------------------------------------------------------
+
+
+def test_bald_head_only_equals_t_full_passes_and_baal(trained_lenet, small_pool):
+    """Zoo LeNet (no dropout): head-only sampling on the cached embeddings is exactly T full passes
+    with dropout(p) before the head, using the same masks."""
+    samples, p = 10, 0.1
+    pool = pool_of(trained_lenet, small_pool)
+    bald = all_scores(get_selector("bald", samples=samples, dropout=p), pool)
+    went = all_scores(get_selector("dropout-entropy", samples=samples, dropout=p), pool)
+
+    g = torch.Generator().manual_seed(SEED)
+    x = small_pool.images()
+    full = []
+    with torch.no_grad():
+        for _ in range(samples):  # T full passes from the images, dropout before the head
+            z = trained_lenet.embed(x)
+            mask = (torch.rand(z.shape, generator=g) >= p).float() / (1 - p)
+            full.append(torch.softmax(trained_lenet.head(z * mask), dim=1).double())
+    full = torch.stack(full)
+    assert not torch.allclose(full[0], full[1])  # the samples do differ
+    np.testing.assert_allclose(bald.numpy(), baal_bald(as_baal(full)), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(went.numpy(), baal_entropy(as_baal(full)), rtol=1e-5, atol=1e-6)
+    sampled = mc_probabilities(pool, samples, p, torch.Generator().manual_seed(SEED))
+    np.testing.assert_allclose(sampled.numpy(), full.numpy(), atol=1e-5)
+
+    chosen = get_selector("bald")(pool, 20, torch.Generator().manual_seed(SEED))
+    assert chosen.indices.tolist() == reference_rank(baal_bald(as_baal(full)), 20)
+
+
+def test_model_dropout_only_dropout_samples_and_batchnorm_is_unchanged(small_pool):
+    torch.manual_seed(0)
+    model = TinyBN(dropout=0.3)
+    model.train()  # the user's mode: must come back as it was, and BN must not update
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    pool = Pool(outputs=infer(model, small_pool, device="cpu"), model=model, data=small_pool)
+    model.train()
+    samples = mc_probabilities(pool, 6, 0.1, torch.Generator().manual_seed(SEED))
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), f"{k} changed by MC sampling"
+    assert model.training and model.bn.training and model.drop.training
+
+    # reference: BatchNorm in eval, only the model's own dropout (p=0.3) on, T full passes
+    model.eval()
+    model.drop.train()
+    x = small_pool.images()
+    with torch.random.fork_rng(), torch.no_grad():
+        torch.manual_seed(derived_seed(torch.Generator().manual_seed(SEED)))
+        ref = torch.stack([torch.softmax(model(x), dim=1).double() for _ in range(6)])
+    model.eval()
+    np.testing.assert_allclose(samples.numpy(), ref.numpy(), atol=1e-6)
+    assert not torch.allclose(ref[0], ref[1])
+
+    scores = all_scores(get_selector("bald", samples=6), pool)
+    np.testing.assert_allclose(scores.numpy(), baal_bald(as_baal(ref)), rtol=1e-5, atol=1e-6)
+    assert torch.equal(model.bn.running_mean, before["bn.running_mean"])
+    assert torch.equal(model.bn.num_batches_tracked, before["bn.num_batches_tracked"])
+
+
+def test_model_without_dropout_or_head_gets_dropout_before_last_linear_with_notice(small_pool, capsys):
+    torch.manual_seed(1)
+    model = TinyBN(dropout=None).eval()
+    pool = Pool(outputs=infer(model, small_pool, device="cpu"), model=model, data=small_pool)
+    capsys.readouterr()
+    scores = all_scores(get_selector("dropout-entropy", samples=5, dropout=0.2), pool)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "notice:" in err and "last linear layer" in err
+
+    x = small_pool.images()
+    hook = model.fc.register_forward_pre_hook(lambda m, a: (F.dropout(a[0], 0.2, training=True),))
+    try:
+        with torch.random.fork_rng(), torch.no_grad():
+            torch.manual_seed(derived_seed(torch.Generator().manual_seed(SEED)))
+            ref = torch.stack([torch.softmax(model(x), dim=1).double() for _ in range(5)])
+    finally:
+        hook.remove()
+    np.testing.assert_allclose(scores.numpy(), baal_entropy(as_baal(ref)), rtol=1e-5, atol=1e-6)
+
+
+def test_mc_scores_use_xlogy_no_nan_at_zero_probability():
+    samples = torch.tensor([[[1.0, 0.0, 0.0], [0.5, 0.5, 0.0]], [[0.0, 1.0, 0.0], [0.5, 0.5, 0.0]]])
+    bald = bald_from_samples(samples)
+    assert torch.isfinite(bald).all()
+    np.testing.assert_allclose(bald.numpy(), [math.log(2), 0.0], atol=1e-12)
+    np.testing.assert_allclose(dropout_entropy_from_samples(samples).numpy(), [math.log(2), math.log(2)], atol=1e-12)
+    np.testing.assert_allclose(bald.numpy(), baal_bald(as_baal(samples.double())), atol=1e-12)
+
+
+# --- EGL -----------------------------------------------------------------------------------------
+
+
+def egl_loop(model: nn.Module, x: torch.Tensor) -> np.ndarray:
+    """One input and one label at a time, in float64: sum_i p_i ||grad CE(x, i)|| over the trainable
+    parameters. (float64 because in float32, p_y - 1 of a confident input loses digits.)"""
+    model = copy.deepcopy(model).double().eval()
+    params = [p for p in model.parameters() if p.requires_grad]
+    x = x.double()
+    out = []
+    for b in range(len(x)):
+        logits = model(x[b : b + 1])
+        p = torch.softmax(logits, dim=1)[0].detach()
+        total = 0.0
+        for i in range(logits.shape[1]):
+            loss = F.cross_entropy(logits, torch.tensor([i]), reduction="sum")
+            grads = torch.autograd.grad(loss, params, retain_graph=True)
+            total += float(p[i]) * math.sqrt(sum(float(g.double().pow(2).sum()) for g in grads))
+        out.append(total)
+    return np.array(out)
+
+
+def test_egl_exact_equals_python_loop_on_lenet(trained_lenet, small_pool):
+    data = small_pool.subset(torch.arange(40))
+    pool = pool_of(trained_lenet, data)
+    scores = all_scores(get_selector("egl"), pool)
+    ref = egl_loop(trained_lenet, data.images())
+    np.testing.assert_allclose(scores.numpy(), ref, rtol=1e-5, atol=1e-6)
+    chosen = get_selector("egl")(pool, 10, torch.Generator())
+    assert chosen.indices.tolist() == reference_rank(ref, 10)
+
+
+def test_egl_exact_batchnorm_in_eval_and_only_trainable_parameters(small_pool):
+    torch.manual_seed(2)
+    model = TinyBN(dropout=0.5)
+    model.conv.bias.requires_grad_(False)  # frozen: not part of the gradient
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = small_pool.images(torch.arange(25))
+    scores = egl_exact(model, x, chunk=7)
+    assert model.training  # mode restored
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+    ref = egl_loop(model, x)
+    np.testing.assert_allclose(scores.numpy(), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_egl_last_layer_closed_form_equals_autograd(trained_lenet, small_pool):
+    pool = pool_of(trained_lenet, small_pool.subset(torch.arange(50)))
+    scores = all_scores(get_selector("egl", variant="last-layer"), pool)
+    head = copy.deepcopy(trained_lenet.head).double()
+    z = pool.outputs.embeddings
+    ref = []
+    for b in range(len(z)):
+        logits = head(z[b : b + 1].double())
+        p = torch.softmax(logits, dim=1)[0].detach()
+        total = 0.0
+        for i in range(10):
+            gw, gb = torch.autograd.grad(F.cross_entropy(logits, torch.tensor([i]), reduction="sum"),
+                                         [head.weight, head.bias], retain_graph=True)
+            total += float(p[i]) * math.sqrt(float(gw.double().pow(2).sum() + gb.double().pow(2).sum()))
+        ref.append(total)
+    np.testing.assert_allclose(scores.numpy(), ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(egl_last_layer(z, pool.outputs.logits, trained_lenet.head).numpy(), ref, rtol=1e-5, atol=1e-6)
+
+
+# --- DFAL ----------------------------------------------------------------------------------------
+
+
+def deepfool_loop(model: nn.Module, images: torch.Tensor, steps: int, overshoot: float = 0.02) -> np.ndarray:
+    """DeepFool one image at a time, one class gradient at a time (torchattacks' iteration)."""
+    norms = []
+    for b in range(len(images)):
+        x0 = images[b : b + 1]
+        x = x0.clone()
+        label = int(model(x0).argmax())
+        norm = math.inf
+        for _ in range(steps + 1):
+            xa = x.clone().requires_grad_(True)
+            f = model(xa)[0]
+            if int(f.argmax()) != label:
+                norm = float((x - x0).double().norm())
+                break
+            grads = [torch.autograd.grad(f[k], xa, retain_graph=True)[0] for k in range(len(f))]
+            best = None
+            for k in range(len(f)):
+                if k == label:
+                    continue
+                w = (grads[k] - grads[label]).flatten()
+                fk = float((f[k] - f[label]).detach())
+                value = abs(fk) / float(w.norm())
+                if best is None or value < best[0]:
+                    best = (value, fk, w)
+            _, fk, w = best
+            delta = abs(fk) * w / w.norm() ** 2
+            x = torch.clamp(x + (1 + overshoot) * delta.view_as(x), 0, 1).detach()
+        norms.append(norm)
+    return np.array(norms)
+
+
+def test_batched_deepfool_equals_per_image_loop(trained_lenet, small_pool):
+    # inputs kept inside [0.2, 0.8]: clipping does not stall DeepFool, every label flips
+    x = 0.2 + 0.6 * small_pool.images(torch.arange(30))
+    norms, iterations = deepfool_l2(trained_lenet, x, steps=50, batch_size=8)
+    ref = deepfool_loop(trained_lenet, x, steps=50)
+    assert np.isfinite(ref).all() and (iterations >= 1).all()
+    np.testing.assert_allclose(norms.numpy(), ref, rtol=1e-4, atol=1e-6)
+
+
+def test_batched_deepfool_matches_torchattacks_with_clipping(trained_lenet, small_pool):
+    torchattacks = pytest.importorskip("torchattacks")
+    x = small_pool.images(torch.arange(12))
+    norms, _ = deepfool_l2(trained_lenet, x, steps=3)
+    labels = trained_lenet(x).argmax(1)
+    adv = torchattacks.DeepFool(trained_lenet, steps=3, overshoot=0.02)(x, labels)
+    flipped = trained_lenet(adv).argmax(1) != labels
+    ref = torch.where(flipped, (adv - x).flatten(1).norm(dim=1), torch.tensor(math.inf)).double()
+    np.testing.assert_allclose(norms.numpy(), ref.numpy(), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(norms.numpy(), deepfool_loop(trained_lenet, x, steps=3), rtol=1e-4, atol=1e-6)
+
+
+def test_dfal_selects_smallest_norms_of_seeded_candidates(trained_lenet, small_pool):
+    data = ImageDataset("mnist", "test", (51 + 0.6 * small_pool.x[:60].float()).round().to(torch.uint8),
+                        small_pool.y[:60], small_pool.classes, torch.arange(60))
+    pool = pool_of(trained_lenet, data)
+    chosen = get_selector("dfal", candidate_factor=3)(pool, 5, torch.Generator().manual_seed(SEED))
+    candidates = torch.randperm(60, generator=torch.Generator().manual_seed(SEED))[:15].sort().values
+    ref = deepfool_loop(trained_lenet, data.images(candidates), steps=50)
+    expected = [int(candidates[i]) for i in reference_rank(ref, 5, highest=False)]
+    assert chosen.indices.tolist() == expected
+    np.testing.assert_allclose(chosen.scores.numpy(), np.sort(ref)[:5], rtol=1e-4)
+
+
+# --- core-set ------------------------------------------------------------------------------------
+
+
+def coreset_reference(emb: torch.Tensor, budget: int, first: int | None, labeled: torch.Tensor | None):
+    """k-center greedy with the full n x (n + labeled) distance matrix, in float64."""
+    e = emb.double()
+    dist = torch.cdist(e, e, compute_mode="donot_use_mm_for_euclid_dist")
+    if labeled is not None:
+        nearest = torch.cdist(e, labeled.double(), compute_mode="donot_use_mm_for_euclid_dist").min(dim=1).values
+        picked, scores = [], []
+    else:
+        nearest = dist[first].clone()
+        picked, scores = [first], [math.inf]
+    for _ in range(budget - len(picked)):
+        masked = nearest.clone()
+        masked[picked] = -1
+        j = int(torch.nonzero(masked == masked.max())[0])
+        picked.append(j)
+        scores.append(float(nearest[j]))
+        nearest = torch.minimum(nearest, dist[j])
+    return picked, scores
+
+
+def test_coreset_equals_full_distance_matrix_reference():
+    torch.manual_seed(3)
+    emb = torch.randn(300, 16) * 3 + 5
+    g = torch.Generator().manual_seed(SEED)
+    picked, scores = k_center_greedy(emb, 25, g)
+    first = int(torch.randint(300, (1,), generator=torch.Generator().manual_seed(SEED)))
+    ref_picked, ref_scores = coreset_reference(emb, 25, first, None)
+    assert picked.tolist() == ref_picked
+    np.testing.assert_allclose(scores.numpy(), ref_scores, rtol=1e-5)
+
+    labeled = torch.randn(40, 16) * 3 + 5
+    picked, scores = k_center_greedy(emb, 25, g, labeled=labeled)
+    ref_picked, ref_scores = coreset_reference(emb, 25, None, labeled)
+    assert picked.tolist() == ref_picked
+    np.testing.assert_allclose(scores.numpy(), ref_scores, rtol=1e-5)
+
+
+def test_coreset_chunks_labeled_distances_and_never_repeats_duplicates(monkeypatch):
+    import dltest.selectors.coreset as coreset
+
+    monkeypatch.setattr(coreset, "CHUNK", 7)
+    emb = torch.randn(50, 4, generator=torch.Generator().manual_seed(0))
+    emb = torch.cat([emb, emb[:10]])  # duplicates: distance 0 to a center once their twin is picked
+    labeled = torch.randn(23, 4, generator=torch.Generator().manual_seed(1))
+    picked, scores = k_center_greedy(emb, 60, torch.Generator(), labeled=labeled)
+    assert len(set(picked.tolist())) == 60
+    ref_picked, ref_scores = coreset_reference(emb, 50, None, labeled)
+    assert picked[:50].tolist() == ref_picked
+    np.testing.assert_allclose(scores[:50].numpy(), ref_scores, rtol=1e-5, atol=1e-6)
+
+
+def test_coreset_through_select_starts_from_labeled_positions(trained_lenet, small_pool):
+    labeled = list(range(0, 200, 4))
+    result = select("coreset", 15, model=trained_lenet, data=small_pool, seed=SEED, labeled=labeled, device="cpu")
+    emb = infer(trained_lenet, small_pool, device="cpu").embeddings
+    rest = torch.tensor([i for i in range(200) if i not in set(labeled)])
+    ref_picked, ref_scores = coreset_reference(emb[rest], 15, None, emb[labeled])
+    assert result.indices == rest[ref_picked].tolist()
+    np.testing.assert_allclose(result.scores, ref_scores, rtol=1e-4)
+
+
+# --- options and CLI -----------------------------------------------------------------------------
+
+
+def test_options_are_validated_and_recorded(trained_lenet, small_pool):
+    result = select("bald", 5, model=trained_lenet, data=small_pool, seed=0, samples=4, dropout=0.2, device="cpu")
+    assert result.options == {"samples": 4, "dropout": 0.2}
+    assert select("egl", 3, model=trained_lenet, data=small_pool, variant="last-layer", device="cpu").options == {
+        "variant": "last-layer"}
+    from dltest.errors import DltestError
+
+    for metric, options in [("egl", {"variant": "input"}), ("bald", {"samples": 0}), ("bald", {"dropout": 1.0}),
+                            ("dfal", {"candidate_factor": 0.5}), ("entropy", {"samples": 3})]:
+        with pytest.raises(DltestError):
+            get_selector(metric, **options)
+
+
+def test_cli_selector_flags(lenet_checkpoint, tmp_path):
+    from typer.testing import CliRunner
+
+    from dltest.cli import app
+
+    runner = CliRunner()
+    base = ["select", "--model", str(lenet_checkpoint), "--split", "val", "--budget", "20"]
+    out = tmp_path / "bald.json"
+    res = runner.invoke(app, [*base, "--metric", "bald", "--mc-samples", "3", "--dropout", "0.2", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    saved = json.loads(out.read_text())
+    assert saved["options"] == {"samples": 3, "dropout": 0.2} and len(saved["indices"]) == 20
+
+    res = runner.invoke(app, [*base, "--metric", "entropy", "--mc-samples", "3", "--out", str(tmp_path / "x.json")])
+    assert res.exit_code == 2 and "--mc-samples is not an option of metric 'entropy'" in res.output
+
+    res = runner.invoke(app, [*base, "--metric", "egl", "--egl-variant", "nope", "--out", str(tmp_path / "x.json")])
+    assert res.exit_code == 2 and "egl variant" in res.output
+
+    res = runner.invoke(app, ["select", "--help"])
+    assert all(flag in res.output for flag in ["--mc-samples", "--dropout", "--candidate-factor", "--egl-variant"])
+
+
+def test_cli_coreset_labeled_file_checked(lenet_checkpoint, tmp_path):
+    from typer.testing import CliRunner
+
+    from dltest.cli import app
+
+    runner = CliRunner()
+    base = ["select", "--model", str(lenet_checkpoint), "--split", "val", "--budget", "10", "--metric", "coreset"]
+    first = tmp_path / "first.json"
+    assert runner.invoke(app, [*base[:-2], "--metric", "random", "--out", str(first)]).exit_code == 0
+    out = tmp_path / "core.json"
+    res = runner.invoke(app, [*base, "--labeled", str(first), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    saved = json.loads(out.read_text())
+    assert saved["labeled"] == 10 and not set(saved["indices"]) & set(json.loads(first.read_text())["indices"])
+
+    other = json.loads(first.read_text())
+    for bad in [dict(other, dataset="fashion-mnist"), dict(other, indices=[0, 99999])]:
+        path = tmp_path / "bad.json"
+        path.write_text(json.dumps(bad))
+        res = runner.invoke(app, [*base, "--labeled", str(path), "--out", str(tmp_path / "y.json")])
+        assert res.exit_code == 2 and res.output.count("\n") == 1, res.output
