@@ -17,8 +17,16 @@ from dltest.inference import PoolOutputs, infer  # noqa: E402
 from dltest.selection import SelectionResult, load_selection, select  # noqa: E402
 from dltest.selectors import REGISTRY as SELECTORS  # noqa: E402
 from dltest.training import TrainConfig, accuracy, train  # noqa: E402
+from dltest.attacks import ATTACKS, AttackSpec, LinfPGD, attack_preset, build_attack, pgd_adversary, pgd_linf  # noqa: E402
+from dltest.robustness import RobustnessReport, RobustnessWarning, evaluate_robustness  # noqa: E402
+from dltest.retrain import (  # noqa: E402
+    AdversarialExamples, RetrainResult, generate_adversarial, load_adversarial, retrain,
+)
 
 __all__ = [
+    "ATTACKS", "AdversarialExamples", "AttackSpec", "LinfPGD", "RetrainResult", "RobustnessReport",
+    "RobustnessWarning", "attack_preset", "build_attack", "evaluate_robustness", "generate_adversarial",
+    "load_adversarial", "pgd_adversary", "pgd_linf", "retrain",
     "DltestError", "ImageDataset", "PoolOutputs", "SELECTORS", "SelectionResult", "TrainConfig",
     "accuracy", "infer", "load_dataset", "load_model", "load_selection", "save_checkpoint", "select", "train",
 ]

@@ -1,0 +1,78 @@
+"""``dltest evaluate``: clean accuracy and robust accuracy per attack on a split."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from dltest.attacks import parse_attack_list, parse_eps
+from dltest.cli.app import app
+from dltest.cli.options import (
+    Alpha, AttackBatch, DataRoot, Dataset, Device, Download, Eps, ModelPath, Queries, Seed, Steps, TrustModel,
+    load_data_and_model,
+)
+from dltest.checkpoint import ModelInfo
+from dltest.io import check_writable, write_json
+from dltest.robustness import RobustnessReport, RobustnessWarning, evaluate_robustness
+
+
+@app.command("evaluate")
+def evaluate_command(
+    attacks: Annotated[str, typer.Option(help="Comma-separated: pgd, fgsm, square, autoattack (standard, 100 APGD steps), autoattack-fast, deepfool.")] = "pgd",
+    dataset: Dataset = "mnist",
+    split: Annotated[str, typer.Option(help="Split to evaluate on (default: holdout, the test half kept for reporting).")] = "holdout",
+    model: ModelPath = None,
+    eps: Eps = None,
+    steps: Steps = None,
+    alpha: Alpha = None,
+    queries: Queries = None,
+    n: Annotated[Optional[int], typer.Option("--n", help="Evaluate a seeded random subset of this many inputs.")] = None,
+    seed: Seed = 0,
+    out: Annotated[Path, typer.Option(help="JSON report to write.")] = Path("evaluate.json"),
+    batch_size: AttackBatch = 256,
+    data_root: DataRoot = None,
+    download: Download = False,
+    device: Device = None,
+    trust_model: TrustModel = False,
+) -> None:
+    """Clean accuracy and robust accuracy under attacks (model in eval mode, RobustBench's rules)."""
+    names = parse_attack_list(attacks)  # bad names and eps fail before any loading
+    eps_value = parse_eps(eps)
+    check_writable(out)
+    data, net, info = load_data_and_model(dataset, split, model, data_root, download, trust_model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RobustnessWarning)
+        report = evaluate_robustness(
+            net, data, names, n=n, seed=seed, batch_size=batch_size, device=device, progress=True,
+            eps=eps_value, steps=steps, alpha=alpha, queries=queries,
+        )
+    for w in caught:
+        if issubclass(w.category, RobustnessWarning):
+            typer.echo(f"warning: {w.message}", err=True)
+    write_json(out, evaluation_json(report, info, "dltest evaluate"))
+    print_report(report, title=f"{info.source} on {report.dataset}/{report.split}")
+    Console().print(f"wrote {out} in {report.seconds:.1f} s")
+
+
+def evaluation_json(report: RobustnessReport, info: ModelInfo, command: str) -> dict[str, Any]:
+    return {"command": command, "model": info.source, "model_arch": info.arch, **report.to_dict()}
+
+
+def print_report(report: RobustnessReport, title: str) -> None:
+    table = Table(title=f"{title}: {report.n} of {report.pool_size} inputs, seed {report.seed}")
+    table.add_column("attack")
+    table.add_column("settings")
+    table.add_column("accuracy", justify="right")
+    table.add_column("correct", justify="right")
+    table.add_column("time", justify="right")
+    table.add_row("none (clean)", "-", f"{100 * report.clean_accuracy:.2f}%", f"{report.clean_correct}/{report.n}", "-")
+    for outcome in report.attacks:
+        settings = outcome.label.split(" ", 1)[1] if " " in outcome.label else "-"
+        table.add_row(outcome.attack, settings, f"{100 * outcome.robust_accuracy:.2f}%",
+                      f"{outcome.robust_correct}/{outcome.n}", f"{outcome.seconds:.1f} s")
+    Console().print(table)

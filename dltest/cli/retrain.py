@@ -1,0 +1,153 @@
+"""``dltest retrain``: select -> attack -> retrain -> before/after on the holdout half (Section 8)."""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from pathlib import Path
+from typing import Annotated, Optional
+
+import torch
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from dltest.attacks import attack_preset, check_attack_name, parse_attack_list, parse_eps
+from dltest.budget import parse_budget
+from dltest.checkpoint import save_checkpoint
+from dltest.cli.app import app
+from dltest.cli.options import (
+    Alpha, DataRoot, Dataset, Device, Download, Eps, ModelPath, Queries, Seed, Steps, TrustModel,
+    load_data_and_model,
+)
+from dltest.data import load_dataset
+from dltest.errors import DltestError
+from dltest.io import atomic_path, check_writable, write_json
+from dltest.retrain import RETRAIN_LR, load_adversarial, retrain, retrain_epochs
+from dltest.robustness import RobustnessWarning
+from dltest.selection import load_selection
+from dltest.selectors import get_selector
+from dltest.training import DEFAULT_AUGMENT, TrainConfig
+
+POOL_SPLITS = ("val", "train")
+
+
+@app.command("retrain")
+def retrain_command(
+    metric: Annotated[str, typer.Option(help="Acquisition function that selects from the pool; `dltest metrics` lists them.")] = "dre",
+    budget: Annotated[str, typer.Option("--budget", "-b", help="How many pool inputs: a count or a share (1%..10% in the paper).")] = "4%",
+    dataset: Dataset = "mnist",
+    model: ModelPath = None,
+    pool_split: Annotated[str, typer.Option(help="Candidate pool: val (default, the test half not used for reporting) or train.")] = "val",
+    selection: Annotated[Optional[Path], typer.Option(help="Use this selection JSON of the pool instead of selecting.")] = None,
+    examples: Annotated[Optional[Path], typer.Option(help="Use these adversarial examples (.npz from `dltest attack`) instead of selecting and attacking.")] = None,
+    attack: Annotated[str, typer.Option(help="Attack that turns the selected inputs into adversarial examples.")] = "pgd",
+    eps: Eps = None,
+    steps: Steps = None,
+    alpha: Alpha = None,
+    queries: Queries = None,
+    eval_attacks: Annotated[str, typer.Option(help="Attacks for the before/after robustness on the holdout half, comma-separated.")] = "pgd",
+    eval_eps: Annotated[Optional[str], typer.Option(help="eps of the evaluation attacks (default: the preset's).")] = None,
+    eval_steps: Annotated[Optional[int], typer.Option(help="Steps of the evaluation PGD (default: the preset's).")] = None,
+    eval_n: Annotated[Optional[int], typer.Option(help="Evaluate on a seeded subset of the holdout half of this size.")] = None,
+    val_n: Annotated[int, typer.Option(help="Pool inputs on which PGD robust accuracy picks the best epoch.")] = 1000,
+    epochs: Annotated[Optional[int], typer.Option(help="Retraining epochs (default: 10, 20 for SVHN).")] = None,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (SGD, one-cycle).")] = RETRAIN_LR,
+    batch_size: Annotated[int, typer.Option(min=1, help="Training and attack batch size.")] = 128,
+    train_size: Annotated[Optional[int], typer.Option(help="Retrain on a seeded random subset of the training split of this size.")] = None,
+    seed: Seed = 0,
+    out: Annotated[Path, typer.Option(help="Checkpoint of the retrained model.")] = Path("retrained.pt"),
+    report: Annotated[Optional[Path], typer.Option(help="JSON report (default: <out>.json).")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the retraining from <out>.partial.")] = False,
+    data_root: DataRoot = None,
+    download: Download = False,
+    device: Device = None,
+    trust_model: TrustModel = False,
+) -> None:
+    """Retrain a model on the training data plus adversarial examples of selected inputs."""
+    # Every setting is checked before anything is loaded or trained.
+    if pool_split not in POOL_SPLITS:
+        raise DltestError(f"--pool-split must be one of {', '.join(POOL_SPLITS)} (disjoint from the holdout half), got {pool_split!r}")
+    if selection and examples:
+        raise DltestError("give --selection or --examples, not both")
+    if not (selection or examples):
+        get_selector(metric)
+        parse_budget(budget, pool_size=sys.maxsize)
+    check_attack_name(attack)
+    eps_value = parse_eps(eps)
+    eval_names = parse_attack_list(eval_attacks)
+    eval_eps_value = parse_eps(eval_eps)
+    config = TrainConfig(epochs=epochs if epochs is not None else retrain_epochs(dataset.lower()),
+                         batch_size=batch_size, lr=lr, seed=seed, augment=DEFAULT_AUGMENT.get(dataset.lower(), "none"))
+    check_writable(out)
+    report = check_writable(report or out.with_suffix(".json"))
+
+    pool, net, info = load_data_and_model(dataset, pool_split, model, data_root, download, trust_model)
+    spec = attack_preset(attack, pool.name, "train", channels=pool.input_shape[0], eps=eps_value, steps=steps,
+                         alpha=alpha, queries=queries, seed=seed)
+    eval_specs = [
+        attack_preset(name, pool.name, "eval", channels=pool.input_shape[0], eps=eval_eps_value,
+                      steps=eval_steps if name in ("pgd", "autoattack-fast", "deepfool") else None, seed=seed)
+        for name in eval_names
+    ]
+    if eval_steps is not None and not any(name in ("pgd", "autoattack-fast", "deepfool") for name in eval_names):
+        raise DltestError(f"--eval-steps applies to none of the attacks {', '.join(eval_names)}")
+    chosen = load_selection(str(selection), pool) if selection else None
+    ready = load_adversarial(examples, pool) if examples else None
+    if ready is not None:
+        ready.meta["file"] = str(examples)
+    train_data = load_dataset(dataset, "train", root=data_root, download=download or None)
+    holdout = load_dataset(dataset, "holdout", root=data_root, download=download or None)
+    if train_size:
+        pick = torch.randperm(len(train_data), generator=torch.Generator().manual_seed(seed))[:train_size]
+        train_data = train_data.subset(pick.sort().values)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RobustnessWarning)
+        result = retrain(
+            net, train_data=train_data, pool=pool, holdout=holdout, metric=metric, budget=budget, attack=spec,
+            eval_attacks=eval_specs, config=config, seed=seed, eval_n=eval_n, val_n=val_n, selection=chosen,
+            examples=ready, device=device, batch_size=batch_size, progress=True, state_path=f"{out}.partial",
+            resume=resume,
+        )
+    for w in caught:
+        if issubclass(w.category, RobustnessWarning):
+            typer.echo(f"warning: {w.message}", err=True)
+    data = result.to_dict()
+    data["settings"].update({"model": info.source, "selection_file": str(selection) if selection else None,
+                             "examples_file": str(examples) if examples else None, "command": "dltest retrain"})
+    _save_model(result.model.cpu(), out, info, pool, data)
+    Path(f"{out}.partial").unlink(missing_ok=True)
+    write_json(report, {"checkpoint": str(out), **data})
+    _print(data, result)
+    Console().print(f"wrote {out} and {report}")
+
+
+def _save_model(model, out: Path, info, pool, data) -> None:
+    meta = {"command": "dltest retrain", "retrained_from": info.source, "before": data["before"],
+            "after": data["after"], "settings": data["settings"]}
+    if info.arch:
+        save_checkpoint(model, out, arch=info.arch, dataset=pool.name, input_shape=pool.input_shape,
+                        num_classes=info.num_classes or pool.num_classes, meta=meta)
+        return
+    scripted = model if isinstance(model, torch.jit.ScriptModule) else torch.jit.script(model)
+    with atomic_path(out) as tmp:
+        torch.jit.save(scripted, str(tmp))
+
+
+def _print(data, result) -> None:
+    s = data["settings"]
+    source = f"{s['metric']} selection of {s['budget']}" if s["metric"] else f"{s['budget']} given examples"
+    table = Table(title=f"retrain on {s['dataset']}: {source} from {s['pool_split']}, seed {s['seed']} "
+                        f"(holdout, {result.before.n} inputs)")
+    table.add_column("")
+    table.add_column("clean", justify="right")
+    names = [o.attack for o in result.before.attacks]
+    for name in names:
+        table.add_column(name, justify="right")
+    for label, part in (("before", data["before"]), ("after", data["after"])):
+        table.add_row(label, f"{100 * part['clean_accuracy']:.2f}%",
+                      *[f"{100 * part['robust_accuracy'][n]:.2f}%" for n in names])
+    gain = data["gain"]
+    table.add_row("gain", f"{100 * gain['clean_accuracy']:+.2f}", *[f"{100 * gain['robust_accuracy'][n]:+.2f}" for n in names])
+    Console().print(table)
