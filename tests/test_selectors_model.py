@@ -289,21 +289,23 @@ def deepfool_loop(model: nn.Module, images: torch.Tensor, steps: int, overshoot:
 def test_batched_deepfool_equals_per_image_loop(trained_lenet, small_pool):
     # inputs kept inside [0.2, 0.8]: clipping does not stall DeepFool, every label flips
     x = 0.2 + 0.6 * small_pool.images(torch.arange(30))
-    norms, iterations = deepfool_l2(trained_lenet, x, steps=50, batch_size=8)
+    norms, iterations, final, margins = deepfool_l2(trained_lenet, x, steps=50, batch_size=8)
     ref = deepfool_loop(trained_lenet, x, steps=50)
-    assert np.isfinite(ref).all() and (iterations >= 1).all()
+    assert np.isfinite(ref).all() and (iterations >= 1).all() and (margins < 0).all()
+    assert torch.equal(final, norms)
     np.testing.assert_allclose(norms.numpy(), ref, rtol=1e-4, atol=1e-6)
 
 
 def test_batched_deepfool_matches_torchattacks_with_clipping(trained_lenet, small_pool):
     torchattacks = pytest.importorskip("torchattacks")
     x = small_pool.images(torch.arange(12))
-    norms, _ = deepfool_l2(trained_lenet, x, steps=3)
+    norms, _, final, _ = deepfool_l2(trained_lenet, x, steps=3)
     labels = trained_lenet(x).argmax(1)
     adv = torchattacks.DeepFool(trained_lenet, steps=3, overshoot=0.02)(x, labels)
     flipped = trained_lenet(adv).argmax(1) != labels
     ref = torch.where(flipped, (adv - x).flatten(1).norm(dim=1), torch.tensor(math.inf)).double()
     np.testing.assert_allclose(norms.numpy(), ref.numpy(), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(final.numpy(), (adv - x).flatten(1).norm(dim=1).double().detach().numpy(), rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(norms.numpy(), deepfool_loop(trained_lenet, x, steps=3), rtol=1e-4, atol=1e-6)
 
 

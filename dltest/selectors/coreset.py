@@ -52,7 +52,7 @@ def k_center_greedy(
     x = embeddings.to(device, torch.float32)
     shift = x.mean(dim=0)
     x = x - shift
-    x_sq = x.pow(2).sum(dim=1)
+    x_sq = torch.einsum("ij,ij->i", x, x)  # no n x d temporary
     picked = torch.empty(budget, dtype=torch.long)
     scores = torch.empty(budget, dtype=torch.float64)
     start = 0

@@ -18,6 +18,7 @@ the iterate at which the label flipped, not one past it.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -69,6 +70,17 @@ def deepfool_step(x: Tensor, logits: Tensor, w: Tensor, labels: Tensor, overshoo
     return torch.clamp(x + (1 + overshoot) * delta.view_as(x), 0, 1)
 
 
+class DeepFoolResult(NamedTuple):
+    """Per input: ``norms`` of the flipping perturbation (+inf: no flip within the steps),
+    ``iterations`` taken, ``final_norms`` of the last iterate's perturbation (flipped or not) and
+    ``margins``, the label's logit minus the largest other logit at that iterate (< 0: flipped)."""
+
+    norms: Tensor
+    iterations: Tensor
+    final_norms: Tensor
+    margins: Tensor
+
+
 def deepfool_l2(
     model: nn.Module,
     images: Tensor,
@@ -76,15 +88,18 @@ def deepfool_l2(
     overshoot: float = 0.02,
     steps: int = 50,
     batch_size: int = BATCH_SIZE,
-) -> tuple[Tensor, Tensor]:
-    """Batched L2 DeepFool against the model's own predictions.
+) -> DeepFoolResult:
+    """Batched L2 DeepFool against the model's own predictions on ``images`` (in [0, 1], on the
+    model's device); see :class:`DeepFoolResult`.
 
-    Returns (norms, iterations): the L2 norm of the perturbation at which each input's predicted
-    label flipped (+inf when it did not flip within ``steps`` steps), and the number of steps it
-    took. ``images`` are in [0, 1], on the model's device.
+    With clipping to [0, 1], some inputs converge onto the decision boundary from the label's side
+    without crossing it; whether their last iterate counts as flipped is then decided by float
+    rounding (a margin near 0), so it can differ from a per-image run.
     """
     n = len(images)
     norms = torch.full((n,), math.inf, dtype=torch.float64)
+    final_norms = torch.zeros(n, dtype=torch.float64)
+    margins = torch.zeros(n, dtype=torch.float64)
     iterations = torch.full((n,), steps, dtype=torch.long)
     with eval_mode(model):
         for s in range(0, n, batch_size):
@@ -99,17 +114,24 @@ def deepfool_l2(
                 if labels is None:
                     labels = pred.detach()
                 flipped = pred != labels[active]
-                if flipped.any():
-                    done = active[flipped]
-                    norms[s + done.cpu()] = (x[done] - x0[done]).flatten(1).double().norm(dim=1).cpu()
-                    iterations[s + done.cpu()] = step
-                if step == steps or bool(flipped.all()):
+                done = flipped if step < steps else torch.ones_like(flipped)
+                if done.any():
+                    rows = active[done]
+                    dist = (x[rows] - x0[rows]).flatten(1).double().norm(dim=1).cpu()
+                    final_norms[s + rows.cpu()] = dist
+                    lg = logits.detach()[done].double()
+                    own = lg.gather(1, labels[rows].unsqueeze(1)).squeeze(1)
+                    margins[s + rows.cpu()] = (own - lg.scatter(1, labels[rows].unsqueeze(1), -math.inf).max(dim=1).values).cpu()
+                    hit = flipped[done].cpu()
+                    norms[s + rows.cpu()[hit]] = dist[hit]
+                    iterations[s + rows.cpu()[hit]] = step
+                if done.all():
                     break
                 keep = ~flipped
                 w = boundary_gradients(logits, xa, labels[active])[keep]
                 active = active[keep]
                 x[active] = deepfool_step(xa.detach()[keep], logits[keep], w, labels[active], overshoot)
-    return norms, iterations
+    return DeepFoolResult(norms, iterations, final_norms, margins)
 
 
 @register
@@ -142,7 +164,7 @@ class DFAL(Selector):
         model = pool.model.to(pool.device)
         norms = torch.cat([
             deepfool_l2(model, pool.data.images(candidates[s : s + 4096], pool.device),
-                        overshoot=self.overshoot, steps=self.steps)[0]
+                        overshoot=self.overshoot, steps=self.steps).norms
             for s in range(0, len(candidates), 4096)
         ])
         order = rank(norms, budget, highest=False)
