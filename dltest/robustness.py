@@ -170,7 +170,7 @@ def evaluate_robustness(
 def versions() -> dict[str, str]:
     import torchattacks
 
-    return {"dltest": __version__, "torch": torch.__version__, "torchattacks": torchattacks.__version__}
+    return {"dltest": __version__, "torch": str(torch.__version__), "torchattacks": str(torchattacks.__version__)}
 
 
 def _takes(name: str, option: str) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import warnings
 from pathlib import Path
@@ -126,6 +127,7 @@ def retrain_command(
 def _save_model(model, out: Path, info, pool, data) -> None:
     meta = {"command": "dltest retrain", "retrained_from": info.source, "before": data["before"],
             "after": data["after"], "settings": data["settings"]}
+    meta = json.loads(json.dumps(meta, default=str))  # plain types only: loadable with weights_only=True
     if info.arch:
         save_checkpoint(model, out, arch=info.arch, dataset=pool.name, input_shape=pool.input_shape,
                         num_classes=info.num_classes or pool.num_classes, meta=meta)
