@@ -6,6 +6,7 @@ that knows its seed, budget and options and writes itself as JSON.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
@@ -35,9 +36,9 @@ class SelectionResult:
     budget: int
     budget_spec: str
     pool_size: int
-    seed: int
+    seed: int | None
     indices: list[int]
-    scores: list[float] | None = None
+    scores: list[float | None] | None = None
     score_name: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
     dataset: str | None = None
@@ -126,7 +127,7 @@ def select(
         pool_size=n,
         seed=seed,
         indices=indices.tolist(),
-        scores=chosen.scores.double().tolist() if chosen.scores is not None else None,
+        scores=_finite_or_none(chosen.scores),
         score_name=type(selector).score_name,
         options=selector.options(),
         dataset=data.name if data is not None else None,
@@ -145,7 +146,12 @@ def load_selection(path: str, data: ImageDataset | None = None) -> SelectionResu
     known = SelectionResult.__dataclass_fields__
     if not isinstance(raw, dict) or "indices" not in raw:
         raise DltestError(f"{path} is not a dltest selection file (no 'indices')")
-    result = SelectionResult(**{k: v for k, v in raw.items() if k in known})
+    indices = raw["indices"]
+    if not isinstance(indices, list) or not all(isinstance(i, int) for i in indices):
+        raise DltestError(f"{path}: 'indices' must be a list of integers")
+    defaults = {"metric": "unknown", "budget": len(indices), "budget_spec": str(len(indices)),
+                "pool_size": len(data) if data is not None else 0, "seed": None}
+    result = SelectionResult(**{**defaults, **{k: v for k, v in raw.items() if k in known}})
     if data is not None:
         if result.dataset and result.dataset != data.name:
             raise DltestError(f"{path} selects from dataset {result.dataset!r}, not {data.name!r}")
@@ -155,6 +161,13 @@ def load_selection(path: str, data: ImageDataset | None = None) -> SelectionResu
         if bad:
             raise DltestError(f"{path} holds indices outside the pool of {len(data)}: {bad[:5]}")
     return result
+
+
+def _finite_or_none(scores: Tensor | None) -> list[float | None] | None:
+    """Scores as plain floats; +-inf and NaN (e.g. DFAL's never-flipped inputs) become None (JSON null)."""
+    if scores is None:
+        return None
+    return [v if math.isfinite(v) else None for v in scores.double().tolist()]
 
 
 def metric_names() -> list[str]:

@@ -162,3 +162,17 @@ def test_console_script_as_a_user_runs_it(tmp_path, lenet_checkpoint):
     assert json.loads(out.read_text())["budget"] == 100
     done = subprocess.run([str(script), "select", "--budget", "abc"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and done.stderr.strip().startswith("error: budget 'abc'") and done.stdout == ""
+
+
+def test_infinite_scores_are_written_as_null_and_minimal_selection_files_load(tmp_path):
+    from dltest.selection import SelectionResult, _finite_or_none, load_selection
+    import torch
+
+    assert _finite_or_none(torch.tensor([1.5, float("inf"), float("nan")])) == [1.5, None, None]
+    path = tmp_path / "minimal.json"
+    path.write_text('{"indices": [3, 1, 2]}')
+    loaded = load_selection(str(path))
+    assert isinstance(loaded, SelectionResult) and loaded.indices == [3, 1, 2] and loaded.budget == 3
+    path.write_text('{"indices": ["a"]}')
+    with pytest.raises(DltestError, match="list of integers"):
+        load_selection(str(path))

@@ -100,8 +100,10 @@ def print_summary(result: SelectionResult, out: Path) -> None:
     for name, count in sorted(result.predicted_counts.items(), key=lambda kv: -kv[1]):
         table.add_row(name, str(count), f"{100 * count / result.budget:.1f}%")
     console.print(table)
-    if result.scores:
-        console.print(f"{result.score_name or 'score'}: min {min(result.scores):.4g}, max {max(result.scores):.4g}")
+    finite = [s for s in result.scores or [] if s is not None]
+    if finite:
+        console.print(f"{result.score_name or 'score'}: min {min(finite):.4g}, max {max(finite):.4g}"
+                      + (f" ({len(result.scores) - len(finite)} without a finite score)" if len(finite) < result.budget else ""))
     console.print(f"wrote {out} in {result.seconds:.2f} s")
 
 

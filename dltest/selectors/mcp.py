@@ -18,14 +18,16 @@ from dltest.selectors.base import Pool, Selection, Selector, register
 
 def mcp_priority(probs: Tensor) -> tuple[Tensor, Tensor]:
     """(cluster id, priority p2/p1) of each row; classes tied in probability go lower index first."""
-    p = probs.detach().double().cpu().numpy()
+    p = probs.detach().double().cpu()
     n, c = p.shape
-    order = np.argsort(-p, axis=1, kind="stable")
-    first = order[:, 0]
-    second = order[:, 1] if c > 1 else first
-    p1 = p[np.arange(n), first]
-    p2 = p[np.arange(n), second] if c > 1 else np.zeros(n)
-    return torch.from_numpy(first * c + second), torch.from_numpy(p2 / p1)
+    rows = torch.arange(n)
+    first = p.argmax(dim=1)  # argmax returns the first of tied maxima
+    if c == 1:
+        return first, torch.zeros(n, dtype=torch.float64)
+    rest = p.clone()
+    rest[rows, first] = -1.0
+    second = rest.argmax(dim=1)
+    return first * c + second, p[rows, second] / p[rows, first]
 
 
 def mcp_order(cluster: Tensor, priority: Tensor) -> Tensor:
