@@ -15,6 +15,11 @@ from dltest.data import ImageDataset
 from dltest.progress import progress_bar
 from dltest.settings import default_device
 
+# 256, not more: at 1024 a LeNet-5 pass over 60k images took 740k page faults (glibc hands the
+# large activations back to the OS after every batch) and ran 1.6x slower on the CPU; at 256
+# the activations are reused and it took none (measured here, see docs/benchmarks-selection.md).
+INFERENCE_BATCH = 256
+
 
 @dataclass
 class PoolOutputs:
@@ -58,7 +63,7 @@ def infer(
     model: nn.Module,
     data: ImageDataset,
     *,
-    batch_size: int = 1024,
+    batch_size: int = INFERENCE_BATCH,
     device: torch.device | str | None = None,
     embeddings: bool = True,
     progress: bool = False,

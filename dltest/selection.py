@@ -18,7 +18,7 @@ from dltest import __version__
 from dltest.budget import parse_budget
 from dltest.data import ImageDataset
 from dltest.errors import DltestError
-from dltest.inference import PoolOutputs, infer
+from dltest.inference import INFERENCE_BATCH, PoolOutputs, infer
 from dltest.io import read_json, write_json
 from dltest.selectors import REGISTRY, Pool, get_selector
 from dltest.settings import default_device
@@ -72,7 +72,7 @@ def select(
     seed: int = 0,
     labeled: Sequence[int] | Tensor | None = None,
     device: str | torch.device | None = None,
-    batch_size: int = 1024,
+    batch_size: int = INFERENCE_BATCH,
     progress: bool = False,
     model_name: str | None = None,
     **options: Any,
@@ -106,7 +106,7 @@ def select(
     pool = Pool(
         outputs=_subset_outputs(outputs, candidates),
         model=model,
-        data=data.subset(candidates) if data is not None else None,
+        data=(data if len(candidates) == n else data.subset(candidates)) if data is not None else None,
         labeled_embeddings=(
             outputs.embeddings[labeled_t] if outputs.embeddings is not None and len(labeled_t) else None
         ),

@@ -169,7 +169,7 @@ def accuracy(
     data: ImageDataset,
     *,
     device: str | torch.device | None = None,
-    batch_size: int = 1024,
+    batch_size: int = 256,
     adversary: Adversary | None = None,
 ) -> float:
     """Share of ``data`` classified correctly, model in eval mode; under ``adversary`` if given."""

@@ -16,6 +16,7 @@ from dltest.cli.options import (
     BatchSize, DataRoot, Dataset, Device, Download, ModelPath, Seed, Split, TrustModel, load_data_and_model,
 )
 from dltest.budget import parse_budget
+from dltest.inference import INFERENCE_BATCH
 from dltest.io import atomic_path, check_writable
 from dltest.selection import SelectionResult, load_selection, select
 from dltest.errors import DltestError
@@ -36,7 +37,7 @@ def select_command(
     data_root: DataRoot = None,
     download: Download = False,
     device: Device = None,
-    batch_size: BatchSize = 1024,
+    batch_size: BatchSize = INFERENCE_BATCH,
     trust_model: TrustModel = False,
     mc_samples: Annotated[Optional[int], typer.Option("--mc-samples", help="bald, dropout-entropy: T, the number of MC-dropout samples [default: 10].", show_default=False)] = None,
     dropout: Annotated[Optional[float], typer.Option("--dropout", help="bald, dropout-entropy: rate of the dropout put before the final linear layer of a model without dropout [default: 0.1].", show_default=False)] = None,
