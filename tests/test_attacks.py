@@ -159,3 +159,10 @@ def test_trainer_picks_best_epoch_by_val_robust_accuracy(trained_lenet, mnist_tr
     scores = [h["val_robust_accuracy"] for h in result.history]
     assert result.best_score == max(scores)
     assert result.best_epoch == scores.index(max(scores))
+
+
+def test_native_kernels_only_for_grey_cpu_images():
+    from dltest.attacks import native_input_grad_pays
+
+    assert native_input_grad_pays(torch.rand(2, 1, 28, 28))
+    assert not native_input_grad_pays(torch.rand(2, 3, 32, 32))

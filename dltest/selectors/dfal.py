@@ -23,7 +23,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from dltest.attacks import native_cpu_backward
+from dltest.attacks import native_cpu_backward, native_input_grad_pays
 from dltest.errors import DltestError
 from dltest.selectors.base import Pool, Selection, Selector, rank, register
 from dltest.selectors.egl import eval_mode
@@ -129,7 +129,7 @@ def deepfool_l2(
                 if done.all():
                     break
                 keep = ~flipped
-                with native_cpu_backward(not xa.is_cuda):  # oneDNN's input gradient is 2x slower here
+                with native_cpu_backward(native_input_grad_pays(xa)):
                     w = boundary_gradients(logits, xa, labels[active])[keep]
                 active = active[keep]
                 x[active] = deepfool_step(xa.detach()[keep], logits[keep], w, labels[active], overshoot)
