@@ -111,6 +111,7 @@ def select(
             outputs.embeddings[labeled_t] if outputs.embeddings is not None and len(labeled_t) else None
         ),
         device=device,
+        progress=progress,
     )
     generator = torch.Generator().manual_seed(seed)
     chosen = selector(pool, budget_int, generator)

@@ -31,6 +31,7 @@ class Pool:
     data: ImageDataset | None = None
     labeled_embeddings: Tensor | None = None
     device: torch.device = torch.device("cpu")
+    progress: bool = False  # draw progress bars for the selectors that run the model again
 
     def __len__(self) -> int:
         return len(self.outputs)

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from dltest.attacks import native_cpu_backward, native_input_grad_pays
 from dltest.errors import DltestError
+from dltest.progress import progress_bar
 from dltest.selectors.base import Pool, Selection, Selector, rank, register
 from dltest.selectors.egl import eval_mode
 
@@ -164,10 +165,12 @@ class DFAL(Selector):
             raise DltestError("dfal needs the model and the pool's images")
         candidates = self.candidates(len(pool), budget, generator)
         model = pool.model.to(pool.device)
-        norms = torch.cat([
-            deepfool_l2(model, pool.data.images(candidates[s : s + 4096], pool.device),
-                        overshoot=self.overshoot, steps=self.steps).norms
-            for s in range(0, len(candidates), 4096)
-        ])
+        parts = []
+        with progress_bar("dfal (DeepFool)", total=len(candidates), enabled=pool.progress) as advance:
+            for s in range(0, len(candidates), BATCH_SIZE):
+                images = pool.data.images(candidates[s : s + BATCH_SIZE], pool.device)
+                parts.append(deepfool_l2(model, images, overshoot=self.overshoot, steps=self.steps).norms)
+                advance(len(images))
+        norms = torch.cat(parts)
         order = rank(norms, budget, highest=False)
         return Selection(candidates[order], norms[order])

@@ -25,6 +25,7 @@ from torch.func import functional_call, jacrev, vmap
 
 from dltest.errors import DltestError
 from dltest.inference import embedding_head
+from dltest.progress import progress_bar
 from dltest.selectors.base import Pool, Selection, Selector, rank, register
 
 VARIANTS = ("exact", "last-layer")
@@ -132,8 +133,11 @@ class EGL(Selector):
         if pool.data is None:
             raise DltestError("exact egl needs the pool's images")
         model.to(pool.device)
-        parts = [egl_exact(model, pool.data.images(slice(s, s + 1024), pool.device))
-                 for s in range(0, len(pool.data), 1024)]
+        parts = []
+        with progress_bar("egl", total=len(pool.data), enabled=pool.progress) as advance:
+            for s in range(0, len(pool.data), 1024):
+                parts.append(egl_exact(model, pool.data.images(slice(s, s + 1024), pool.device)))
+                advance(len(parts[-1]))
         return torch.cat(parts)
 
     def __call__(self, pool: Pool, budget: int, generator: torch.Generator) -> Selection:
