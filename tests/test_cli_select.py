@@ -146,11 +146,15 @@ def test_labeled_file_excludes_inputs_and_must_match_the_pool(tmp_path, lenet_ch
     assert result.exit_code == 2 and "selects from split 'test', not 'val'" in result.output
 
 
-def test_metrics_lists_every_selector():
-    result = run("metrics")
+def test_metrics_lists_every_selector(tmp_path):
+    result = run("metrics", "--out", str(tmp_path / "metrics.json"))
     assert result.exit_code == 0
     for name in REGISTRY:
         assert name in result.output
+    catalogue = {row["metric"]: row for row in json.loads((tmp_path / "metrics.json").read_text())}
+    assert set(catalogue) == set(REGISTRY)
+    assert catalogue["dre"]["options"] == {"bins": 50} and catalogue["dre"]["runs_model_again"] is False
+    assert catalogue["bald"]["options"] == {"samples": 10, "dropout": 0.1}
 
 
 def test_console_script_as_a_user_runs_it(tmp_path, lenet_checkpoint):
