@@ -189,6 +189,13 @@ def with_examples(train_data: ImageDataset, examples: AdversarialExamples) -> Im
     )
 
 
+def _overlap(pool: ImageDataset, holdout: ImageDataset) -> bool:
+    """Whether ``pool`` and ``holdout`` share inputs (both drawn from the test set or one file)."""
+    if (pool.split == "train") != (holdout.split == "train"):
+        return False  # the training set and the test set never share inputs
+    return bool(np.intersect1d(pool.source_index.numpy(), holdout.source_index.numpy()).size)
+
+
 @dataclass
 class RetrainResult:
     """The retrained model and the Section-8 report (before/after, selection, settings)."""
@@ -265,8 +272,9 @@ def retrain(
     device = default_device(device)
     if pool.name != holdout.name or pool.name != train_data.name:
         raise DltestError(f"train, pool and holdout must be one dataset, got {train_data.name}, {pool.name}, {holdout.name}")
-    if pool.split == holdout.split:
-        raise DltestError(f"the candidate pool ({pool.split}) must be disjoint from the holdout data")
+    if _overlap(pool, holdout):
+        raise DltestError(f"the candidate pool ({pool.split}) must be disjoint from the holdout data "
+                          f"({holdout.split}); use the val half as the pool")
     attack = attack or attack_preset("pgd", pool.name, "train", channels=pool.input_shape[0], seed=seed)
     config = config or TrainConfig(epochs=retrain_epochs(pool.name), lr=RETRAIN_LR, seed=seed,
                                    augment=DEFAULT_AUGMENT.get(pool.name, "none"))

@@ -79,3 +79,14 @@ def test_retrain_improves_robust_accuracy_over_its_starting_model(trained_lenet,
 def test_retrain_refuses_a_pool_that_overlaps_the_holdout(trained_lenet, mnist_train_slice, holdout):
     with pytest.raises(DltestError, match="must be disjoint from the holdout"):
         retrain(trained_lenet, train_data=mnist_train_slice, pool=holdout, holdout=holdout)
+
+
+def test_retrain_refuses_the_whole_test_set_as_pool_but_takes_val(trained_lenet, mnist_train_slice, holdout):
+    from dltest.data import load_dataset
+    from dltest.retrain import _overlap
+
+    test = load_dataset("mnist", "test")
+    with pytest.raises(DltestError, match="must be disjoint from the holdout"):
+        retrain(trained_lenet, train_data=mnist_train_slice, pool=test, holdout=holdout)
+    assert not _overlap(load_dataset("mnist", "val"), holdout)
+    assert not _overlap(mnist_train_slice, holdout)
