@@ -26,7 +26,7 @@ from torch.func import functional_call, jacrev, vmap
 from dltest.errors import DltestError
 from dltest.inference import embedding_head
 from dltest.progress import progress_bar
-from dltest.selectors.base import Pool, Selection, Selector, rank, register
+from dltest.selectors.base import Pool, ScoreSelector, register
 
 VARIANTS = ("exact", "last-layer")
 JACOBIAN_FLOATS = 2**24  # float elements of one chunk's Jacobian (64 MB), bounds the chunk size
@@ -109,7 +109,7 @@ def egl_last_layer(embeddings: Tensor, logits: Tensor, head: nn.Linear, chunk: i
 
 
 @register
-class EGL(Selector):
+class EGL(ScoreSelector):
     name = "egl"
     summary = "EGL: highest expected norm of the parameter gradient, sum_i p_i ||grad CE(x, i)||"
     score_name = "expected gradient length"
@@ -139,8 +139,3 @@ class EGL(Selector):
                 parts.append(egl_exact(model, pool.data.images(slice(s, s + 1024), pool.device)))
                 advance(len(parts[-1]))
         return torch.cat(parts)
-
-    def __call__(self, pool: Pool, budget: int, generator: torch.Generator) -> Selection:
-        scores = self.score(pool)
-        indices = rank(scores, budget, highest=True)
-        return Selection(indices, scores[indices])

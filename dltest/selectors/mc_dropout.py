@@ -37,6 +37,7 @@ from dltest.errors import DltestError
 from dltest.inference import embedding_head
 from dltest.progress import console
 from dltest.selectors.base import Pool, Selection, Selector, rank, register
+from dltest.selectors.uncertainty import entropy
 
 BATCH_SIZE = 512  # images per batch for the full-pass cases; the draw order depends on it
 HEAD_CHUNK = 16384  # rows of embeddings per head application (bounds memory, not the draws)
@@ -198,20 +199,15 @@ def mc_probabilities(pool: Pool, samples: int = 10, dropout: float = 0.1,
     return out
 
 
-def entropy64(probs: Tensor) -> Tensor:
-    """Entropy (nats) of each row along the last dimension, with 0 log 0 = 0."""
-    return -torch.special.xlogy(probs, probs).sum(dim=-1)
-
-
 def bald_from_samples(probs: Tensor) -> Tensor:
     """BALD of (T, n, C) sampled probabilities: H(mean_t p_t) - mean_t H(p_t)."""
     probs = probs.double()
-    return entropy64(probs.mean(0)) - entropy64(probs).mean(0)
+    return entropy(probs.mean(0)) - entropy(probs).mean(0)
 
 
 def dropout_entropy_from_samples(probs: Tensor) -> Tensor:
     """H(mean_t p_t) of (T, n, C) sampled probabilities."""
-    return entropy64(probs.double().mean(0))
+    return entropy(probs.double().mean(0))
 
 
 class _MCDropoutSelector(Selector):
@@ -236,7 +232,7 @@ class _MCDropoutSelector(Selector):
                 state["p"] = torch.zeros((n, p.shape[1]), dtype=torch.float64)
                 state["h"] = torch.zeros(n, dtype=torch.float64)
             state["p"][rows] += p
-            state["h"][rows] += entropy64(p)
+            state["h"][rows] += entropy(p)
 
         mc_sample(pool, self.samples, self.dropout, generator, sink)
         return state["p"] / self.samples, state["h"] / self.samples
@@ -257,7 +253,7 @@ class BALD(_MCDropoutSelector):
     score_name = "BALD (nats)"
 
     def mc_scores(self, mean_p: Tensor, mean_h: Tensor) -> Tensor:
-        return entropy64(mean_p) - mean_h
+        return entropy(mean_p) - mean_h
 
 
 @register
@@ -267,4 +263,4 @@ class DropoutEntropy(_MCDropoutSelector):
     score_name = "entropy of the MC-dropout mean (nats)"
 
     def mc_scores(self, mean_p: Tensor, mean_h: Tensor) -> Tensor:
-        return entropy64(mean_p)
+        return entropy(mean_p)

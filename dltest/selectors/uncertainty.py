@@ -13,8 +13,8 @@ from dltest.selectors.base import Pool, ScoreSelector, register
 
 
 def entropy(probs: Tensor) -> Tensor:
-    """Shannon entropy (nats) of each row; ``xlogy`` makes 0 log 0 = 0, never NaN."""
-    return 0.0 - torch.special.xlogy(probs, probs).sum(dim=1)  # 0.0 - x: no negative zeros
+    """Shannon entropy (nats) along the last dimension; ``xlogy`` makes 0 log 0 = 0, never NaN."""
+    return 0.0 - torch.special.xlogy(probs, probs).sum(dim=-1)  # 0.0 - x: no negative zeros
 
 
 def gini(probs: Tensor) -> Tensor:
