@@ -1,0 +1,1 @@
+"""Analyses of selections and runs: selection bias (JSD), comparisons between functions, intervals."""
