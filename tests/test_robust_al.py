@@ -191,3 +191,9 @@ def test_sigkill_then_resume_gives_the_uninterrupted_log(tmp_path):
     figures = lambda rs: [(r.stage, r.labeled, r.selected, r.clean_accuracy, r.robust_accuracy, r.bias) for r in rs]
     assert figures(read_log(cut)) == figures(read_log(tmp_path / "whole"))
     assert not list(cut.rglob("*.tmp"))
+
+
+def test_run_folder_has_the_figure(splits, tmp_path):
+    pytest.importorskip("matplotlib")
+    run(tiny(budget=220, at=None), splits, tmp_path / "run")
+    assert (tmp_path / "run" / "figure.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

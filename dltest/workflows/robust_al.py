@@ -25,6 +25,7 @@ import copy
 import json
 import os
 import time
+import warnings
 import zlib
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -36,6 +37,7 @@ from torch import Tensor, nn
 from dltest import __version__
 from dltest.adversarial_training import AT_METHODS, AdversarialTraining, adversarial_training
 from dltest.analysis.bias import selection_bias
+from dltest.analysis.plots import accuracy_by_stage
 from dltest.attacks import attack_preset, dataset_family, parse_attack_list
 from dltest.checkpoint import save_checkpoint
 from dltest.data import ImageDataset
@@ -458,7 +460,11 @@ def _finish(folder: Path, result: RobustALResult, train_data: ImageDataset) -> N
                   "clean_accuracy": last.clean_accuracy, "robust_accuracy": last.robust_accuracy,
                   "config": json.loads(json.dumps(result.config.to_dict()))})
     write_json(folder / SUMMARY_FILE, result.summary())
-    plot_stages(result.records, folder / FIGURE_FILE)
+    records = [asdict(r) for rs in result.records.values() for r in rs]
+    try:
+        accuracy_by_stage(records, folder / FIGURE_FILE, title=f"{train_data.name}, seed {result.config.seed}")
+    except DltestError as exc:  # matplotlib missing: the run's figures are all in the log anyway
+        warnings.warn(f"no {FIGURE_FILE}: {exc}", stacklevel=2)
 
 
 def read_log(path: str | os.PathLike) -> list[StageRecord]:
@@ -469,39 +475,6 @@ def read_log(path: str | os.PathLike) -> list[StageRecord]:
     if not path.is_file():
         raise DltestError(f"no run log at {path}")
     return [StageRecord(**json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
-
-
-def plot_stages(records: dict[str, Sequence[StageRecord]], path: str | os.PathLike) -> Path | None:
-    """Accuracy and robustness per stage, one line per metric (the paper's Figure 2), as a PNG.
-
-    Returns None (and draws nothing) when matplotlib is not installed.
-    """
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    attacks = sorted({a for rs in records.values() for r in rs for a in r.robust_accuracy})
-    panels = ["clean"] + attacks
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6), squeeze=False)
-    for ax, panel in zip(axes[0], panels):
-        for metric, rs in records.items():
-            xs = [r.labeled for r in rs]
-            ys = [100 * (r.clean_accuracy if panel == "clean" else r.robust_accuracy.get(panel, float("nan")))
-                  for r in rs]
-            ax.plot(xs, ys, marker=".", label=metric)
-        ax.set_title("clean accuracy" if panel == "clean" else f"robust accuracy ({panel})")
-        ax.set_xlabel("labeled inputs")
-        ax.set_ylabel("%")
-        ax.grid(alpha=0.3)
-    axes[0][0].legend()
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    return Path(path)
 
 
 def _total_seconds(records: Sequence[StageRecord]) -> dict[str, float]:
