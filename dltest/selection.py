@@ -99,6 +99,10 @@ def select(
         raise DltestError(f"outputs cover {n} inputs but the pool has {len(data)}")
     if selector.needs_model and (model is None or data is None):
         raise DltestError(f"metric {metric!r} runs the model again: pass model and data")
+    if selector.needs_model and not getattr(model, "has_gradients", True):
+        usable = ", ".join(name for name, cls in REGISTRY.items() if not cls.needs_model and name != "coreset")
+        raise DltestError(f"metric {metric!r} runs the model again (gradients or dropout), which an ONNX model "
+                          f"does not allow; metrics that work on ONNX models: {usable}")
 
     labeled_t = _labeled_positions(labeled, n)
     candidates = _complement(labeled_t, n)
