@@ -22,11 +22,11 @@ import torch
 from torch import Tensor, nn
 
 from dltest import __version__
-from dltest.attacks import AttackSpec, attack_preset
+from dltest.attacks import AttackSpec, attack_preset, takes
 from dltest.data import ImageDataset
 from dltest.errors import DltestError
 from dltest.progress import progress_bar
-from dltest.settings import default_device
+from dltest.runtime import eval_mode, on_device, resolve_device, seeded
 
 
 class RobustnessWarning(UserWarning):
@@ -78,25 +78,12 @@ class RobustnessReport:
         return asdict(self)
 
 
-def seeded_subset(data: ImageDataset, n: int | None, seed: int) -> tuple[ImageDataset, list[int] | None]:
-    """``n`` inputs of ``data`` drawn at random with ``seed`` (sorted), or all of them."""
-    if n is None or n >= len(data):
-        if n is not None and n < 1:
-            raise DltestError(f"--n must be >= 1, got {n}")
-        return data, None
-    if n < 1:
-        raise DltestError(f"--n must be >= 1, got {n}")
-    pick = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:n].sort().values
-    return data.subset(pick), pick.tolist()
-
-
 def check_model(model: nn.Module, probe: Tensor) -> list[str]:
-    """Put ``model`` in eval mode; return warnings: it was in train mode, it is randomised."""
+    """Warnings about ``model``: it is in train mode, it is randomised (its mode is left as it is)."""
     found = []
     if model.training:
         found.append("the model was in train mode; it is evaluated in eval mode (RobustBench's rule)")
-    model.eval()
-    with torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         first, second = model(probe), model(probe)
     if not torch.allclose(first, second, rtol=1e-4, atol=1e-5):
         found.append(
@@ -128,37 +115,34 @@ def evaluate_robustness(
     the overrides ``eps``, ``steps``, ``alpha``, ``queries``) or ready :class:`AttackSpec`\\ s.
     """
     started = time.perf_counter()
-    device = default_device(device)
+    device = resolve_device(device)
     specs = [
         a if isinstance(a, AttackSpec) else attack_preset(
             a, dataset or data.name, "eval", channels=data.input_shape[0], eps=eps,
-            steps=steps if _takes(a, "steps") else None,
-            alpha=alpha if _takes(a, "alpha") else None,
-            queries=queries if _takes(a, "queries") else None, seed=seed,
+            steps=steps if takes(a, "steps") else None,
+            alpha=alpha if takes(a, "alpha") else None,
+            queries=queries if takes(a, "queries") else None, seed=seed,
         )
         for a in attacks
     ]
     for option, value in (("steps", steps), ("alpha", alpha), ("queries", queries)):
-        if value is not None and not any(isinstance(a, str) and _takes(a, option) for a in attacks):
+        if value is not None and not any(isinstance(a, str) and takes(a, option) for a in attacks):
             names = ", ".join(a if isinstance(a, str) else a.name for a in attacks)
             raise DltestError(f"{option} applies to none of the attacks {names}")
-    subset, indices = seeded_subset(data, n, seed)
+    positions = data.sample_positions(n, seed)
+    subset = data if positions is None else data.subset(positions)
+    indices = None if positions is None else positions.tolist()
     if len(subset) == 0:
         raise DltestError(f"{data.name}/{data.split} is empty: nothing to evaluate")
-    was_training = model.training
-    model = model.to(device)
-    notes = check_model(model, subset.images(slice(0, min(len(subset), 16)), device))
-    for note in notes:
-        warnings.warn(note, RobustnessWarning, stacklevel=2)
     num_classes = data.num_classes
-    try:
-        correct_mask = _clean_correct(model, subset, batch_size, device)
-        outcomes = []
-        for spec in specs:
-            outcomes.append(_robust(model, subset, correct_mask, spec, num_classes, batch_size, device, seed, progress))
-    finally:
-        if was_training:
-            model.train()
+    with on_device(model, device):
+        notes = check_model(model, subset.images(slice(0, min(len(subset), 16)), device))
+        for note in notes:
+            warnings.warn(note, RobustnessWarning, stacklevel=2)
+        with eval_mode(model):
+            correct_mask = _clean_correct(model, subset, batch_size, device)
+            outcomes = [_robust(model, subset, correct_mask, spec, num_classes, batch_size, device, seed, progress)
+                        for spec in specs]
     return RobustnessReport(
         dataset=data.name, split=data.split, n=len(subset), pool_size=len(data), seed=seed,
         clean_accuracy=int(correct_mask.sum()) / len(subset), clean_correct=int(correct_mask.sum()),
@@ -171,13 +155,6 @@ def versions() -> dict[str, str]:
     import torchattacks
 
     return {"dltest": __version__, "torch": str(torch.__version__), "torchattacks": str(torchattacks.__version__)}
-
-
-def _takes(name: str, option: str) -> bool:
-    return option in {
-        "pgd": {"steps", "alpha"}, "autoattack-fast": {"steps", "queries"}, "square": {"queries"},
-        "deepfool": {"steps"},
-    }.get(name, set())
 
 
 @torch.no_grad()
@@ -196,9 +173,7 @@ def _robust(
     started = time.perf_counter()
     attack = spec.build(model, num_classes)
     robust = 0
-    devices = [device.index or 0] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices), progress_bar(spec.label, total=len(data), enabled=progress) as advance:
-        torch.manual_seed(seed)
+    with seeded(seed, device), progress_bar(spec.label, total=len(data), enabled=progress) as advance:
         for start in range(0, len(data), batch_size):
             stop = min(start + batch_size, len(data))
             keep = torch.nonzero(correct[start:stop]).flatten() + start
@@ -206,7 +181,6 @@ def _robust(
                 x = data.images(keep, device)
                 y = data.y[keep].to(device)
                 adv = attack(x, y)
-                model.eval()
                 with torch.no_grad():
                     robust += int((model(adv).argmax(1) == y).sum())
             advance(stop - start)
