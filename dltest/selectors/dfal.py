@@ -23,11 +23,10 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from dltest.attacks import native_cpu_backward, native_input_grad_pays
 from dltest.errors import DltestError
 from dltest.progress import progress_bar
+from dltest.runtime import eval_mode, native_cpu_backward, native_input_grad_pays
 from dltest.selectors.base import Pool, Selection, Selector, rank, register
-from dltest.selectors.egl import eval_mode
 
 BATCH_SIZE = 256
 

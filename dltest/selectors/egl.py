@@ -16,9 +16,6 @@ probabilities p: dW = (p - e_i) z^T and db = p - e_i, so ||g_i||^2 = ||p - e_i||
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Iterator
-
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev, vmap
@@ -26,21 +23,11 @@ from torch.func import functional_call, jacrev, vmap
 from dltest.errors import DltestError
 from dltest.inference import embedding_head
 from dltest.progress import progress_bar
+from dltest.runtime import eval_mode
 from dltest.selectors.base import Pool, ScoreSelector, register
 
 VARIANTS = ("exact", "last-layer")
 JACOBIAN_FLOATS = 2**24  # float elements of one chunk's Jacobian (64 MB), bounds the chunk size
-
-
-@contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """The model in eval mode (BatchNorm uses its running statistics), modes restored after."""
-    saved = [(m, m.training) for m in model.modules()]
-    try:
-        yield model.eval()
-    finally:
-        for m, training in saved:
-            m.training = training
 
 
 def label_residuals(probs: Tensor) -> Tensor:

@@ -26,8 +26,7 @@ selection is reproducible from its seed.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -36,13 +35,12 @@ from torch import Tensor, nn
 from dltest.errors import DltestError
 from dltest.inference import embedding_head
 from dltest.progress import console
+from dltest.runtime import dropout_modules, mc_dropout_mode, seeded
 from dltest.selectors.base import Pool, Selection, Selector, rank, register
 from dltest.selectors.uncertainty import entropy
 
 BATCH_SIZE = 512  # images per batch for the full-pass cases; the draw order depends on it
 HEAD_CHUNK = 16384  # rows of embeddings per head application (bounds memory, not the draws)
-
-DROPOUT_NAMES = {"Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "AlphaDropout", "FeatureAlphaDropout"}
 
 Sink = Callable[[int, slice, Tensor], None]  # (sample t, pool rows, probabilities of those rows)
 
@@ -50,41 +48,6 @@ Sink = Callable[[int, slice, Tensor], None]  # (sample t, pool rows, probabiliti
 def notice(message: str) -> None:
     """A one-line notice on stderr (never wrapped)."""
     console.print(f"notice: {message}", soft_wrap=True, markup=False, highlight=False)
-
-
-def dropout_modules(model: nn.Module) -> list[nn.Module]:
-    """The model's dropout modules with a rate above 0 (TorchScript ones are found by name)."""
-    found = []
-    for m in model.modules():
-        is_dropout = isinstance(m, nn.modules.dropout._DropoutNd) or (
-            isinstance(m, torch.jit.ScriptModule) and getattr(m, "original_name", None) in DROPOUT_NAMES
-        )
-        if is_dropout and float(getattr(m, "p", 0.5)) > 0:
-            found.append(m)
-    return found
-
-
-@contextmanager
-def mc_dropout_mode(model: nn.Module, modules: list[nn.Module]) -> Iterator[None]:
-    """Eval mode everywhere except ``modules`` (train mode); every module's mode restored after."""
-    saved = [(m, m.training) for m in model.modules()]
-    try:
-        model.eval()
-        for m in modules:
-            m.train()
-        yield
-    finally:
-        for m, training in saved:
-            m.training = training
-
-
-@contextmanager
-def forked_seed(seed: int, device: torch.device) -> Iterator[None]:
-    """Torch's global RNG seeded with ``seed`` inside, and left as it was outside."""
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        yield
 
 
 def derived_seed(generator: torch.Generator) -> int:
@@ -126,7 +89,7 @@ def _full_samples(model: nn.Module, pool: Pool, samples: int, generator: torch.G
     if pool.data is None:
         raise DltestError("MC dropout through the whole model needs the pool's images")
     n = len(pool.data)
-    with forked_seed(derived_seed(generator), pool.device), torch.inference_mode():
+    with seeded(derived_seed(generator), pool.device), torch.inference_mode():
         for s in range(0, n, BATCH_SIZE):
             rows = slice(s, min(s + BATCH_SIZE, n))
             x = pool.data.images(rows, pool.device)
