@@ -21,7 +21,7 @@ from dltest.data import ImageDataset
 from dltest.errors import DltestError
 from dltest.inference import INFERENCE_BATCH, PoolOutputs, infer
 from dltest.io import read_json, write_json
-from dltest.selectors import Pool, get_selector
+from dltest.selectors import Candidates, get_selector
 from dltest.runtime import on_device, resolve_device
 
 
@@ -102,12 +102,12 @@ def select(
         raise DltestError(f"metric {metric!r} runs the model again: pass model and data")
 
     labeled_t = _labeled_positions(labeled, n)
-    candidates = _complement(labeled_t, n)
-    budget_int = parse_budget(budget, len(candidates))
-    pool = Pool(
-        outputs=_subset_outputs(outputs, candidates),
+    unlabeled = _complement(labeled_t, n)
+    budget_int = parse_budget(budget, len(unlabeled))
+    candidates = Candidates(
+        outputs=_subset_outputs(outputs, unlabeled),
         model=model,
-        data=(data if len(candidates) == n else data.subset(candidates)) if data is not None else None,
+        data=(data if len(unlabeled) == n else data.subset(unlabeled)) if data is not None else None,
         labeled_embeddings=(
             outputs.embeddings[labeled_t] if outputs.embeddings is not None and len(labeled_t) else None
         ),
@@ -117,8 +117,8 @@ def select(
     generator = torch.Generator().manual_seed(seed)
     # the selectors that run the model again find it on ``device``; the caller's model stays put
     with on_device(model, device) if model is not None else contextlib.nullcontext():
-        chosen = selector(pool, budget_int, generator)
-    indices = candidates[chosen.indices]
+        chosen = selector(candidates, budget_int, generator)
+    indices = unlabeled[chosen.indices]
     if len(indices) != budget_int or len(torch.unique(indices)) != budget_int:
         raise RuntimeError(f"selector {metric} returned {len(indices)} positions for a budget of {budget_int}")
 
