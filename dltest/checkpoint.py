@@ -21,6 +21,7 @@ from torch import nn
 from dltest.data import ImageDataset
 from dltest.errors import DltestError
 from dltest.io import atomic_path
+from dltest.profiles import PROFILES
 from dltest.zoo import Classifier, build_model
 
 FORMAT = "dltest-checkpoint"
@@ -56,7 +57,6 @@ def save_checkpoint(
         "format": FORMAT,
         "version": VERSION,
         "arch": arch,
-        "arch_kwargs": {},
         "dataset": dataset,
         "input_shape": list(input_shape),
         "num_classes": int(num_classes),
@@ -151,7 +151,7 @@ def model_from_checkpoint(state: dict[str, Any], path: str | os.PathLike = "chec
     try:
         model = build_model(
             state["arch"], state["num_classes"], tuple(state["input_shape"]),
-            mean=tuple(state["mean"]), std=tuple(state["std"]), **state.get("arch_kwargs", {}),
+            mean=tuple(state["mean"]), std=tuple(state["std"]),
         )
         model.load_state_dict(state["state_dict"])
     except (KeyError, RuntimeError, TypeError) as exc:
@@ -160,24 +160,27 @@ def model_from_checkpoint(state: dict[str, Any], path: str | os.PathLike = "chec
 
 
 def pretrained_path(dataset: str) -> Path:
-    """The bundled checkpoint for ``dataset`` (``models/`` in the repository)."""
-    name = f"lenet5-{dataset}.pt"
-    try:
-        path = Path(str(resources.files(PRETRAINED_PACKAGE).joinpath(name)))
-    except ModuleNotFoundError:
-        path = Path(name)
-    if not path.is_file():
+    """The bundled checkpoint for ``dataset`` (``models/`` in the repository), named by its profile."""
+    name = PROFILES[dataset].pretrained if dataset in PROFILES else None
+    path = _bundled(name) if name else None
+    if path is None:
         available = ", ".join(pretrained_datasets()) or "none"
         raise DltestError(f"no bundled model for dataset {dataset!r} (bundled: {available}); pass --model FILE")
     return path
 
 
 def pretrained_datasets() -> list[str]:
+    """The datasets whose profile names a bundled checkpoint that is installed."""
+    return sorted(name for name, p in PROFILES.items() if p.pretrained and _bundled(p.pretrained))
+
+
+def _bundled(name: str) -> Path | None:
+    """The installed file ``models/<name>``, or None."""
     try:
-        folder = resources.files(PRETRAINED_PACKAGE)
+        path = Path(str(resources.files(PRETRAINED_PACKAGE).joinpath(name)))
     except ModuleNotFoundError:
-        return []
-    return sorted(p.name[len("lenet5-"):-3] for p in folder.iterdir() if p.name.endswith(".pt"))
+        return None
+    return path if path.is_file() else None
 
 
 def check_fits(model: nn.Module, data: ImageDataset, info: ModelInfo | None = None) -> None:
