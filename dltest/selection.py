@@ -21,7 +21,7 @@ from dltest.data import ImageDataset
 from dltest.errors import DltestError
 from dltest.inference import INFERENCE_BATCH, PoolOutputs, infer
 from dltest.io import read_json, write_json
-from dltest.selectors import Candidates, get_selector
+from dltest.selectors import REGISTRY, Candidates, get_selector
 from dltest.runtime import on_device, resolve_device
 
 
