@@ -33,7 +33,7 @@ import torch  # noqa: E402
 
 from dltest.adversarial_training import adversarial_training  # noqa: E402
 from dltest.data import load_dataset  # noqa: E402
-from dltest.robustness import evaluate_robustness, seeded_subset  # noqa: E402
+from dltest.robustness import evaluate_robustness  # noqa: E402
 from dltest.training import TrainConfig, train  # noqa: E402
 from dltest.zoo import model_for_dataset  # noqa: E402
 
@@ -66,8 +66,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    train_data, _ = seeded_subset(load_dataset("mnist", "train"), args.n, args.seed)
-    val, _ = seeded_subset(load_dataset("mnist", "val"), 1000, args.seed)
+    train_data = load_dataset("mnist", "train").sample(args.n, args.seed)
+    val = load_dataset("mnist", "val").sample(1000, args.seed)
     holdout = load_dataset("mnist", "holdout")
     torch.manual_seed(args.seed)
     init = model_for_dataset("mnist")

@@ -30,14 +30,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dltest.attacks import native_cpu_backward, native_input_grad_pays, pgd_linf
+from dltest.attacks import pgd_linf
 from dltest.errors import DltestError
+from dltest.profiles import FAMILIES
+from dltest.runtime import native_cpu_backward, native_input_grad_pays
 
 AT_METHODS = ("pgd", "fgsm-rs", "n-fgsm", "trades")
 
-# Step size and steps of the SPEC §2 training PGD by image family; TRADES uses the same inner
-# maximisation (its paper: 40 steps of 0.01 at eps 0.3 on MNIST; 10 steps of 2/255 on CIFAR-10).
-_PGD_DEFAULTS = {"grey": (0.01, 40), "colour": (2 / 255, 7)}
+# TRADES' inner maximisation by image family (its paper: 40 steps of 0.01 at eps 0.3 on MNIST,
+# 10 steps of 2/255 on CIFAR-10); PGD's comes from the SPEC §2 training preset of the profile.
 _TRADES_DEFAULTS = {"grey": (0.01, 40), "colour": (2 / 255, 10)}
 
 
@@ -71,6 +72,8 @@ class AdversarialTraining:
             raise DltestError(f"warmup_epochs must be >= 0, got {self.warmup_epochs:g}")
         if not self.beta > 0:
             raise DltestError(f"beta must be > 0, got {self.beta:g}")
+        if self.family not in FAMILIES:
+            raise DltestError(f"unknown image family {self.family!r}; choose one of {', '.join(FAMILIES)}")
 
     @property
     def step_size(self) -> float:
@@ -78,7 +81,7 @@ class AdversarialTraining:
         if self.alpha is not None:
             return self.alpha
         if self.method == "pgd":
-            return _PGD_DEFAULTS[self.family][0]
+            return FAMILIES[self.family].pgd_train.alpha
         if self.method == "trades":
             return _TRADES_DEFAULTS[self.family][0]
         return 1.25 if self.method == "fgsm-rs" else 1.0
@@ -88,7 +91,7 @@ class AdversarialTraining:
         if self.steps is not None:
             return self.steps
         if self.method == "pgd":
-            return _PGD_DEFAULTS[self.family][1]
+            return FAMILIES[self.family].pgd_train.steps
         if self.method == "trades":
             return _TRADES_DEFAULTS[self.family][1]
         return 1
@@ -188,7 +191,8 @@ def adversarial_training(
     warmup_epochs: float | None = None,
     beta: float | None = None,
 ) -> AdversarialTraining:
-    """``method`` at the SPEC §2 training preset of an image ``family`` (grey: eps 0.3, colour: 8/255).
+    """``method`` at the SPEC §2 training preset of an image ``family`` (a profile's ``attack.name``:
+    grey, eps 0.3; colour, eps 8/255).
 
     The default warm-up is 3 epochs for grey images at eps 0.3 (without it LeNet-5 collapses,
     see the module docstring) and none for colour images, whose eps is small.
@@ -199,9 +203,11 @@ def adversarial_training(
         raise DltestError(f"{method} is a single-step method and takes no steps")
     if method != "trades" and beta is not None:
         raise DltestError("beta applies to trades only")
+    if family not in FAMILIES:
+        raise DltestError(f"unknown image family {family!r}; choose one of {', '.join(FAMILIES)}")
     return AdversarialTraining(
         method=method,
-        eps=eps if eps is not None else (0.3 if family == "grey" else 8 / 255),
+        eps=eps if eps is not None else FAMILIES[family].eps,
         alpha=alpha,
         steps=steps,
         warmup_epochs=warmup_epochs if warmup_epochs is not None else (3.0 if family == "grey" else 0.0),

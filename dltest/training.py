@@ -27,15 +27,11 @@ from dltest.attacks import PGDAdversary
 from dltest.data import ImageDataset
 from dltest.errors import DltestError
 from dltest.io import atomic_path
-from dltest.profiles import PROFILES
 from dltest.progress import progress_bar
-from dltest.settings import default_device
+from dltest.runtime import resolve_device, seeded
 
 # An adversary maps (model, images in [0, 1], labels) to perturbed images, model in eval mode.
 Adversary = Callable[[nn.Module, Tensor, Tensor], Tensor]
-
-# Augmentation per dataset (SPEC: selection scores never see augmentation; training may).
-DEFAULT_AUGMENT = {name: profile.augment for name, profile in PROFILES.items()}
 
 
 @dataclass
@@ -118,10 +114,10 @@ def train(
     method = adversary if isinstance(adversary, AdversarialTraining) else None
     if adversary is not None and val_adversary is None:
         val_adversary = robust_check(method.eps if method else getattr(adversary, "eps", None))
-    devices = [torch.device(default_device(device)).index or 0] if default_device(device).type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        return _train(model, train_data, val_data, config, adversary, method, val_adversary,
-                      default_device(device), state_path, resume, progress)
+    device = resolve_device(device)
+    with seeded(config.seed, device):
+        return _train(model, train_data, val_data, config, adversary, method, val_adversary, device, state_path,
+                      resume, progress)
 
 
 def robust_check(eps: float | None, steps: int = 10) -> Adversary | None:
@@ -133,7 +129,6 @@ def robust_check(eps: float | None, steps: int = 10) -> Adversary | None:
 
 def _train(model, train_data, val_data, config, adversary, method, val_adversary, device, state_path, resume,
            progress) -> TrainResult:
-    torch.manual_seed(config.seed)
     model = model.to(device)
     fast = _CudaSpeedups(config, device)
     model = fast.prepare_model(model)
@@ -251,7 +246,7 @@ def accuracy(
     adversary: Adversary | None = None,
 ) -> float:
     """Share of ``data`` classified correctly, model in eval mode; under ``adversary`` if given."""
-    device = default_device(device)
+    device = resolve_device(device)
     model.eval()
     correct = 0
     for x, y in data.batches(batch_size, device):

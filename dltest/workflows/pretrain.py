@@ -18,12 +18,13 @@ from torch import nn
 
 from dltest import __version__
 from dltest.adversarial_training import adversarial_training
-from dltest.attacks import attack_preset, dataset_family
+from dltest.attacks import attack_preset
 from dltest.checkpoint import save_checkpoint
 from dltest.data import load_dataset
 from dltest.errors import DltestError
-from dltest.robustness import evaluate_robustness, seeded_subset
-from dltest.training import DEFAULT_AUGMENT, TrainConfig, TrainResult, accuracy, train
+from dltest.profiles import dataset_profile
+from dltest.robustness import evaluate_robustness
+from dltest.training import TrainConfig, TrainResult, accuracy, train
 from dltest.zoo import default_arch, model_for_dataset
 
 
@@ -95,20 +96,20 @@ def pretrain(
     if train_size is not None:
         if train_size > len(train_data):
             raise DltestError(f"train_size {train_size} exceeds the {len(train_data)} training inputs")
-        pick = torch.randperm(len(train_data), generator=torch.Generator().manual_seed(seed))[:train_size]
-        train_data = train_data.subset(pick.sort().values)
-    family = dataset_family(train_data.name, train_data.input_shape[0])
+        train_data = train_data.sample(train_size, seed)
+    profile = dataset_profile(train_data.name, train_data.input_shape[0])
+    family = profile.attack.name
     adversarial = adversarial_training(at, family, **(at_options or {})) if at is not None else None
     defaults = recipe(family, adversarial is not None, optimizer)
     config = TrainConfig(epochs=epochs, batch_size=batch_size, optimizer=defaults["optimizer"],
                          lr=lr if lr is not None else defaults["lr"], weight_decay=defaults["weight_decay"],
-                         augment=augment or DEFAULT_AUGMENT.get(train_data.name, "none"), seed=seed)
+                         augment=augment or profile.augment, seed=seed)
     arch_name = arch or default_arch(train_data.name, train_data.input_shape)
     with torch.random.fork_rng():
         torch.manual_seed(config.seed)
         model = model_for_dataset(train_data.name, arch_name, train_data.num_classes, train_data.input_shape)
     if adversarial is not None:
-        val_data, _ = seeded_subset(val_data, val_n, seed)
+        val_data = val_data.sample(val_n, seed)
     partial = f"{out}.partial" if out is not None else None
     result = train(model, train_data, val_data, config, adversary=adversarial, device=device, state_path=partial,
                    resume=resume, progress=progress)

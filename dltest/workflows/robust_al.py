@@ -38,26 +38,20 @@ from dltest import __version__
 from dltest.adversarial_training import AT_METHODS, AdversarialTraining, adversarial_training
 from dltest.analysis.bias import selection_bias
 from dltest.analysis.plots import accuracy_by_stage
-from dltest.attacks import attack_preset, dataset_family, parse_attack_list
+from dltest.attacks import attack_preset, parse_attack_list
 from dltest.checkpoint import save_checkpoint
 from dltest.data import ImageDataset
 from dltest.errors import DltestError
 from dltest.inference import infer
 from dltest.io import atomic_path, write_json
-from dltest.robustness import evaluate_robustness, seeded_subset
+from dltest.profiles import PROFILES, dataset_profile
+from dltest.robustness import evaluate_robustness
+from dltest.runtime import resolve_device, seeded
 from dltest.selection import select
 from dltest.selectors import get_selector
-from dltest.settings import default_device
 from dltest.training import TrainConfig, robust_check, train
 from dltest.zoo import default_arch, model_for_dataset
 
-# SPEC §4 / the paper's Table 3: (budget, initial, per stage).
-SCHEDULES = {
-    "mnist": (5000, 200, 200),
-    "fashion-mnist": (6000, 200, 200),
-    "svhn": (10000, 1000, 500),
-    "cifar10": (25000, 1000, 500),
-}
 CONFIG_FILE, LOG_FILE, SUMMARY_FILE, FIGURE_FILE = "config.json", "log.jsonl", "summary.json", "figure.png"
 
 
@@ -146,10 +140,16 @@ class RobustALConfig:
 
 
 def preset(dataset: str, **overrides: Any) -> RobustALConfig:
-    """The paper's Table 3 schedule for ``dataset`` (user data: MNIST's), with ``overrides``."""
-    budget, initial, per_stage = SCHEDULES.get(dataset, SCHEDULES["mnist"])
-    values: dict[str, Any] = {"budget": budget, "initial": initial, "per_stage": per_stage}
-    values.update({k: v for k, v in overrides.items() if v is not None})
+    """The paper's Table 3 schedule for ``dataset`` (its profile's), with ``overrides``; data that
+    is not built in has no schedule, so ``budget``, ``initial`` and ``per_stage`` must be given."""
+    values = {k: v for k, v in overrides.items() if v is not None}
+    profile = PROFILES.get(dataset.lower())
+    if profile is not None and profile.schedule is not None:
+        schedule = profile.schedule
+        values = {"budget": schedule.budget, "initial": schedule.initial, "per_stage": schedule.per_stage, **values}
+    missing = [k for k in ("budget", "initial", "per_stage") if k not in values]
+    if missing:
+        raise DltestError(f"{dataset} has no active-learning schedule of the paper's: give {', '.join(missing)}")
     return RobustALConfig(dataset=dataset, **values)
 
 
@@ -214,9 +214,9 @@ def robust_active_learning(
     the untrained model (default: the dataset's zoo architecture, or ``config.arch``).
     ``on_stage`` is called with each finished record (live views).
     """
-    device = default_device(device)
+    device = resolve_device(device)
     if config.train_size is not None:
-        train_data, _ = seeded_subset(train_data, config.train_size, _seed(config.seed, "pool", 0))
+        train_data = train_data.sample(config.train_size, _seed(config.seed, "pool", 0))
     _check_data(config, train_data, val_data, holdout)
     folder = Path(run_dir) if run_dir is not None else None
     if folder is not None:
@@ -225,9 +225,9 @@ def robust_active_learning(
         train_data.name, config.arch or default_arch(train_data.name, train_data.input_shape),
         train_data.num_classes, train_data.input_shape))
     _check_model_fits(factory, train_data)
-    family = dataset_family(train_data.name, train_data.input_shape[0])
+    family = dataset_profile(train_data.name, train_data.input_shape[0]).attack.name
     method = _method(config, family)
-    val, _ = seeded_subset(val_data, config.val_n, config.seed)
+    val = val_data.sample(config.val_n, config.seed)
     check = robust_check(method.eps, steps=config.check_steps) if method else None
     eval_specs = [attack_preset(a, train_data.name, "eval", channels=train_data.input_shape[0], eps=config.eps,
                                 seed=config.seed) for a in config.eval_attacks]
@@ -293,8 +293,7 @@ def _initial(config, factory, train_data, val, folder, device, evaluate, progres
     started = time.perf_counter()
     generator = torch.Generator().manual_seed(_seed(config.seed, "initial", 0))
     labeled = torch.randperm(len(train_data), generator=generator)[: config.initial].sort().values
-    with torch.random.fork_rng():
-        torch.manual_seed(_seed(config.seed, "init", 0))
+    with seeded(_seed(config.seed, "init", 0)):
         model = factory()
     result = train(model, train_data.subset(labeled), val, _train_config(config, 0, config.initial_epochs),
                    device=device, progress=progress)
@@ -355,7 +354,7 @@ def _complement(labeled: Tensor, n: int) -> Tensor:
 
 def _check_model_fits(factory: Callable[[], nn.Module], data: ImageDataset) -> None:
     try:
-        with torch.random.fork_rng(), torch.no_grad():
+        with seeded(0), torch.no_grad():
             out = factory().eval()(data.images(slice(0, 2)))
     except DltestError:
         raise
