@@ -114,6 +114,20 @@ def test_compare_tests_pairs_over_seeds_stages_and_attacks(tmp_path, runs):
     assert c["pairs"] == 9 and not c["significant"] and c["verdict"].startswith("no significant difference")
 
 
+def test_compare_two_runs_of_one_function_each(tmp_path):
+    dre = write_run(tmp_path / "dre", 0, metrics=("dre",))
+    gini = write_run(tmp_path / "gini", 0, metrics=("deepgini",))
+    out = tmp_path / "cmp.json"
+    result = run("analyze", "compare", dre, gini, "--out", out)
+    assert result.exit_code == 0, result.output
+    [c] = json.loads(out.read_text())["comparisons"]
+    assert (c["metric_a"], c["metric_b"], c["pairs"]) == ("dre", "deepgini", 6)
+    # write_run gives both the same numbers (each is the first metric of its run): no difference
+    assert c["p_value"] == 1.0 and c["note"] == "every pair is equal"
+    result = run("analyze", "compare", dre, gini, write_run(tmp_path / "three", 1, metrics=("random",)))
+    assert result.exit_code == 2 and "the runs hold 3 metrics (dre, deepgini, random): choose with --metrics" in result.output
+
+
 @pytest.mark.parametrize("args, message", [
     (["compare", "RUN", "--metrics", "dre,mcp"], "metric(s) mcp not in the runs"),
     (["compare", "RUN", "--metrics", "dre"], "at least two metrics"),

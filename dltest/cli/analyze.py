@@ -122,18 +122,20 @@ def correlation_command(
 @analyze_app.command("compare")
 def compare_command(
     runs: RunFolders,
-    metrics: Annotated[str, typer.Option("--metrics", help="A,B: test A against B; A,B,C,...: A against each of the others.",
-                                         show_default=False)],
+    metrics: Annotated[Optional[str], typer.Option("--metrics", help="A,B: test A against B; A,B,C,...: A against each of the others (default: the two metrics the runs hold, e.g. RUN_A of dre and RUN_B of random).",
+                                                   show_default=False)] = None,
     alpha: Annotated[float, typer.Option(help="Significance level.")] = 0.05,
     attacks: Attacks = None,
     out: Annotated[Optional[Path], typer.Option(help="JSON output (default: compare-<A>-<B>.json).")] = None,
 ) -> None:
     """Wilcoxon signed-rank test between functions' robust accuracies, paired by seed, stage, attack."""
-    names = _names(metrics, "--metrics") or []
     if not 0 < alpha < 1:
         raise DltestError(f"--alpha must lie in (0, 1), got {alpha}")
-    out = check_writable(out or Path(f"compare-{'-'.join(names)}.json"))
+    if out:
+        check_writable(out)
     loaded = load_runs(runs)
+    names = _names(metrics, "--metrics") or _two_metrics(loaded)
+    out = check_writable(out or Path(f"compare-{'-'.join(names)}.json"))
     comparisons = compare_functions(all_records(loaded), names, _names(attacks, "--attacks"), alpha)
     report = {**_header("analyze compare", loaded), "alpha": alpha, "attacks": _names(attacks, "--attacks"),
               "comparisons": [c.to_dict() for c in comparisons]}
@@ -241,6 +243,13 @@ def _header(command: str, runs: list[Run]) -> dict[str, Any]:
     seeds = sorted({r["seed"] for run in runs for r in run.records})
     return {"command": command, "dltest_version": __version__, "seed": seeds, "runs": [str(r.path) for r in runs],
             "dataset": runs[0].config.get("dataset")}
+
+
+def _two_metrics(runs: list[Run]) -> list[str]:
+    found = list(dict.fromkeys(m for run in runs for m in run.metrics))
+    if len(found) != 2:
+        raise DltestError(f"the runs hold {len(found)} metrics ({', '.join(found)}): choose with --metrics A,B")
+    return found
 
 
 def _names(value: str | None, flag: str) -> list[str] | None:
