@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.live import Live
 from rich.table import Table
 
 from dltest.adversarial_training import AT_METHODS
@@ -70,8 +71,9 @@ def robust_al_command(
     kind = "standard" if standard else f"robust ({at})"
     err_console.print(f"{kind} active learning on {train_data.name}: {', '.join(metrics)}, {config.initial} -> "
                       f"{config.budget} labeled in {config.stages} stages of {config.per_stage}, seed {seed}")
-    result = robust_active_learning(config, train_data=train_data, val_data=val_data, holdout=holdout, run_dir=out,
-                                    resume=resume, device=device, on_stage=_print_stage, progress=False)
+    with StageView(config.stages) as view:
+        result = robust_active_learning(config, train_data=train_data, val_data=val_data, holdout=holdout,
+                                        run_dir=out, resume=resume, device=device, on_stage=view.update)
     table = Table(title=f"{kind} active learning on {train_data.name}, seed {seed}: last stage (holdout, "
                         f"{config.eval_n} inputs)")
     for col in ("metric", "labeled", "clean"):
@@ -89,12 +91,42 @@ def robust_al_command(
     Console().print(f"wrote {out}/ (log.jsonl, summary.json, figure.png, {', '.join(m + '.pt' for m in metrics)})")
 
 
-def _print_stage(record: StageRecord) -> None:
-    """One plain line per finished stage: readable live on a terminal and in CI logs."""
+class StageView:
+    """The latest stage of every metric: a live table on a terminal, one plain line per stage
+    elsewhere (CI logs)."""
+
+    def __init__(self, stages: int):
+        self.stages = stages
+        self.latest: dict[str, StageRecord] = {}
+        self.live = Live(console=err_console, refresh_per_second=2) if err_console.is_terminal else None
+
+    def __enter__(self) -> "StageView":
+        if self.live is not None:
+            self.live.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.live is not None:
+            self.live.__exit__(*exc)
+
+    def update(self, record: StageRecord) -> None:
+        self.latest[record.metric] = record
+        if self.live is None:
+            err_console.print(_line(record), highlight=False)
+            return
+        table = Table(title="robust active learning")
+        for col in ("metric", "stage", "labeled", "clean", *record.robust_accuracy, "bias (entropy)", "stage time"):
+            table.add_column(col, justify="right")
+        for r in self.latest.values():
+            table.add_row(r.metric, f"{r.stage}/{self.stages}", str(r.labeled), f"{100 * r.clean_accuracy:.2f}%",
+                          *[f"{100 * v:.2f}%" for v in r.robust_accuracy.values()],
+                          f"{r.bias['entropy']:.3f}" if r.bias else "-", f"{sum(r.seconds.values()):.1f} s")
+        self.live.update(table)
+
+
+def _line(record: StageRecord) -> str:
     robust = " ".join(f"{a} {100 * v:.2f}%" for a, v in record.robust_accuracy.items())
-    seconds = sum(record.seconds.values())
     bias = f" bias(entropy) {record.bias['entropy']:.3f}" if record.bias else ""
     note = f" [{record.stopped_early}]" if record.stopped_early else ""
-    err_console.print(f"{record.metric} stage {record.stage}: {record.labeled} labeled, clean "
-                      f"{100 * record.clean_accuracy:.2f}%, {robust}{bias}, {seconds:.1f} s{note}",
-                      highlight=False)
+    return (f"{record.metric} stage {record.stage}: {record.labeled} labeled, clean {100 * record.clean_accuracy:.2f}%, "
+            f"{robust}{bias}, {sum(record.seconds.values()):.1f} s{note}")

@@ -28,6 +28,7 @@ def train_command(
     optimizer: Annotated[Optional[str], typer.Option(help="sgd or adam (default: sgd; adam for adversarial training on grey images).", show_default=False)] = None,
     lr: Annotated[Optional[float], typer.Option(help="Peak learning rate of the one-cycle schedule (default: 0.05 sgd; 5e-3 adam; 0.1 for adversarial training on colour images).", show_default=False)] = None,
     augment: Annotated[Optional[str], typer.Option(help="none, crop or crop-flip (default: per dataset).", show_default=False)] = None,
+    init: Annotated[Optional[Path], typer.Option(help="Start from this dltest checkpoint's weights (fine-tune, e.g. harden a standard model with --at).", show_default=False)] = None,
     train_size: Annotated[Optional[int], typer.Option(help="Train on a seeded random subset of this size.", show_default=False)] = None,
     seed: Seed = 0,
     out: Annotated[Path, typer.Option(help="Checkpoint to write.")] = Path("model.pt"),
@@ -58,7 +59,7 @@ def train_command(
     if report_path.resolve() == out.resolve():
         raise DltestError(f"--report and --out are the same file {out}")
     result = pretrain(dataset, epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr, augment=augment,
-                      seed=seed, at=at, at_options=at_options, arch=arch, train_size=train_size, eval_n=eval_n,
+                      seed=seed, at=at, at_options=at_options, arch=arch, init=init, train_size=train_size, eval_n=eval_n,
                       out=out, resume=resume, data_root=data_root, download=download or None, device=device)
     write_json(report_path, result.report)
     method = result.report["adversarial"]

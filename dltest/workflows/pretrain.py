@@ -19,11 +19,12 @@ from torch import nn
 from dltest import __version__
 from dltest.adversarial_training import adversarial_training
 from dltest.attacks import attack_preset
-from dltest.checkpoint import save_checkpoint
+from dltest.checkpoint import check_fits, load_model, save_checkpoint
 from dltest.data import load_dataset
 from dltest.errors import DltestError
 from dltest.profiles import dataset_profile
 from dltest.robustness import evaluate_robustness
+from dltest.runtime import seeded
 from dltest.training import TrainConfig, TrainResult, accuracy, train
 from dltest.zoo import default_arch, model_for_dataset
 
@@ -65,6 +66,7 @@ def pretrain(
     at: str | None = None,
     at_options: dict[str, Any] | None = None,
     arch: str | None = None,
+    init: str | os.PathLike | None = None,
     train_size: int | None = None,
     eval_n: int | None = 1000,
     val_n: int | None = 1000,
@@ -81,7 +83,8 @@ def pretrain(
     with ``at_options`` (eps, alpha, steps, warmup_epochs, beta) over the dataset's preset; then
     the report adds PGD robust accuracy (SPEC §2 evaluation preset at the training eps) on
     ``eval_n`` seeded holdout inputs. ``optimizer``, ``lr`` default to :func:`recipe`,
-    ``augment`` to the dataset's. The best epoch is chosen on the val half (adversarially: on
+    ``augment`` to the dataset's. ``init`` starts from a dltest checkpoint's weights instead of a
+    fresh model (fine-tuning, e.g. hardening a standard model adversarially). The best epoch is chosen on the val half (adversarially: on
     ``val_n`` seeded val inputs under a 10-step PGD check). With ``out``, the checkpoint is written there (and per-epoch
     state to ``<out>.partial`` for ``resume``).
     """
@@ -104,10 +107,12 @@ def pretrain(
     config = TrainConfig(epochs=epochs, batch_size=batch_size, optimizer=defaults["optimizer"],
                          lr=lr if lr is not None else defaults["lr"], weight_decay=defaults["weight_decay"],
                          augment=augment or profile.augment, seed=seed)
-    arch_name = arch or default_arch(train_data.name, train_data.input_shape)
-    with torch.random.fork_rng():
-        torch.manual_seed(config.seed)
-        model = model_for_dataset(train_data.name, arch_name, train_data.num_classes, train_data.input_shape)
+    if init is not None:
+        model, arch_name = _initial_weights(init, arch, train_data)
+    else:
+        arch_name = arch or default_arch(train_data.name, train_data.input_shape)
+        with seeded(seed):
+            model = model_for_dataset(train_data.name, arch_name, train_data.num_classes, train_data.input_shape)
     if adversarial is not None:
         val_data = val_data.sample(val_n, seed)
     partial = f"{out}.partial" if out is not None else None
@@ -122,7 +127,7 @@ def pretrain(
         robust = evaluation.attacks[0].robust_accuracy
     report = {
         "command": "train", "dltest_version": __version__, "seed": config.seed, "dataset": train_data.name,
-        "arch": arch_name, "train_size": len(train_data), "config": asdict(config),
+        "arch": arch_name, "init": str(init) if init is not None else None, "train_size": len(train_data), "config": asdict(config),
         "adversarial": adversarial.to_dict() if adversarial else None,
         "holdout_accuracy": holdout_accuracy, "holdout_robust_accuracy": robust,
         "holdout_robust_n": evaluation.n if evaluation else None,
@@ -137,3 +142,15 @@ def pretrain(
         report["checkpoint"] = str(out)
     return PretrainResult(result.model, arch_name, result, holdout_accuracy, robust, report)
 
+
+
+def _initial_weights(init: str | os.PathLike, arch: str | None, data) -> tuple[nn.Module, str]:
+    """The model of a dltest checkpoint to fine-tune, checked to fit ``data``."""
+    model, info = load_model(init)
+    if info.arch is None:
+        raise DltestError(f"init={init} must be a dltest checkpoint (it is rebuilt and saved as one), "
+                          "not a TorchScript or pickled model")
+    if arch is not None and arch != info.arch:
+        raise DltestError(f"init={init} is a {info.arch}, not the asked arch {arch!r}")
+    check_fits(model, data, info)
+    return model, info.arch
