@@ -34,7 +34,7 @@ POOL_SPLITS = ("val", "train")
 
 @app.command("retrain")
 def retrain_command(
-    metric: Annotated[str, typer.Option(help="Acquisition function that selects from the pool; `dltest metrics` lists them.")] = "dre",
+    metric: Annotated[str, typer.Option(help="The metric that selects from the pool; `dltest metrics` lists them.")] = "dre",
     budget: Annotated[str, typer.Option("--budget", "-b", help="How many pool inputs: a count or a share (1%..10% in the paper).")] = "4%",
     dataset: Dataset = "mnist",
     model: ModelPath = None,
