@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from dltest.selectors.base import Pool, Selection, Selector, register
+from dltest.selectors.base import Pool, Selection, Selector, float64_probs, register
 
 
 def mcp_priority(probs: Tensor) -> tuple[Tensor, Tensor]:
@@ -50,6 +50,6 @@ class MCP(Selector):
     score_name = "p2 / p1"
 
     def __call__(self, pool: Pool, budget: int, generator: torch.Generator) -> Selection:
-        cluster, priority = mcp_priority(pool.outputs.probs)
+        cluster, priority = mcp_priority(float64_probs(pool.outputs))
         indices = mcp_order(cluster, priority)[:budget]
         return Selection(indices, priority[indices].float())
