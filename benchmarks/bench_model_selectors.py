@@ -187,9 +187,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    from dltest.settings import default_device
+    from dltest.runtime import resolve_device
 
-    device = default_device(args.device)
+    device = resolve_device(args.device)
     print(json.dumps({"machine": machine(), "device": str(device)}))
     parts = ["bald", "dfal", "coreset"] if args.part == "all" else [args.part]
     for part in parts:

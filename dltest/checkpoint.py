@@ -21,6 +21,7 @@ from torch import nn
 from dltest.data import ImageDataset
 from dltest.errors import DltestError
 from dltest.io import atomic_path
+from dltest.profiles import PROFILES
 from dltest.zoo import Classifier, build_model
 
 FORMAT = "dltest-checkpoint"
@@ -56,7 +57,6 @@ def save_checkpoint(
         "format": FORMAT,
         "version": VERSION,
         "arch": arch,
-        "arch_kwargs": {},
         "dataset": dataset,
         "input_shape": list(input_shape),
         "num_classes": int(num_classes),
@@ -97,8 +97,8 @@ def load_model(
 ) -> tuple[nn.Module, ModelInfo]:
     """Load a model in eval mode on the CPU.
 
-    ``source`` is a dltest checkpoint, a TorchScript file, or ``None`` for the bundled model of
-    ``dataset``. ``trust=True`` also accepts a pickled ``nn.Module``: that runs code from the file,
+    ``source`` is a dltest checkpoint, a TorchScript file, an ``.onnx`` file (run by onnxruntime,
+    see :mod:`dltest.export`), or ``None`` for the bundled model of ``dataset``. ``trust=True`` also accepts a pickled ``nn.Module``: that runs code from the file,
     so only use it for files you made.
     """
     if source is None:
@@ -108,6 +108,8 @@ def load_model(
     path = Path(source)
     if not path.is_file():
         raise DltestError(f"model file not found: {path}")
+    if path.suffix.lower() == ".onnx":
+        return _load_onnx(path)
     if _is_torchscript(path):
         try:
             model = torch.jit.load(str(path), map_location="cpu")
@@ -131,12 +133,25 @@ def load_model(
     return model, info
 
 
+def _load_onnx(path: Path) -> tuple[nn.Module, ModelInfo]:
+    """An ONNX file runs through onnxruntime (dltest.export): inference only, no gradients."""
+    from dltest.export import load_onnx
+
+    model, meta = load_onnx(path)
+    shape = meta.get("input_shape") or model.input_shape
+    return model, ModelInfo(
+        source=str(path), arch="onnx", dataset=meta.get("dataset"),
+        input_shape=tuple(shape) if shape else None,
+        num_classes=int(meta["num_classes"]) if meta.get("num_classes") else None, meta=meta,
+    )
+
+
 def model_from_checkpoint(state: dict[str, Any], path: str | os.PathLike = "checkpoint") -> Classifier:
     """Rebuild the zoo model a checkpoint dict describes and load its weights."""
     try:
         model = build_model(
             state["arch"], state["num_classes"], tuple(state["input_shape"]),
-            mean=tuple(state["mean"]), std=tuple(state["std"]), **state.get("arch_kwargs", {}),
+            mean=tuple(state["mean"]), std=tuple(state["std"]),
         )
         model.load_state_dict(state["state_dict"])
     except (KeyError, RuntimeError, TypeError) as exc:
@@ -145,24 +160,27 @@ def model_from_checkpoint(state: dict[str, Any], path: str | os.PathLike = "chec
 
 
 def pretrained_path(dataset: str) -> Path:
-    """The bundled checkpoint for ``dataset`` (``models/`` in the repository)."""
-    name = f"lenet5-{dataset}.pt"
-    try:
-        path = Path(str(resources.files(PRETRAINED_PACKAGE).joinpath(name)))
-    except ModuleNotFoundError:
-        path = Path(name)
-    if not path.is_file():
+    """The bundled checkpoint for ``dataset`` (``models/`` in the repository), named by its profile."""
+    name = PROFILES[dataset].pretrained if dataset in PROFILES else None
+    path = _bundled(name) if name else None
+    if path is None:
         available = ", ".join(pretrained_datasets()) or "none"
         raise DltestError(f"no bundled model for dataset {dataset!r} (bundled: {available}); pass --model FILE")
     return path
 
 
 def pretrained_datasets() -> list[str]:
+    """The datasets whose profile names a bundled checkpoint that is installed."""
+    return sorted(name for name, p in PROFILES.items() if p.pretrained and _bundled(p.pretrained))
+
+
+def _bundled(name: str) -> Path | None:
+    """The installed file ``models/<name>``, or None."""
     try:
-        folder = resources.files(PRETRAINED_PACKAGE)
+        path = Path(str(resources.files(PRETRAINED_PACKAGE).joinpath(name)))
     except ModuleNotFoundError:
-        return []
-    return sorted(p.name[len("lenet5-"):-3] for p in folder.iterdir() if p.name.endswith(".pt"))
+        return None
+    return path if path.is_file() else None
 
 
 def check_fits(model: nn.Module, data: ImageDataset, info: ModelInfo | None = None) -> None:

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from dltest.data import ImageDataset
 from dltest.progress import progress_bar
-from dltest.settings import default_device
+from dltest.runtime import eval_mode, on_device, resolve_device
 
 # 256, not more: at 1024 a LeNet-5 pass over 60k images took 740k page faults (glibc hands the
 # large activations back to the OS after every batch) and ran 1.6x slower on the CPU; at 256
@@ -68,14 +68,15 @@ def infer(
     embeddings: bool = True,
     progress: bool = False,
 ) -> PoolOutputs:
-    """Run ``model`` (in eval mode) once over ``data``; embeddings come from the same pass."""
-    device = default_device(device)
-    model = model.eval().to(device)
+    """Run ``model`` (in eval mode) once over ``data``; embeddings come from the same pass.
+
+    The caller's model is left on its device and in its mode."""
+    device = resolve_device(device)
     split = embedding_head(model) if embeddings else None
     n = len(data)
     logits: Tensor | None = None
     feats: Tensor | None = None
-    with progress_bar("inference", total=n, enabled=progress) as advance:
+    with on_device(model, device), eval_mode(model), progress_bar("inference", total=n, enabled=progress) as advance:
         for start in range(0, n, batch_size):
             x = data.images(slice(start, start + batch_size), device)
             if split is not None:

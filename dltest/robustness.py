@@ -29,12 +29,12 @@ import torch
 from torch import Tensor, nn
 
 from dltest import __version__
-from dltest.attacks import AttackSpec, attack_preset
+from dltest.attacks import AttackSpec, attack_preset, takes
 from dltest.data import ImageDataset
 from dltest.analysis.intervals import mcnemar_exact
 from dltest.errors import DltestError
 from dltest.progress import progress_bar
-from dltest.settings import default_device
+from dltest.runtime import eval_mode, on_device, resolve_device, seeded
 
 
 WORST_CASE = "worst-case"
@@ -109,18 +109,6 @@ class RobustnessReport:
         return asdict(self)
 
 
-def seeded_subset(data: ImageDataset, n: int | None, seed: int) -> tuple[ImageDataset, list[int] | None]:
-    """``n`` inputs of ``data`` drawn at random with ``seed`` (sorted), or all of them."""
-    if n is None or n >= len(data):
-        if n is not None and n < 1:
-            raise DltestError(f"--n must be >= 1, got {n}")
-        return data, None
-    if n < 1:
-        raise DltestError(f"--n must be >= 1, got {n}")
-    pick = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:n].sort().values
-    return data.subset(pick), pick.tolist()
-
-
 RANDOMISED = (
     "the model's outputs change between two calls on the same inputs in eval mode (a randomised "
     "model?): gradient attacks overestimate its robustness; consider an EOT attack"
@@ -144,12 +132,13 @@ def outputs_vary(model: nn.Module, probe: Tensor) -> bool:
 
 
 def check_model(model: nn.Module, probe: Tensor) -> list[str]:
-    """Put ``model`` in eval mode; return warnings: it was in train mode, it is randomised."""
+    """Warnings about ``model``: it is in train mode, it is randomised (its mode is left as it is)."""
     found = []
     if model.training:
         found.append("the model was in train mode; it is evaluated in eval mode (RobustBench's rule)")
-    model.eval()
-    if outputs_vary(model, probe):
+    with eval_mode(model):
+        varies = outputs_vary(model, probe)
+    if varies:
         found.append(RANDOMISED)
     return found
 
@@ -229,36 +218,32 @@ def evaluate_robustness(
     model whose outputs change between calls into an error.
     """
     started = time.perf_counter()
-    device = default_device(device)
+    device = resolve_device(device)
     specs = attack_specs(attacks, dataset or data.name, data.input_shape[0], eps=eps, steps=steps, alpha=alpha,
                          queries=queries, seed=seed)
     check_attacks_fit(model, [spec.name for spec in specs])
     if indices is not None:
         subset, indices = given_subset(data, indices), [int(i) for i in indices]
     else:
-        subset, indices = seeded_subset(data, n, seed)
+        positions = data.sample_positions(n, seed)
+        subset = data if positions is None else data.subset(positions)
+        indices = None if positions is None else positions.tolist()
     if len(subset) == 0:
         raise DltestError(f"{data.name}/{data.split} is empty: nothing to evaluate")
-    was_training = model.training
-    model = model.to(device)
-    notes = check_model(model, subset.images(slice(0, min(len(subset), 16)), device))
-    if refuse_randomised and RANDOMISED in notes:
-        model.train(was_training)
-        raise DltestError(
-            "the model's outputs change between two calls on the same inputs in eval mode (randomised at "
-            "eval time): attacks overestimate its robustness; pass --allow-randomised to evaluate it anyway"
-        )
-    for note in notes:
-        warnings.warn(note, RobustnessWarning, stacklevel=2)
     num_classes = data.num_classes
-    try:
-        correct_mask = _clean_correct(model, subset, batch_size, device)
-        outcomes = []
-        for spec in specs:
-            outcomes.append(_robust(model, subset, correct_mask, spec, num_classes, batch_size, device, seed, progress))
-    finally:
-        if was_training:
-            model.train()
+    with on_device(model, device):
+        notes = check_model(model, subset.images(slice(0, min(len(subset), 16)), device))
+        if refuse_randomised and RANDOMISED in notes:
+            raise DltestError(
+                "the model's outputs change between two calls on the same inputs in eval mode (randomised at "
+                "eval time): attacks overestimate its robustness; pass --allow-randomised to evaluate it anyway"
+            )
+        for note in notes:
+            warnings.warn(note, RobustnessWarning, stacklevel=2)
+        with eval_mode(model):
+            correct_mask = _clean_correct(model, subset, batch_size, device)
+            outcomes = [_robust(model, subset, correct_mask, spec, num_classes, batch_size, device, seed, progress)
+                        for spec in specs]
     masking = masking_warnings(outcomes)
     for note in masking:
         warnings.warn(note, RobustnessWarning, stacklevel=2)
@@ -281,14 +266,14 @@ def attack_specs(
     specs = [
         a if isinstance(a, AttackSpec) else attack_preset(
             a, dataset, "eval", channels=channels, eps=eps,
-            steps=steps if _takes(a, "steps") else None,
-            alpha=alpha if _takes(a, "alpha") else None,
-            queries=queries if _takes(a, "queries") else None, seed=seed,
+            steps=steps if takes(a, "steps") else None,
+            alpha=alpha if takes(a, "alpha") else None,
+            queries=queries if takes(a, "queries") else None, seed=seed,
         )
         for a in attacks
     ]
     for option, value in (("steps", steps), ("alpha", alpha), ("queries", queries)):
-        if value is not None and not any(isinstance(a, str) and _takes(a, option) for a in attacks):
+        if value is not None and not any(isinstance(a, str) and takes(a, option) for a in attacks):
             names = ", ".join(a if isinstance(a, str) else a.name for a in attacks) or "(no attack named)"
             raise DltestError(f"{option} applies to none of the attacks {names}")
     return specs
@@ -312,13 +297,6 @@ def versions() -> dict[str, str]:
     return {"dltest": __version__, "torch": str(torch.__version__), "torchattacks": str(torchattacks.__version__)}
 
 
-def _takes(name: str, option: str) -> bool:
-    return option in {
-        "pgd": {"steps", "alpha"}, "autoattack-fast": {"steps", "queries"}, "square": {"queries"},
-        "deepfool": {"steps"},
-    }.get(name, set())
-
-
 @torch.no_grad()
 def _clean_correct(model: nn.Module, data: ImageDataset, batch_size: int, device: torch.device) -> Tensor:
     flags = []
@@ -335,9 +313,7 @@ def _robust(
     started = time.perf_counter()
     attack = spec.build(model, num_classes)
     flags = torch.zeros(len(data), dtype=torch.bool)
-    devices = [device.index or 0] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices), progress_bar(spec.label, total=len(data), enabled=progress) as advance:
-        torch.manual_seed(seed)
+    with seeded(seed, device), progress_bar(spec.label, total=len(data), enabled=progress) as advance:
         for start in range(0, len(data), batch_size):
             stop = min(start + batch_size, len(data))
             keep = torch.nonzero(correct[start:stop]).flatten() + start
@@ -345,7 +321,6 @@ def _robust(
                 x = data.images(keep, device)
                 y = data.y[keep].to(device)
                 adv = attack(x, y)
-                model.eval()
                 with torch.no_grad():
                     flags[keep] = (model(adv).argmax(1) == y).cpu()
             advance(stop - start)

@@ -13,7 +13,7 @@ from torch import nn
 
 from dltest.inference import PoolOutputs, infer
 from dltest.selection import select
-from dltest.selectors import Pool, get_selector
+from dltest.selectors import get_selector
 from dltest.selectors.badge import gradient_embeddings, kmeans_pp_gradients
 
 SEED = 3

@@ -21,7 +21,7 @@ from torch import nn
 from dltest.data import ImageDataset
 from dltest.inference import infer
 from dltest.selection import select
-from dltest.selectors import Pool, get_selector
+from dltest.selectors import Candidates, get_selector
 from dltest.selectors.coreset import k_center_greedy
 from dltest.selectors.dfal import deepfool_l2
 from dltest.selectors.egl import egl_exact, egl_last_layer
@@ -52,12 +52,12 @@ def as_baal(samples: torch.Tensor) -> np.ndarray:
 # --- helpers -------------------------------------------------------------------------------------
 
 
-def pool_of(model: nn.Module, data: ImageDataset, labeled_embeddings=None) -> Pool:
-    return Pool(outputs=infer(model, data, device="cpu"), model=model, data=data,
+def pool_of(model: nn.Module, data: ImageDataset, labeled_embeddings=None) -> Candidates:
+    return Candidates(outputs=infer(model, data, device="cpu"), model=model, data=data,
                 labeled_embeddings=labeled_embeddings, device=torch.device("cpu"))
 
 
-def all_scores(selector, pool: Pool, seed: int = SEED) -> torch.Tensor:
+def all_scores(selector, pool: Candidates, seed: int = SEED) -> torch.Tensor:
     """Every pool input's score, in pool order (a selection of the whole pool)."""
     chosen = selector(pool, len(pool), torch.Generator().manual_seed(seed))
     scores = torch.empty(len(pool), dtype=torch.float64)
@@ -133,7 +133,7 @@ def test_model_dropout_only_dropout_samples_and_batchnorm_is_unchanged(small_poo
     model = TinyBN(dropout=0.3)
     model.train()  # the user's mode: must come back as it was, and BN must not update
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    pool = Pool(outputs=infer(model, small_pool, device="cpu"), model=model, data=small_pool)
+    pool = Candidates(outputs=infer(model, small_pool, device="cpu"), model=model, data=small_pool)
     model.train()
     samples = mc_probabilities(pool, 6, 0.1, torch.Generator().manual_seed(SEED))
     for k, v in model.state_dict().items():
@@ -160,7 +160,7 @@ def test_model_dropout_only_dropout_samples_and_batchnorm_is_unchanged(small_poo
 def test_model_without_dropout_or_head_gets_dropout_before_last_linear_with_notice(small_pool, capsys):
     torch.manual_seed(1)
     model = TinyBN(dropout=None).eval()
-    pool = Pool(outputs=infer(model, small_pool, device="cpu"), model=model, data=small_pool)
+    pool = Candidates(outputs=infer(model, small_pool, device="cpu"), model=model, data=small_pool)
     capsys.readouterr()
     scores = all_scores(get_selector("dropout-entropy", samples=5, dropout=0.2), pool)
     err = capsys.readouterr().err

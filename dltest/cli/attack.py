@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from dltest.attacks import PURPOSES, attack_preset, check_attack_name, parse_eps
+from dltest.attacks import PURPOSES, attack_preset, check_attack_name, generate_adversarial, parse_eps
 from dltest.cli.app import app
 from dltest.cli.options import (
     Alpha, AttackBatch, DataRoot, Dataset, Device, Download, Eps, ModelPath, Queries, Seed, Steps, TrustModel,
@@ -17,7 +17,6 @@ from dltest.cli.options import (
 )
 from dltest.errors import DltestError
 from dltest.io import check_writable, read_json, write_json
-from dltest.retrain import generate_adversarial
 from dltest.selection import load_selection
 
 

@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from dltest.errors import DltestError
-from dltest.selectors.base import Pool, Selection, Selector, float64_probs, rank, register
+from dltest.selectors.base import Candidates, Selection, Selector, float64_probs, rank, register
 
 
 def ats_intervals(probs: Tensor, label: int, upper: float = 0.99, radius: float = 0.005) -> tuple[Tensor, Tensor, list[tuple[int, int]]]:
@@ -155,6 +155,6 @@ class ATS(Selector):
         self.radius = float(radius)
         self.threshold = float(threshold)
 
-    def __call__(self, pool: Pool, budget: int, generator: torch.Generator) -> Selection:
-        order, scores = ats_order(float64_probs(pool.outputs), generator, self.upper, self.radius, self.threshold)
+    def __call__(self, candidates: Candidates, budget: int, generator: torch.Generator) -> Selection:
+        order, scores = ats_order(float64_probs(candidates.outputs), generator, self.upper, self.radius, self.threshold)
         return Selection(order[:budget], scores[:budget])

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from dltest.errors import DltestError
-from dltest.selectors.base import Pool, Selection, Selector, float64_probs, register
+from dltest.selectors.base import Candidates, Selection, Selector, float64_probs, register
 
 
 def gradient_embedding_factors(probs: Tensor, embeddings: Tensor) -> tuple[Tensor, Tensor]:
@@ -88,11 +88,11 @@ class BADGE(Selector):
     summary = "BADGE: k-means++ seeding on last-layer gradient embeddings (uncertain and diverse)"
     score_name = "gradient-embedding distance to the nearest earlier pick (first: its norm)"
 
-    def __call__(self, pool: Pool, budget: int, generator: torch.Generator) -> Selection:
-        if pool.outputs.embeddings is None:
+    def __call__(self, candidates: Candidates, budget: int, generator: torch.Generator) -> Selection:
+        if candidates.outputs.embeddings is None:
             raise DltestError("badge needs penultimate embeddings: use a model split into embed + head "
                               "(a dltest checkpoint or zoo model), not a TorchScript or foreign model")
         indices, distances = kmeans_pp_gradients(
-            float64_probs(pool.outputs), pool.outputs.embeddings, budget, generator, device=pool.device
+            float64_probs(candidates.outputs), candidates.outputs.embeddings, budget, generator, device=candidates.device
         )
         return Selection(indices, distances)

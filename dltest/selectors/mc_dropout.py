@@ -26,8 +26,7 @@ selection is reproducible from its seed.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -36,13 +35,12 @@ from torch import Tensor, nn
 from dltest.errors import DltestError
 from dltest.inference import embedding_head
 from dltest.progress import console
-from dltest.selectors.base import Pool, Selection, Selector, rank, register
+from dltest.runtime import dropout_modules, mc_dropout_mode, seeded
+from dltest.selectors.base import Candidates, Selection, Selector, rank, register
 from dltest.selectors.uncertainty import entropy
 
 BATCH_SIZE = 512  # images per batch for the full-pass cases; the draw order depends on it
 HEAD_CHUNK = 16384  # rows of embeddings per head application (bounds memory, not the draws)
-
-DROPOUT_NAMES = {"Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "AlphaDropout", "FeatureAlphaDropout"}
 
 Sink = Callable[[int, slice, Tensor], None]  # (sample t, pool rows, probabilities of those rows)
 
@@ -50,41 +48,6 @@ Sink = Callable[[int, slice, Tensor], None]  # (sample t, pool rows, probabiliti
 def notice(message: str) -> None:
     """A one-line notice on stderr (never wrapped)."""
     console.print(f"notice: {message}", soft_wrap=True, markup=False, highlight=False)
-
-
-def dropout_modules(model: nn.Module) -> list[nn.Module]:
-    """The model's dropout modules with a rate above 0 (TorchScript ones are found by name)."""
-    found = []
-    for m in model.modules():
-        is_dropout = isinstance(m, nn.modules.dropout._DropoutNd) or (
-            isinstance(m, torch.jit.ScriptModule) and getattr(m, "original_name", None) in DROPOUT_NAMES
-        )
-        if is_dropout and float(getattr(m, "p", 0.5)) > 0:
-            found.append(m)
-    return found
-
-
-@contextmanager
-def mc_dropout_mode(model: nn.Module, modules: list[nn.Module]) -> Iterator[None]:
-    """Eval mode everywhere except ``modules`` (train mode); every module's mode restored after."""
-    saved = [(m, m.training) for m in model.modules()]
-    try:
-        model.eval()
-        for m in modules:
-            m.train()
-        yield
-    finally:
-        for m, training in saved:
-            m.training = training
-
-
-@contextmanager
-def forked_seed(seed: int, device: torch.device) -> Iterator[None]:
-    """Torch's global RNG seeded with ``seed`` inside, and left as it was outside."""
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        yield
 
 
 def derived_seed(generator: torch.Generator) -> int:
@@ -97,14 +60,14 @@ def dropout_masks(n: int, d: int, dropout: float, generator: torch.Generator) ->
     return keep.float().div_(1.0 - dropout)
 
 
-def _embeddings(pool: Pool, embed: Callable[[Tensor], Tensor]) -> Tensor:
-    if pool.outputs.embeddings is not None:
-        return pool.outputs.embeddings
-    if pool.data is None:
+def _embeddings(candidates: Candidates, embed: Callable[[Tensor], Tensor]) -> Tensor:
+    if candidates.outputs.embeddings is not None:
+        return candidates.outputs.embeddings
+    if candidates.data is None:
         raise DltestError("MC dropout on the head needs the pool's embeddings or its images")
     with torch.inference_mode():
-        parts = [embed(pool.data.images(slice(s, s + BATCH_SIZE), pool.device)).float().cpu()
-                 for s in range(0, len(pool.data), BATCH_SIZE)]
+        parts = [embed(candidates.data.images(slice(s, s + BATCH_SIZE), candidates.device)).float().cpu()
+                 for s in range(0, len(candidates.data), BATCH_SIZE)]
     return torch.cat(parts)
 
 
@@ -121,15 +84,15 @@ def _head_samples(embeddings: Tensor, head: nn.Linear, samples: int, dropout: fl
                 sink(t, rows, torch.softmax(head(z[rows] * mask[rows]).float(), dim=1))
 
 
-def _full_samples(model: nn.Module, pool: Pool, samples: int, generator: torch.Generator, sink: Sink) -> None:
+def _full_samples(model: nn.Module, candidates: Candidates, samples: int, generator: torch.Generator, sink: Sink) -> None:
     """Cases 1 and 3: T full passes per batch, dropout drawn from a seed derived from ``generator``."""
-    if pool.data is None:
+    if candidates.data is None:
         raise DltestError("MC dropout through the whole model needs the pool's images")
-    n = len(pool.data)
-    with forked_seed(derived_seed(generator), pool.device), torch.inference_mode():
+    n = len(candidates.data)
+    with seeded(derived_seed(generator), candidates.device), torch.inference_mode():
         for s in range(0, n, BATCH_SIZE):
             rows = slice(s, min(s + BATCH_SIZE, n))
-            x = pool.data.images(rows, pool.device)
+            x = candidates.data.images(rows, candidates.device)
             for t in range(samples):
                 sink(t, rows, torch.softmax(model(x).float(), dim=1))
 
@@ -141,22 +104,22 @@ def _last_linear(model: nn.Module) -> nn.Linear | None:
     return linears[-1] if linears else None
 
 
-def mc_sample(pool: Pool, samples: int, dropout: float, generator: torch.Generator, sink: Sink) -> str:
+def mc_sample(candidates: Candidates, samples: int, dropout: float, generator: torch.Generator, sink: Sink) -> str:
     """Draw ``samples`` MC-dropout predictions of every pool input into ``sink``; returns the case used."""
-    model = pool.model
+    model = candidates.model
     if model is None:
         raise DltestError("MC dropout needs the model")
-    model.to(pool.device)
+    model.to(candidates.device)
     own = dropout_modules(model)
     if own:
         with mc_dropout_mode(model, own):
-            _full_samples(model, pool, samples, generator, sink)
+            _full_samples(model, candidates, samples, generator, sink)
         return "model-dropout"
     split = embedding_head(model)
     if split is not None:
         embed, head = split
         with mc_dropout_mode(model, []):
-            _head_samples(_embeddings(pool, embed), head, samples, dropout, generator, pool.device, sink)
+            _head_samples(_embeddings(candidates, embed), head, samples, dropout, generator, candidates.device, sink)
         return "head"
     last = _last_linear(model)
     where = "the input of its last linear layer" if last is not None else "its input images"
@@ -170,7 +133,7 @@ def mc_sample(pool: Pool, samples: int, dropout: float, generator: torch.Generat
         handle = last.register_forward_pre_hook(drop)
         try:
             with mc_dropout_mode(model, []):
-                _full_samples(model, pool, samples, generator, sink)
+                _full_samples(model, candidates, samples, generator, sink)
         finally:
             handle.remove()
         return "last-linear"
@@ -180,17 +143,17 @@ def mc_sample(pool: Pool, samples: int, dropout: float, generator: torch.Generat
             return model(F.dropout(x, dropout, training=True))
 
     with mc_dropout_mode(model, []):
-        _full_samples(InputDropout(), pool, samples, generator, sink)
+        _full_samples(InputDropout(), candidates, samples, generator, sink)
     return "input"
 
 
-def mc_probabilities(pool: Pool, samples: int = 10, dropout: float = 0.1,
+def mc_probabilities(candidates: Candidates, samples: int = 10, dropout: float = 0.1,
                      generator: torch.Generator | None = None) -> Tensor:
     """All sampled probabilities, (T, n, C), float64: for inspection and small pools."""
     generator = generator or torch.Generator().manual_seed(0)
     store: dict[int, list[tuple[slice, Tensor]]] = {t: [] for t in range(samples)}
-    mc_sample(pool, samples, dropout, generator, lambda t, rows, p: store[t].append((rows, p.double().cpu())))
-    n = len(pool)
+    mc_sample(candidates, samples, dropout, generator, lambda t, rows, p: store[t].append((rows, p.double().cpu())))
+    n = len(candidates)
     c = store[0][0][1].shape[1]
     out = torch.empty((samples, n, c), dtype=torch.float64)
     for t, parts in store.items():
@@ -221,9 +184,9 @@ class _MCDropoutSelector(Selector):
         self.samples = int(samples)
         self.dropout = float(dropout)
 
-    def mc_statistics(self, pool: Pool, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    def mc_statistics(self, candidates: Candidates, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         """(mean_t p_t (n, C), mean_t H(p_t) (n,)), accumulated in float64 without keeping the samples."""
-        n = len(pool)
+        n = len(candidates)
         state: dict[str, Tensor] = {}
 
         def sink(t: int, rows: slice, p: Tensor) -> None:
@@ -234,14 +197,14 @@ class _MCDropoutSelector(Selector):
             state["p"][rows] += p
             state["h"][rows] += entropy(p)
 
-        mc_sample(pool, self.samples, self.dropout, generator, sink)
+        mc_sample(candidates, self.samples, self.dropout, generator, sink)
         return state["p"] / self.samples, state["h"] / self.samples
 
     def mc_scores(self, mean_p: Tensor, mean_h: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def __call__(self, pool: Pool, budget: int, generator: torch.Generator) -> Selection:
-        scores = self.mc_scores(*self.mc_statistics(pool, generator))
+    def __call__(self, candidates: Candidates, budget: int, generator: torch.Generator) -> Selection:
+        scores = self.mc_scores(*self.mc_statistics(candidates, generator))
         indices = rank(scores, budget, highest=True)
         return Selection(indices, scores[indices])
 

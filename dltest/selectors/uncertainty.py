@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from dltest.selectors.base import Pool, ScoreSelector, float64_probs, register
+from dltest.selectors.base import Candidates, ScoreSelector, float64_probs, register
 
 
 def entropy(probs: Tensor) -> Tensor:
@@ -48,8 +48,8 @@ class Entropy(ScoreSelector):
     summary = "MaxEntropy: highest softmax entropy first"
     score_name = "entropy"
 
-    def score(self, pool: Pool) -> Tensor:
-        return entropy(float64_probs(pool.outputs))
+    def score(self, candidates: Candidates) -> Tensor:
+        return entropy(float64_probs(candidates.outputs))
 
 
 @register
@@ -58,8 +58,8 @@ class DeepGini(ScoreSelector):
     summary = "DeepGini: highest Gini impurity 1 - sum p^2 first"
     score_name = "gini"
 
-    def score(self, pool: Pool) -> Tensor:
-        return gini(float64_probs(pool.outputs))
+    def score(self, candidates: Candidates) -> Tensor:
+        return gini(float64_probs(candidates.outputs))
 
 
 @register
@@ -68,8 +68,8 @@ class LeastConfidence(ScoreSelector):
     summary = "Least confidence: highest 1 - p1 first"
     score_name = "1 - p1"
 
-    def score(self, pool: Pool) -> Tensor:
-        return least_confidence(float64_probs(pool.outputs))
+    def score(self, candidates: Candidates) -> Tensor:
+        return least_confidence(float64_probs(candidates.outputs))
 
 
 @register
@@ -79,5 +79,5 @@ class Margin(ScoreSelector):
     score_name = "p1 - p2"
     highest = False
 
-    def score(self, pool: Pool) -> Tensor:
-        return margin(float64_probs(pool.outputs))
+    def score(self, candidates: Candidates) -> Tensor:
+        return margin(float64_probs(candidates.outputs))
