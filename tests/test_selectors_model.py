@@ -23,7 +23,7 @@ from dltest.inference import infer
 from dltest.selection import select
 from dltest.selectors import Candidates, get_selector
 from dltest.selectors.coreset import k_center_greedy
-from dltest.selectors.dfal import deepfool_l2
+from dltest.attacks.kernels import deepfool_l2
 from dltest.selectors.egl import egl_exact, egl_last_layer
 from dltest.selectors.mc_dropout import bald_from_samples, dropout_entropy_from_samples, mc_probabilities
 
