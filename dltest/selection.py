@@ -50,9 +50,12 @@ class SelectionResult:
     label_counts: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
     dltest_version: str = __version__
+    command: str = "dltest select"
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        fields = asdict(self)
+        return {"command": fields.pop("command"), "dltest_version": fields.pop("dltest_version"),
+                "seed": fields.pop("seed"), **fields}
 
     def save(self, path: str) -> None:
         """Write the selection as JSON, atomically."""
