@@ -1,4 +1,4 @@
-"""``dltest select``: rank a pool with an acquisition function and write the selection."""
+"""``dltest select``: rank a pool with a metric (an acquisition function) and write the selection."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from dltest.selectors import REGISTRY, get_selector
 
 @app.command("select")
 def select_command(
-    metric: Annotated[str, typer.Option("--metric", help="Acquisition function; `dltest metrics` lists them.")] = "dre",
+    metric: Annotated[str, typer.Option("--metric", help="The metric that ranks the pool (an acquisition function); `dltest metrics` lists them.")] = "dre",
     budget: Annotated[str, typer.Option("--budget", "-b", help="How many inputs: a count (400) or a share of the pool (4%).")] = "4%",
     dataset: Dataset = "mnist",
     split: Split = "test",

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from dltest.errors import DltestError
 from dltest.progress import progress_bar
-from dltest.runtime import eval_mode, native_cpu_backward, native_input_grad_pays
+from dltest.runtime import eval_mode, native_cpu_backward, native_input_grad_pays, on_device
 from dltest.selectors.base import Candidates, Selection, Selector, rank, register
 
 BATCH_SIZE = 256
@@ -163,9 +163,10 @@ class DFAL(Selector):
         if candidates.model is None or candidates.data is None:
             raise DltestError("dfal needs the model and the pool's images")
         drawn = self.candidates(len(candidates), budget, generator)
-        model = candidates.model.to(candidates.device)
+        model = candidates.model
         parts = []
-        with progress_bar("dfal (DeepFool)", total=len(drawn), enabled=candidates.progress) as advance:
+        with on_device(model, candidates.device), \
+                progress_bar("dfal (DeepFool)", total=len(drawn), enabled=candidates.progress) as advance:
             for s in range(0, len(drawn), BATCH_SIZE):
                 images = candidates.data.images(drawn[s : s + BATCH_SIZE], candidates.device)
                 parts.append(deepfool_l2(model, images, overshoot=self.overshoot, steps=self.steps).norms)
