@@ -57,7 +57,7 @@ def test_three_stages_grow_the_pool_and_the_files_agree(splits, tmp_path):
     log = read_log(folder)
     assert len(log) == 8 and [r.metric for r in log] == ["entropy"] * 4 + ["random"] * 4
     summary = json.loads((folder / "summary.json").read_text())
-    assert summary["command"] == "robust-al" and summary["seed"] == 0
+    assert summary["command"] == "dltest robust-al" and summary["seed"] == 0
     for metric in ("entropy", "random"):
         last = [r for r in log if r.metric == metric][-1]
         assert summary["final"][metric]["labeled"] == 260
@@ -153,6 +153,9 @@ def test_cli_runs_and_resumes(tmp_path):
     log = read_log(out)
     assert max(i for r in log for i in r.selected) >= 2000  # positions in the training split, not the subset
     assert "margin stage 2: 240 labeled" in result.output
+    analysis = cli("analyze", "bias", out, "--out", tmp_path / "bias.json")  # the analyses read the run folder
+    assert analysis.exit_code == 0, analysis.output
+    assert "margin" in (tmp_path / "bias.json").read_text()
     again = cli(*args)
     assert again.exit_code == 2 and "already holds a run" in again.output
     resumed = cli(*args, "--resume")  # nothing left to do: the same summary

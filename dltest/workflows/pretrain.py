@@ -126,7 +126,7 @@ def pretrain(
         evaluation = evaluate_robustness(result.model, holdout, [pgd], n=eval_n, seed=config.seed, device=device)
         robust = evaluation.attacks[0].robust_accuracy
     report = {
-        "command": "train", "dltest_version": __version__, "seed": config.seed, "dataset": train_data.name,
+        "command": "dltest train", "dltest_version": __version__, "seed": config.seed, "dataset": train_data.name,
         "arch": arch_name, "init": str(init) if init is not None else None, "train_size": len(train_data), "config": asdict(config),
         "adversarial": adversarial.to_dict() if adversarial else None,
         "holdout_accuracy": holdout_accuracy, "holdout_robust_accuracy": robust,

@@ -87,7 +87,7 @@ class RobustALConfig:
     check_steps: int = 5
     train_size: int | None = None
     seed: int = 0
-    selector_options: dict[str, Any] = field(default_factory=dict)
+    metric_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.metrics:
@@ -95,7 +95,7 @@ class RobustALConfig:
         if len(set(self.metrics)) != len(self.metrics):
             raise DltestError(f"metrics {', '.join(self.metrics)} name a metric twice")
         for metric in self.metrics:
-            get_selector(metric, **self.selector_options_for(metric))
+            get_selector(metric, **self.options_for(metric))
         for name, value in (("initial", self.initial), ("per_stage", self.per_stage), ("epochs", self.epochs),
                             ("initial_epochs", self.initial_epochs), ("val_n", self.val_n),
                             ("check_steps", self.check_steps), ("batch_size", self.batch_size)):
@@ -124,13 +124,13 @@ class RobustALConfig:
         """Inputs labeled at ``stage`` (1-based): per_stage, the last stage takes the remainder."""
         return min(self.per_stage, self.budget - self.initial - (stage - 1) * self.per_stage)
 
-    def selector_options_for(self, metric: str) -> dict[str, Any]:
+    def options_for(self, metric: str) -> dict[str, Any]:
         """The selector options that apply to ``metric`` (e.g. ``samples`` only to bald)."""
         from dltest.selectors import REGISTRY
 
         cls = REGISTRY.get(metric)
         allowed = cls.option_defaults() if cls else {}
-        return {k: v for k, v in self.selector_options.items() if k in allowed}
+        return {k: v for k, v in self.metric_options.items() if k in allowed}
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -189,7 +189,7 @@ class RobustALResult:
             last = records[-1]
             final[metric] = {"labeled": last.labeled, "stage": last.stage, "clean_accuracy": last.clean_accuracy,
                              "robust_accuracy": {**last.robust_accuracy, **self.final_attacks.get(metric, {})}}
-        return {"command": "robust-al", "dltest_version": __version__, "seed": self.config.seed,
+        return {"command": "dltest robust-al", "dltest_version": __version__, "seed": self.config.seed,
                 "config": self.config.to_dict(), "final": final,
                 "seconds": {m: _total_seconds(r) for m, r in self.records.items()}}
 
@@ -225,8 +225,8 @@ def robust_active_learning(
         train_data.name, config.arch or default_arch(train_data.name, train_data.input_shape),
         train_data.num_classes, train_data.input_shape))
     _check_model_fits(factory, train_data)
-    family = dataset_profile(train_data.name, train_data.input_shape[0]).attack.name
-    method = _method(config, family)
+    profile = dataset_profile(train_data.name, train_data.input_shape[0])
+    method = _method(config, profile.attack.name)
     val = val_data.sample(config.val_n, config.seed)
     check = robust_check(method.eps, steps=config.check_steps) if method else None
     eval_specs = [attack_preset(a, train_data.name, "eval", channels=train_data.input_shape[0], eps=config.eps,
@@ -236,20 +236,20 @@ def robust_active_learning(
         report = evaluate_robustness(model, holdout, attacks, n=config.eval_n, seed=config.seed, device=device)
         return report.clean_accuracy, {o.attack: o.robust_accuracy for o in report.attacks}
 
+    augment = profile.augment
     initial_model, initial_labeled, initial_record = _initial(config, factory, train_data, val, folder, device,
-                                                              evaluate, progress)
+                                                              evaluate, augment, progress)
     records: dict[str, list[StageRecord]] = {}
     models: dict[str, nn.Module] = {}
     for metric in config.metrics:
-        model, labeled, history = _resume_metric(folder, metric, factory, initial_model, initial_labeled,
-                                                 initial_record, config, device)
+        model, labeled, history = _resume_metric(folder, metric, factory, initial_model, initial_labeled, device)
         if not history:
             history = [replace(initial_record, metric=metric)]
             if on_stage:
                 on_stage(history[0])
         for stage in range(history[-1].stage + 1, config.stages + 1):
             record, model, labeled = _stage(config, metric, stage, model, labeled, train_data, val, method, check,
-                                            evaluate, device, progress)
+                                            evaluate, augment, device, progress)
             history.append(record)
             if folder is not None:
                 _save_metric_state(folder, metric, model, labeled, history)
@@ -276,13 +276,12 @@ def _method(config: RobustALConfig, family: str) -> AdversarialTraining | None:
     return adversarial_training(config.at, family, eps=config.eps, warmup_epochs=config.warmup_epochs)
 
 
-def _train_config(config: RobustALConfig, stage: int, epochs: int | None = None) -> TrainConfig:
+def _train_config(config: RobustALConfig, stage: int, augment: str, epochs: int | None = None) -> TrainConfig:
     return TrainConfig(epochs=epochs or config.epochs, batch_size=config.batch_size, lr=config.lr,
-                       optimizer=config.optimizer, seed=_seed(config.seed, "train", stage),
-                       augment="none")
+                       optimizer=config.optimizer, seed=_seed(config.seed, "train", stage), augment=augment)
 
 
-def _initial(config, factory, train_data, val, folder, device, evaluate, progress):
+def _initial(config, factory, train_data, val, folder, device, evaluate, augment, progress):
     """The initial model: standard training on a seeded random pool; stored once per run."""
     path = folder / "state" / "initial.pt" if folder is not None else None
     if path is not None and path.is_file():
@@ -295,7 +294,7 @@ def _initial(config, factory, train_data, val, folder, device, evaluate, progres
     labeled = torch.randperm(len(train_data), generator=generator)[: config.initial].sort().values
     with seeded(_seed(config.seed, "init", 0)):
         model = factory()
-    result = train(model, train_data.subset(labeled), val, _train_config(config, 0, config.initial_epochs),
+    result = train(model, train_data.subset(labeled), val, _train_config(config, 0, augment, config.initial_epochs),
                    device=device, progress=progress)
     trained = time.perf_counter()
     clean, robust = evaluate(result.model)
@@ -309,13 +308,14 @@ def _initial(config, factory, train_data, val, folder, device, evaluate, progres
     return result.model, labeled, record
 
 
-def _stage(config, metric, stage, model, labeled, train_data, val, method, check, evaluate, device, progress):
+def _stage(config, metric, stage, model, labeled, train_data, val, method, check, evaluate, augment, device,
+           progress):
     """Select ``stage_size`` inputs, label them, train on the labeled pool, evaluate."""
     started = time.perf_counter()
     outputs = infer(model, train_data, device=device)
     selection = select(metric, config.stage_size(stage), model=model, data=train_data, outputs=outputs,
                        labeled=labeled, seed=_seed(config.seed, metric, stage), device=device,
-                       **config.selector_options_for(metric))
+                       **config.options_for(metric))
     chosen = torch.tensor(selection.indices, dtype=torch.long)
     candidates = _complement(labeled, len(train_data))
     bias = selection_bias(outputs.probs[candidates], train_data.y[candidates],
@@ -326,7 +326,7 @@ def _stage(config, metric, stage, model, labeled, train_data, val, method, check
     stage_method = method
     if method is not None and stage > 1:
         stage_method = replace(method, warmup_epochs=0.0)  # warm-started from a robust model: no ramp
-    result = train(copy.deepcopy(model), train_data.subset(labeled), val, _train_config(config, stage),
+    result = train(copy.deepcopy(model), train_data.subset(labeled), val, _train_config(config, stage, augment),
                    adversary=stage_method, val_adversary=check, device=device, progress=progress)
     trained_at = time.perf_counter()
     clean, robust = evaluate(result.model)
@@ -378,7 +378,7 @@ def _check_data(config: RobustALConfig, train_data, val_data, holdout) -> None:
 
 def _prepare_folder(folder: Path, config: RobustALConfig, resume: bool) -> None:
     config_path = folder / CONFIG_FILE
-    wanted = {"command": "robust-al", "dltest_version": __version__, **config.to_dict()}
+    wanted = {"command": "dltest robust-al", "dltest_version": __version__, **config.to_dict()}
     if folder.exists() and not folder.is_dir():
         raise DltestError(f"run folder {folder} is a file")
     if config_path.is_file():
@@ -429,7 +429,8 @@ def _save_metric_state(folder: Path, metric: str, model: nn.Module, labeled: Ten
     })
 
 
-def _resume_metric(folder, metric, factory, initial_model, initial_labeled, initial_record, config, device):
+def _resume_metric(folder, metric, factory, initial_model, initial_labeled, device):
+    """The model, labeled pool and records of ``metric``'s last finished stage (none: the initial model)."""
     path = _state_path(folder, metric) if folder is not None else None
     if path is None or not path.is_file():
         return copy.deepcopy(initial_model), initial_labeled.clone(), []
