@@ -56,9 +56,10 @@ def read_json(path: str | os.PathLike) -> Any:
     if not path.is_file():
         raise DltestError(f"file not found: {path}")
     try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DltestError(f"{path} is not a valid JSON file ({exc})") from None
+        text = path.read_text()
+    except (UnicodeDecodeError, OSError) as exc:
+        raise DltestError(f"cannot read {path} as a JSON file ({_first_line(str(exc))})") from None
+    return parse_json_text(text, str(path))
 
 
 def _jsonable(value: Any) -> Any:
@@ -67,3 +68,38 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     raise TypeError(f"not JSON serializable: {type(value).__name__}")
+
+
+MAX_JSON_DEPTH = 64  # selection files and --arch-kwargs are shallow; deeper is a malformed or hostile file
+
+
+def parse_json_text(text: str, what: str) -> Any:
+    """Parse JSON text with a one-line error for malformed or absurdly nested input."""
+    depth = max_depth = 0
+    in_string = escaped = False
+    for ch in text:  # bracket depth outside strings, before json.loads recurses into it
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+            continue
+        if ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            max_depth = max(max_depth, depth)
+        elif ch in "]}":
+            depth -= 1
+    if max_depth > MAX_JSON_DEPTH:
+        raise DltestError(f"{what} is nested {max_depth} levels deep (at most {MAX_JSON_DEPTH} allowed)")
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise DltestError(f"{what} is not valid JSON ({_first_line(str(exc))})") from None
+
+
+def _first_line(text: str) -> str:
+    return text.strip().splitlines()[0] if text.strip() else "empty"

@@ -11,7 +11,6 @@ reads it), plus the source positions, the predictions and the settings.
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import time
@@ -25,8 +24,10 @@ from torch import Tensor, nn
 
 from dltest import __version__
 from dltest.attacks import AttackSpec, attack_preset
+from dltest.checkpoint import copy_model
 from dltest.data import ImageDataset, to_float_images
 from dltest.errors import DltestError
+from dltest.inference import PROBE_SIZE, adapt
 from dltest.io import atomic_path
 from dltest.progress import progress_bar
 from dltest.robustness import RobustnessReport, evaluate_robustness, seeded_subset
@@ -152,7 +153,7 @@ def generate_adversarial(
         raise DltestError("no inputs to attack (empty selection)")
     if positions.min() < 0 or positions.max() >= len(data):
         raise DltestError(f"indices outside the pool of {len(data)}")
-    model = model.to(device).eval()
+    model = adapt(model.to(device), data.images(positions[:PROBE_SIZE], device)).eval()
     atk = attack.build(model, data.num_classes)
     xs, clean, advp = [], [], []
     devices = [device.index or 0] if device.type == "cuda" else []
@@ -278,7 +279,7 @@ def retrain(
     attack = attack or attack_preset("pgd", pool.name, "train", channels=pool.input_shape[0], seed=seed)
     config = config or TrainConfig(epochs=retrain_epochs(pool.name), lr=RETRAIN_LR, seed=seed,
                                    augment=DEFAULT_AUGMENT.get(pool.name, "none"))
-    model = model.to(device).eval()
+    model = adapt(model.to(device), pool.images(slice(0, PROBE_SIZE), device)).eval()
     evaluate = dict(n=eval_n, seed=seed, batch_size=batch_size, device=device, progress=progress)
     before = evaluate_robustness(model, holdout, eval_attacks, **evaluate)
 
@@ -293,7 +294,7 @@ def retrain(
 
     val, _ = seeded_subset(pool, val_n, seed)
     val_pgd = val_attack or attack_preset("pgd", pool.name, "train", channels=pool.input_shape[0], eps=attack.eps)
-    retrained = copy.deepcopy(model)
+    retrained = copy_model(model)  # deepcopy would make a TorchScript model's parameters non-leaf
     training = train(retrained, with_examples(train_data, examples), val, config, val_adversary=val_pgd.adversary(),
                      device=device, progress=progress, state_path=state_path, resume=resume)
     after = evaluate_robustness(training.model, holdout, eval_attacks, **evaluate)

@@ -25,6 +25,7 @@ from dltest import __version__
 from dltest.attacks import AttackSpec, attack_preset
 from dltest.data import ImageDataset
 from dltest.errors import DltestError
+from dltest.inference import PROBE_SIZE, adapt
 from dltest.progress import progress_bar
 from dltest.settings import default_device
 
@@ -146,7 +147,7 @@ def evaluate_robustness(
     if len(subset) == 0:
         raise DltestError(f"{data.name}/{data.split} is empty: nothing to evaluate")
     was_training = model.training
-    model = model.to(device)
+    model = adapt(model.to(device), subset.images(slice(0, PROBE_SIZE), device))
     notes = check_model(model, subset.images(slice(0, min(len(subset), 16)), device))
     for note in notes:
         warnings.warn(note, RobustnessWarning, stacklevel=2)

@@ -18,7 +18,7 @@ from dltest import __version__
 from dltest.budget import parse_budget
 from dltest.data import ImageDataset
 from dltest.errors import DltestError
-from dltest.inference import INFERENCE_BATCH, PoolOutputs, infer
+from dltest.inference import INFERENCE_BATCH, PROBE_SIZE, PoolOutputs, adapt, infer
 from dltest.io import read_json, write_json
 from dltest.selectors import REGISTRY, Pool, get_selector
 from dltest.settings import default_device
@@ -88,6 +88,8 @@ def select(
     selector = get_selector(metric, **options)
     started = time.perf_counter()
     device = default_device(device)
+    if model is not None and data is not None and len(data):
+        model = adapt(model, data.images(slice(0, PROBE_SIZE)))  # outside models: one adapter for every selector
     if outputs is None:
         if model is None or data is None:
             raise DltestError("select needs either model and data, or precomputed outputs")

@@ -15,7 +15,7 @@ from rich.table import Table
 
 from dltest.attacks import attack_preset, check_attack_name, parse_attack_list, parse_eps
 from dltest.budget import parse_budget
-from dltest.checkpoint import save_checkpoint
+from dltest.checkpoint import save_model
 from dltest.cli.app import app
 from dltest.cli.options import (
     Alpha, DataRoot, Dataset, Device, Download, Eps, ModelPath, Queries, Seed, Steps, TrustModel,
@@ -23,7 +23,7 @@ from dltest.cli.options import (
 )
 from dltest.data import load_dataset
 from dltest.errors import DltestError
-from dltest.io import atomic_path, check_writable, write_json
+from dltest.io import check_writable, write_json
 from dltest.retrain import RETRAIN_LR, load_adversarial, retrain, retrain_epochs
 from dltest.robustness import RobustnessWarning
 from dltest.selection import load_selection
@@ -128,13 +128,8 @@ def _save_model(model, out: Path, info, pool, data) -> None:
     meta = {"command": "dltest retrain", "retrained_from": info.source, "before": data["before"],
             "after": data["after"], "settings": data["settings"]}
     meta = json.loads(json.dumps(meta, default=str))  # plain types only: loadable with weights_only=True
-    if info.arch:
-        save_checkpoint(model, out, arch=info.arch, dataset=pool.name, input_shape=pool.input_shape,
-                        num_classes=info.num_classes or pool.num_classes, meta=meta)
-        return
-    scripted = model if isinstance(model, torch.jit.ScriptModule) else torch.jit.script(model)
-    with atomic_path(out) as tmp:
-        torch.jit.save(scripted, str(tmp))
+    save_model(model, out, info, dataset=pool.name, input_shape=pool.input_shape,
+               num_classes=info.num_classes or pool.num_classes, meta=meta)
 
 
 def _print(data, result) -> None:
