@@ -56,17 +56,15 @@ class ModelInfo:
     normalize: tuple[tuple[float, ...], tuple[float, ...]] | None = None
     digest: str | None = None
 
-    def describe(self, model: nn.Module | None = None) -> dict[str, Any]:
-        """What an output JSON records about the model (how dltest read its outputs included)."""
-        from dltest.inference import ModelAdapter, embedding_head, output_kind
+    outputs: str = "logits"  # what the model outputs (logits, probabilities, log-probabilities); check_fits sets it
+    embeddings: str | None = None  # where its embeddings come from; check_fits sets it
 
+    def describe(self) -> dict[str, Any]:
+        """What an output JSON records about the model, how dltest reads its outputs included."""
         return {
             "source": self.source, "kind": self.kind, "arch": self.arch, "arch_kwargs": self.arch_kwargs or None,
             "normalize": [list(v) for v in self.normalize] if self.normalize else None,
-            "outputs": output_kind(model) if model is not None else None,
-            "embeddings": (model.embedding_source if isinstance(model, ModelAdapter) else
-                           "embed/head" if model is not None and embedding_head(model) else None),
-            "digest": self.digest,
+            "outputs": self.outputs, "embeddings": self.embeddings, "digest": self.digest,
         }
 
 
@@ -438,7 +436,7 @@ def check_fits(model: nn.Module, data: ImageDataset, info: ModelInfo | None = No
     non-finite outputs); return it ready for dltest (outside models adapted and inspected on a
     probe of ``data``: output kind, embeddings)."""
     from dltest.data import BUILTINS
-    from dltest.inference import PROBE_SIZE, adapt
+    from dltest.inference import PROBE_SIZE, ModelAdapter, adapt, embedding_head, output_kind
 
     name = info.source if info else "model"
     if info and info.input_shape and tuple(info.input_shape) != tuple(data.input_shape):
@@ -465,6 +463,10 @@ def check_fits(model: nn.Module, data: ImageDataset, info: ModelInfo | None = No
     exact = data.name in BUILTINS  # a user file may lack some classes in its labels
     if out.shape[1] < data.num_classes or (exact and out.shape[1] != data.num_classes):
         raise DltestError(f"{name} outputs {out.shape[1]} classes, but {data.name} has {data.num_classes}")
+    if info is not None:
+        info.outputs = output_kind(model)
+        info.embeddings = (model.embedding_source if isinstance(model, ModelAdapter)
+                           else "embed/head" if embedding_head(model) else None)
     if info is not None and info.num_classes is None:
         info.num_classes = int(out.shape[1])
     if info is not None and info.input_shape is None:

@@ -190,7 +190,7 @@ def parse_normalize(spec: str | Sequence[Sequence[float]] | None, channels: int 
             mean, std = tuple(values[:half]), tuple(values[half:])
     else:
         try:
-            mean, std = (tuple(float(v) for v in torch.as_tensor(part).flatten().tolist()) for part in spec)
+            mean, std = (tuple(float(v) for v in torch.as_tensor(part, dtype=torch.float64).flatten().tolist()) for part in spec)
         except (TypeError, ValueError):
             raise DltestError(f"normalize must be a (mean, std) pair, not {spec!r}") from None
     if len(mean) != len(std) or not all(math.isfinite(v) for v in mean + std) or not all(s > 0 for s in std):

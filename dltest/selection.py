@@ -49,6 +49,7 @@ class SelectionResult:
     label_counts: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
     dltest_version: str = __version__
+    model_info: dict[str, Any] | None = None  # how the model was loaded and read (ModelInfo.describe)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -12,6 +12,7 @@ from rich.table import Table
 from dltest.attacks import PURPOSES, attack_preset, check_attack_name, parse_eps
 from dltest.cli.app import app
 from dltest.cli.options import (
+    Arch, ArchKwargs, Normalize,
     Alpha, AttackBatch, DataRoot, Dataset, Device, Download, Eps, ModelPath, Queries, Seed, Steps, TrustModel,
     load_data_and_model,
 )
@@ -41,6 +42,9 @@ def attack_command(
     download: Download = False,
     device: Device = None,
     trust_model: TrustModel = False,
+    arch: Arch = None,
+    arch_kwargs: ArchKwargs = None,
+    normalize: Normalize = None,
 ) -> None:
     """Generate adversarial examples from selected inputs, for `dltest retrain` or your own use."""
     check_attack_name(attack)
@@ -54,7 +58,8 @@ def attack_command(
     if split is None:
         raw = read_json(selection) if selection else {}
         split = raw.get("split") if isinstance(raw, dict) and raw.get("split") else "val"
-    data, net, info = load_data_and_model(dataset, split, model, data_root, download, trust_model)
+    data, net, info = load_data_and_model(dataset, split, model, data_root, download, trust_model,
+                                          arch, arch_kwargs, normalize)
     spec = attack_preset(attack, data.name, purpose, channels=data.input_shape[0], eps=eps_value, steps=steps,
                          alpha=alpha, queries=queries, seed=seed)
     chosen = load_selection(str(selection), data) if selection else None
@@ -67,6 +72,7 @@ def attack_command(
     adv_acc = float((examples.adv_pred == examples.y).float().mean())
     write_json(report, {
         "command": "dltest attack", "out": str(out), "dataset": data.name, "split": data.split, "model": info.source,
+        "model_info": info.describe(),
         "selection": str(selection) if selection else None, "count": len(examples), "attack": spec.to_dict(),
         "seed": seed, "batch_size": batch_size, "clean_accuracy": clean_acc, "adversarial_accuracy": adv_acc,
         "success_rate": examples.success_rate,

@@ -13,6 +13,7 @@ from rich.table import Table
 from dltest.attacks import parse_attack_list, parse_eps
 from dltest.cli.app import app
 from dltest.cli.options import (
+    Arch, ArchKwargs, Normalize,
     Alpha, AttackBatch, DataRoot, Dataset, Device, Download, Eps, ModelPath, Queries, Seed, Steps, TrustModel,
     load_data_and_model,
 )
@@ -39,12 +40,16 @@ def evaluate_command(
     download: Download = False,
     device: Device = None,
     trust_model: TrustModel = False,
+    arch: Arch = None,
+    arch_kwargs: ArchKwargs = None,
+    normalize: Normalize = None,
 ) -> None:
     """Clean accuracy and robust accuracy under attacks (model in eval mode, RobustBench's rules)."""
     names = parse_attack_list(attacks)  # bad names and eps fail before any loading
     eps_value = parse_eps(eps)
     check_writable(out)
-    data, net, info = load_data_and_model(dataset, split, model, data_root, download, trust_model)
+    data, net, info = load_data_and_model(dataset, split, model, data_root, download, trust_model,
+                                          arch, arch_kwargs, normalize)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", RobustnessWarning)
         report = evaluate_robustness(
@@ -60,7 +65,8 @@ def evaluate_command(
 
 
 def evaluation_json(report: RobustnessReport, info: ModelInfo, command: str) -> dict[str, Any]:
-    return {"command": command, "model": info.source, "model_arch": info.arch, **report.to_dict()}
+    return {"command": command, "model": info.source, "model_arch": info.arch, "model_info": info.describe(),
+            **report.to_dict()}
 
 
 def print_report(report: RobustnessReport, title: str) -> None:

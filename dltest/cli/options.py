@@ -11,7 +11,7 @@ from torch import nn
 from dltest.checkpoint import ModelInfo, check_fits, load_model, parse_arch_kwargs
 from dltest.data import ImageDataset, load_dataset
 from dltest.errors import DltestError
-from dltest.inference import output_kind, parse_normalize
+from dltest.inference import parse_normalize
 from dltest.progress import console
 
 
@@ -47,9 +47,8 @@ def load_data_and_model(
     net, info = load_model(model, dataset=None if model else data.name, trust=trust, arch=arch,
                            arch_kwargs=arch_kwargs, normalize=normalize, input_shape=data.input_shape)
     net = check_fits(net, data, info)
-    kind = output_kind(net)
-    if kind != "logits":
-        notice(f"{info.source} outputs {kind}: dltest reads them as such (softmax is not applied again)")
+    if info.outputs != "logits":
+        notice(f"{info.source} outputs {info.outputs}: dltest reads them as such (softmax is not applied again)")
     return data, net, info
 
 

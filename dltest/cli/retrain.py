@@ -18,6 +18,7 @@ from dltest.budget import parse_budget
 from dltest.checkpoint import save_model
 from dltest.cli.app import app
 from dltest.cli.options import (
+    Arch, ArchKwargs, Normalize,
     Alpha, DataRoot, Dataset, Device, Download, Eps, ModelPath, Queries, Seed, Steps, TrustModel,
     load_data_and_model,
 )
@@ -64,6 +65,9 @@ def retrain_command(
     download: Download = False,
     device: Device = None,
     trust_model: TrustModel = False,
+    arch: Arch = None,
+    arch_kwargs: ArchKwargs = None,
+    normalize: Normalize = None,
 ) -> None:
     """Retrain a model on the training data plus adversarial examples of selected inputs."""
     # Every setting is checked before anything is loaded or trained.
@@ -83,7 +87,8 @@ def retrain_command(
     check_writable(out)
     report = check_writable(report or out.with_suffix(".json"))
 
-    pool, net, info = load_data_and_model(dataset, pool_split, model, data_root, download, trust_model)
+    pool, net, info = load_data_and_model(dataset, pool_split, model, data_root, download, trust_model,
+                                          arch, arch_kwargs, normalize)
     spec = attack_preset(attack, pool.name, "train", channels=pool.input_shape[0], eps=eps_value, steps=steps,
                          alpha=alpha, queries=queries, seed=seed)
     eval_specs = [
@@ -115,7 +120,7 @@ def retrain_command(
         if issubclass(w.category, RobustnessWarning):
             typer.echo(f"warning: {w.message}", err=True)
     data = result.to_dict()
-    data["settings"].update({"model": info.source, "selection_file": str(selection) if selection else None,
+    data["settings"].update({"model": info.source, "model_info": info.describe(), "selection_file": str(selection) if selection else None,
                              "examples_file": str(examples) if examples else None, "command": "dltest retrain"})
     _save_model(result.model.cpu(), out, info, pool, data)
     Path(f"{out}.partial").unlink(missing_ok=True)

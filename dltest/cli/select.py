@@ -13,6 +13,7 @@ from rich.table import Table
 
 from dltest.cli.app import app
 from dltest.cli.options import (
+    Arch, ArchKwargs, Normalize,
     BatchSize, DataRoot, Dataset, Device, Download, ModelPath, Seed, Split, TrustModel, load_data_and_model,
 )
 from dltest.budget import parse_budget
@@ -39,6 +40,9 @@ def select_command(
     device: Device = None,
     batch_size: BatchSize = INFERENCE_BATCH,
     trust_model: TrustModel = False,
+    arch: Arch = None,
+    arch_kwargs: ArchKwargs = None,
+    normalize: Normalize = None,
     mc_samples: Annotated[Optional[int], typer.Option("--mc-samples", help="bald, dropout-entropy: T, the number of MC-dropout samples [default: 10].", show_default=False)] = None,
     dropout: Annotated[Optional[float], typer.Option("--dropout", help="bald, dropout-entropy: rate of the dropout put before the final linear layer of a model without dropout [default: 0.1].", show_default=False)] = None,
     candidate_factor: Annotated[Optional[float], typer.Option("--candidate-factor", help="dfal: DeepFool runs on a random subset of min(factor x budget, pool) inputs [default: 10].", show_default=False)] = None,
@@ -63,12 +67,14 @@ def select_command(
     out = check_writable(out or Path(f"selection-{metric}-{budget.strip().replace('%', 'pct')}.json"))
     if csv_path:
         check_writable(csv_path)
-    data, net, info = load_data_and_model(dataset, split, model, data_root, download, trust_model)
+    data, net, info = load_data_and_model(dataset, split, model, data_root, download, trust_model,
+                                          arch, arch_kwargs, normalize)
     labeled_indices = load_selection(str(labeled), data).indices if labeled else None
     result = select(
         metric, budget, model=net, data=data, seed=seed, labeled=labeled_indices, device=device,
         batch_size=batch_size, progress=True, model_name=info.source, **options,
     )
+    result.model_info = info.describe()
     result.save(str(out))
     if csv_path:
         _write_csv(csv_path, result)
