@@ -9,7 +9,7 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "datasets"
+SHARED_DATA = Path(os.environ.get("DLTEST_DATA") or REPO.parent / "shared" / "datasets")  # worktrees set DLTEST_DATA
 
 # Tests read real data from ../shared/datasets unless DLTEST_DATA points elsewhere.
 if not os.environ.get("DLTEST_DATA") and SHARED_DATA.is_dir():
