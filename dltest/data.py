@@ -471,6 +471,16 @@ def load_image_folder(path: str | os.PathLike, part: str = "test") -> ImageDatas
                         list(ds.classes), torch.arange(len(y)))
 
 
+def fingerprint(data: ImageDataset) -> str:
+    """A digest of the data's identity and contents (images, labels, source positions): two runs
+    that train on different data (another dataset, size, seed's subset, selection or attack)
+    never share a resumable state."""
+    h = hashlib.sha256(f"{data.name}|{data.split}|{len(data)}|{tuple(data.x.shape)}|{data.x.dtype}".encode())
+    for t in (data.x, data.y, data.source_index):
+        h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def fit_channels(data: ImageDataset, channels: int) -> ImageDataset:
     """``data`` with ``channels`` channels where that loses nothing: grey -> 3 equal channels, or
     3 equal channels (a grey image saved as RGB) -> 1; otherwise ``data`` unchanged."""

@@ -7,6 +7,7 @@ that knows its seed, budget and options and writes itself as JSON.
 from __future__ import annotations
 
 import math
+from collections import Counter
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
@@ -139,7 +140,7 @@ def select(
         model=model_name,
         labeled=len(labeled_t),
         predicted_counts=_counts(preds, classes),
-        label_counts=_counts(data.y[indices], classes) if data is not None else {},
+        label_counts=_counts(data.y[indices], classes) if data is not None and data.labeled else {},
         seconds=round(time.perf_counter() - started, 4),
     )
 
@@ -151,8 +152,11 @@ def load_selection(path: str, data: ImageDataset | None = None) -> SelectionResu
     if not isinstance(raw, dict) or "indices" not in raw:
         raise DltestError(f"{path} is not a dltest selection file (no 'indices')")
     indices = raw["indices"]
-    if not isinstance(indices, list) or not all(isinstance(i, int) for i in indices):
-        raise DltestError(f"{path}: 'indices' must be a list of integers")
+    if not isinstance(indices, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in indices):
+        raise DltestError(f"{path}: 'indices' must be a list of integers (not booleans, floats or strings)")
+    if len(set(indices)) != len(indices):
+        repeated = Counter(indices).most_common(1)[0][0]
+        raise DltestError(f"{path}: 'indices' repeats an input ({repeated}); a selection holds each input once")
     defaults = {"metric": "unknown", "budget": len(indices), "budget_spec": str(len(indices)),
                 "pool_size": len(data) if data is not None else 0, "seed": None}
     result = SelectionResult(**{**defaults, **{k: v for k, v in raw.items() if k in known}})

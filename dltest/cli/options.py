@@ -6,10 +6,11 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from typer._click.globals import get_current_context
 from torch import nn
 
 from dltest.checkpoint import ModelInfo, check_fits, load_model, parse_arch_kwargs
-from dltest.data import ImageDataset, load_dataset
+from dltest.data import BUILTINS, ImageDataset, fit_channels, load_dataset
 from dltest.errors import DltestError
 from dltest.inference import parse_normalize
 from dltest.progress import console
@@ -36,17 +37,34 @@ BatchSize = Annotated[int, typer.Option(min=1, help="Inference batch size.")]
 def load_data_and_model(
     dataset: str, split: str, model: Path | None, data_root: Path | None, download: bool, trust: bool = False,
     arch: str | None = None, arch_kwargs: str | None = None, normalize: str | None = None,
+    need_labels: bool = True,
 ) -> tuple[ImageDataset, nn.Module, ModelInfo]:
     """The pool and the model (outside models adapted: outputs, normalisation, embeddings),
-    checked to fit each other; a notice says how an outside model's outputs are read."""
+    checked to fit each other; a notice says how an outside model's outputs are read.
+
+    ``need_labels=False``: an unlabeled pool is fine (``dltest select``).
+    Grey images stored as RGB (or grey images for a colour model) get the model's channel count.
+    """
     if (arch or arch_kwargs) and model is None:
         raise DltestError("--arch and --arch-kwargs describe a state_dict given with --model FILE")
     parse_arch_kwargs(arch_kwargs)  # malformed JSON fails before any loading
     parse_normalize(normalize)
     data = load_dataset(dataset, split, root=data_root, download=download or None)
+    if need_labels:
+        ctx = get_current_context(silent=True)
+        data.require_labels(f"'{ctx.command_path}'" if ctx else "this command")
     net, info = load_model(model, dataset=None if model else data.name, trust=trust, arch=arch,
                            arch_kwargs=arch_kwargs, normalize=normalize, input_shape=data.input_shape)
-    net = check_fits(net, data, info)
+    user_file = data.name not in BUILTINS
+    if user_file and info.input_shape and tuple(info.input_shape[1:]) == data.input_shape[1:]:
+        data = fit_channels(data, info.input_shape[0])
+    try:
+        net = check_fits(net, data, info)
+    except DltestError:
+        other = fit_channels(data, 4 - data.input_shape[0]) if user_file else data  # 1 <-> 3 channels, losing nothing
+        if other is data or info.input_shape:
+            raise
+        net, data = check_fits(net, other, info), other
     if info.outputs != "logits":
         notice(f"{info.source} outputs {info.outputs}: dltest reads them as such (softmax is not applied again)")
     return data, net, info

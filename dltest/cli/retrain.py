@@ -56,7 +56,7 @@ def retrain_command(
     epochs: Annotated[Optional[int], typer.Option(help="Retraining epochs (default: 10, 20 for SVHN).")] = None,
     lr: Annotated[float, typer.Option(help="Peak learning rate (SGD, one-cycle).")] = RETRAIN_LR,
     batch_size: Annotated[int, typer.Option(min=1, help="Training and attack batch size.")] = 128,
-    train_size: Annotated[Optional[int], typer.Option(help="Retrain on a seeded random subset of the training split of this size.")] = None,
+    train_size: Annotated[Optional[int], typer.Option(min=1, help="Retrain on a seeded random subset of the training split of this size.")] = None,
     seed: Seed = 0,
     out: Annotated[Path, typer.Option(help="Checkpoint of the retrained model.")] = Path("retrained.pt"),
     report: Annotated[Optional[Path], typer.Option(help="JSON report (default: <out>.json).")] = None,

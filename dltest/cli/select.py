@@ -68,7 +68,7 @@ def select_command(
     if csv_path:
         check_writable(csv_path)
     data, net, info = load_data_and_model(dataset, split, model, data_root, download, trust_model,
-                                          arch, arch_kwargs, normalize)
+                                          arch, arch_kwargs, normalize, need_labels=False)
     labeled_indices = load_selection(str(labeled), data).indices if labeled else None
     result = select(
         metric, budget, model=net, data=data, seed=seed, labeled=labeled_indices, device=device,

@@ -29,7 +29,7 @@ def train_command(
     batch_size: Annotated[int, typer.Option(min=1)] = 128,
     lr: Annotated[float, typer.Option(help="Peak learning rate (SGD, one-cycle schedule).")] = 0.05,
     augment: Annotated[Optional[str], typer.Option(help="none, crop or crop-flip (default: per dataset).")] = None,
-    train_size: Annotated[Optional[int], typer.Option(help="Train on a seeded random subset of this size.")] = None,
+    train_size: Annotated[Optional[int], typer.Option(min=1, help="Train on a seeded random subset of this size.")] = None,
     seed: Seed = 0,
     out: Annotated[Path, typer.Option(help="Checkpoint to write.")] = Path("model.pt"),
     report: Annotated[Optional[Path], typer.Option("--report", help="JSON report (default: <out>.json).")] = None,
