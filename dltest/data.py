@@ -360,16 +360,7 @@ def load_npz(path: str | os.PathLike, part: str = "test") -> ImageDataset:
     except Exception as exc:  # noqa: BLE001 - truncated members, CRC errors: one line
         raise DltestError(f"cannot read {path} as an .npz file ({_first_line(exc)})") from None
     x = _images_nchw(x, path, x_key)
-    if x.dtype != np.uint8:
-        finite = np.isfinite(x)
-        if not finite.all():
-            bad = int((~finite).reshape(n, -1).any(axis=1).sum())
-            first = int(np.flatnonzero(~finite.reshape(n, -1).all(axis=1))[0])
-            raise DltestError(f"{path}: {bad} images hold NaN or infinite pixels (first: image {first})")
-        low, high = float(x.min()), float(x.max())
-        if low < 0 or high > 1:
-            raise DltestError(f"{path}: float {x_key} must lie in [0, 1], found [{low:.3g}, {high:.3g}] "
-                              "(uint8 images: save them as uint8)")
+    check_pixels(x, path, x_key)
     if labeled:
         check_labels(y, path, y_key, classes)
         num_classes = len(classes) if classes else int(y.max()) + 1
@@ -380,6 +371,24 @@ def load_npz(path: str | os.PathLike, part: str = "test") -> ImageDataset:
     classes = classes or [str(i) for i in range(num_classes)]
     split = "train" if part == "train" else "all"
     return ImageDataset(str(path), split, _as_tensor(x), yt, classes, torch.arange(n), labeled)
+
+
+def check_pixels(x: np.ndarray, path: Path | str, key: str = "x") -> None:
+    """Float images must be finite and lie in [0, 1] (uint8 images always fit); one line naming
+    how many images break that and the first one."""
+    if x.dtype == np.uint8:
+        return
+    if not np.issubdtype(x.dtype, np.floating):
+        raise DltestError(f"{path}: {key} must be uint8 (0..255) or float in [0, 1], not {x.dtype}")
+    n = len(x)
+    finite = np.isfinite(x).reshape(n, -1).all(axis=1)
+    if not finite.all():
+        first = int(np.flatnonzero(~finite)[0])
+        raise DltestError(f"{path}: {int((~finite).sum())} images hold NaN or infinite pixels (first: image {first})")
+    low, high = (float(x.min()), float(x.max())) if x.size else (0.0, 0.0)
+    if low < 0 or high > 1:
+        raise DltestError(f"{path}: float {key} must lie in [0, 1], found [{low:.3g}, {high:.3g}] "
+                          "(uint8 images: save them as uint8)")
 
 
 def check_labels(y: np.ndarray, path: Path | str, key: str = "y", classes: list[str] | None = None) -> None:
@@ -393,6 +402,24 @@ def check_labels(y: np.ndarray, path: Path | str, key: str = "y", classes: list[
     if high >= bound:
         what = f"the {len(classes)} class names" if classes else f"at most {MAX_CLASSES} classes"
         raise DltestError(f"{path}: label {high} ({key}[{int(np.argmax(y))}]) is out of range for {what}")
+
+
+def check_examples(arrays: dict[str, np.ndarray], path: Path | str, classes: list[str] | None = None) -> None:
+    """An adversarial-examples file's arrays (``x`` N,H,W,C float in [0, 1], ``y`` and ``indices``
+    one integer per image, labels within ``classes``): one line naming what is wrong."""
+    x, y, idx = arrays["x"], arrays["y"], arrays["indices"]
+    if x.ndim != 4 or x.shape[3] not in (1, 3):
+        raise DltestError(f"{path}: x must have shape (N, H, W, C) with C 1 or 3, not {x.shape}")
+    for key, values in (("y", y), ("indices", idx)):
+        if values.shape != (len(x),) or not np.issubdtype(values.dtype, np.integer) or values.dtype == np.bool_:
+            raise DltestError(f"{path}: {key} must be {len(x)} integers, one per image, not shape {values.shape} "
+                              f"of {values.dtype}")
+    if len(x) == 0:
+        raise DltestError(f"{path} holds no adversarial examples")
+    check_pixels(x, path, "x")
+    check_labels(y, path, "y", classes)
+    if idx.min() < 0:
+        raise DltestError(f"{path}: indices must be >= 0, found {int(idx.min())}")
 
 
 def _images_nchw(x: np.ndarray, path: Path, key: str) -> np.ndarray:

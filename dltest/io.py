@@ -69,7 +69,7 @@ def check_outputs(outputs: dict[str, str | os.PathLike | None],
             raise DltestError(f"{seen[key]} and {flag} are the same file {path}; give them different paths")
         seen[key] = flag
     for flag, path in (inputs or {}).items():
-        if path is None:
+        if path is None or not os.path.exists(path):
             continue
         key = os.path.realpath(path)
         if key in seen:

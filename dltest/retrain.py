@@ -25,10 +25,10 @@ from torch import Tensor, nn
 from dltest import __version__
 from dltest.attacks import AttackSpec, attack_preset
 from dltest.checkpoint import copy_model
-from dltest.data import ImageDataset, to_float_images
+from dltest.data import ImageDataset, check_examples, to_float_images
 from dltest.errors import DltestError
 from dltest.inference import PROBE_SIZE, adapt
-from dltest.io import atomic_path
+from dltest.io import atomic_path, parse_json_text
 from dltest.progress import progress_bar
 from dltest.robustness import RobustnessReport, evaluate_robustness, seeded_subset
 from dltest.selection import SelectionResult, select
@@ -111,7 +111,10 @@ def load_adversarial(path: str | os.PathLike, data: ImageDataset | None = None) 
         raise
     except Exception as exc:
         raise DltestError(f"cannot read {path} as an .npz file ({exc})") from None
-    meta = json.loads(str(arrays.pop("meta")))
+    meta = parse_json_text(str(arrays.pop("meta")), f"{path}: meta")
+    if not isinstance(meta, dict):
+        raise DltestError(f"{path}: meta must be a JSON object")
+    check_examples(arrays, path, data.classes if data is not None else None)
     x = torch.from_numpy(arrays["x"]).permute(0, 3, 1, 2).contiguous().float()
     y = torch.from_numpy(arrays["y"]).long()
     n = len(y)

@@ -17,7 +17,7 @@ from dltest.cli.options import (
     load_data_and_model,
 )
 from dltest.errors import DltestError
-from dltest.io import check_writable, read_json, write_json
+from dltest.io import check_outputs, read_json, write_json
 from dltest.retrain import generate_adversarial
 from dltest.selection import load_selection
 
@@ -53,8 +53,8 @@ def attack_command(
     eps_value = parse_eps(eps)
     if out.suffix != ".npz":
         raise DltestError(f"--out must end in .npz, got {out}")
-    check_writable(out)
-    report = check_writable(report or out.with_suffix(".json"))
+    report = report or out.with_suffix(".json")
+    check_outputs({"--out": out, "--report": report}, {"--model": model, "--dataset": dataset, "--selection": selection})
     if split is None:
         raw = read_json(selection) if selection else {}
         split = raw.get("split") if isinstance(raw, dict) and raw.get("split") else "val"

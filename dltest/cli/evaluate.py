@@ -18,7 +18,7 @@ from dltest.cli.options import (
     load_data_and_model,
 )
 from dltest.checkpoint import ModelInfo
-from dltest.io import check_writable, write_json
+from dltest.io import check_outputs, write_json
 from dltest.robustness import RobustnessReport, RobustnessWarning, evaluate_robustness
 
 
@@ -47,7 +47,7 @@ def evaluate_command(
     """Clean accuracy and robust accuracy under attacks (model in eval mode, RobustBench's rules)."""
     names = parse_attack_list(attacks)  # bad names and eps fail before any loading
     eps_value = parse_eps(eps)
-    check_writable(out)
+    check_outputs({"--out": out}, {"--model": model, "--dataset": dataset})
     data, net, info = load_data_and_model(dataset, split, model, data_root, download, trust_model,
                                           arch, arch_kwargs, normalize)
     with warnings.catch_warnings(record=True) as caught:

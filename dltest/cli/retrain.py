@@ -24,7 +24,7 @@ from dltest.cli.options import (
 )
 from dltest.data import load_dataset
 from dltest.errors import DltestError
-from dltest.io import check_writable, write_json
+from dltest.io import check_outputs, write_json
 from dltest.retrain import RETRAIN_LR, load_adversarial, retrain, retrain_epochs
 from dltest.robustness import RobustnessWarning
 from dltest.selection import load_selection
@@ -84,8 +84,9 @@ def retrain_command(
     eval_eps_value = parse_eps(eval_eps)
     config = TrainConfig(epochs=epochs if epochs is not None else retrain_epochs(dataset.lower()),
                          batch_size=batch_size, lr=lr, seed=seed, augment=DEFAULT_AUGMENT.get(dataset.lower(), "none"))
-    check_writable(out)
-    report = check_writable(report or out.with_suffix(".json"))
+    report = report or out.with_suffix(".json")
+    check_outputs({"--out": out, "--report": report, "the partial state": Path(f"{out}.partial")},
+                  {"--model": model, "--dataset": dataset, "--selection": selection, "--examples": examples})
 
     pool, net, info = load_data_and_model(dataset, pool_split, model, data_root, download, trust_model,
                                           arch, arch_kwargs, normalize)

@@ -18,7 +18,7 @@ from dltest.cli.options import (
 )
 from dltest.budget import parse_budget
 from dltest.inference import INFERENCE_BATCH
-from dltest.io import atomic_path, check_writable
+from dltest.io import atomic_path, check_outputs
 from dltest.selection import SelectionResult, load_selection, select
 from dltest.errors import DltestError
 from dltest.selectors import REGISTRY, get_selector
@@ -64,9 +64,8 @@ def select_command(
     )
     get_selector(metric, **options)  # unknown metric, bad option or malformed budget: fail before loading anything
     parse_budget(budget, pool_size=sys.maxsize)
-    out = check_writable(out or Path(f"selection-{metric}-{budget.strip().replace('%', 'pct')}.json"))
-    if csv_path:
-        check_writable(csv_path)
+    out = out or Path(f"selection-{metric}-{budget.strip().replace('%', 'pct')}.json")
+    check_outputs({"--out": out, "--csv": csv_path}, {"--model": model, "--dataset": dataset, "--labeled": labeled})
     data, net, info = load_data_and_model(dataset, split, model, data_root, download, trust_model,
                                           arch, arch_kwargs, normalize, need_labels=False)
     labeled_indices = load_selection(str(labeled), data).indices if labeled else None
