@@ -75,7 +75,7 @@ def lenet_and_pool(pool_size: int | None):
 
 def bench_bald(device: torch.device) -> dict:
     from dltest.selection import select
-    from dltest.selectors.mc_dropout import dropout_masks
+    from dltest.inference import dropout_masks
 
     model, data, source = lenet_and_pool(None)
     model.to(device)
@@ -187,9 +187,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    from dltest.settings import default_device
+    from dltest.runtime import resolve_device
 
-    device = default_device(args.device)
+    device = resolve_device(args.device)
     print(json.dumps({"machine": machine(), "device": str(device)}))
     parts = ["bald", "dfal", "coreset"] if args.part == "all" else [args.part]
     for part in parts:

@@ -26,7 +26,7 @@ import torch
 from dltest import infer, load_dataset, load_model, select
 from dltest.data import to_float_images
 from dltest.inference import INFERENCE_BATCH
-from dltest.settings import default_device
+from dltest.runtime import resolve_device
 
 SELECTORS = ["random", "entropy", "deepgini", "lc", "margin", "mcp", "dre"]
 
@@ -77,7 +77,7 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="write the results as JSON")
     args = parser.parse_args()
 
-    device = default_device()
+    device = resolve_device()
     data = load_dataset("mnist", "train")
     model, info = load_model(dataset="mnist")
     model = model.to(device).eval()

@@ -17,15 +17,17 @@ from dltest.inference import PoolOutputs, infer  # noqa: E402
 from dltest.selection import SelectionResult, load_selection, select  # noqa: E402
 from dltest.selectors import REGISTRY as SELECTORS  # noqa: E402
 from dltest.training import TrainConfig, accuracy, train  # noqa: E402
-from dltest.attacks import ATTACKS, AttackSpec, LinfPGD, attack_preset, build_attack, pgd_adversary, pgd_linf  # noqa: E402
-from dltest.robustness import RobustnessReport, RobustnessWarning, evaluate_robustness  # noqa: E402
-from dltest.retrain import (  # noqa: E402
-    AdversarialExamples, RetrainResult, generate_adversarial, load_adversarial, retrain,
+from dltest.attacks import (  # noqa: E402
+    ATTACKS, AdversarialExamples, AttackSpec, LinfPGD, attack_preset, build_attack, generate_adversarial,
+    load_adversarial, pgd_adversary, pgd_linf,
 )
+from dltest.profiles import DatasetProfile, dataset_profile  # noqa: E402
+from dltest.robustness import RobustnessReport, RobustnessWarning, evaluate_robustness  # noqa: E402
+from dltest.workflows.retrain import RetrainResult, retrain  # noqa: E402
 
 __all__ = [
-    "ATTACKS", "AdversarialExamples", "AttackSpec", "LinfPGD", "RetrainResult", "RobustnessReport",
-    "RobustnessWarning", "attack_preset", "build_attack", "evaluate_robustness", "generate_adversarial",
+    "ATTACKS", "AdversarialExamples", "AttackSpec", "DatasetProfile", "LinfPGD", "RetrainResult", "RobustnessReport",
+    "RobustnessWarning", "attack_preset", "build_attack", "dataset_profile", "evaluate_robustness", "generate_adversarial",
     "load_adversarial", "pgd_adversary", "pgd_linf", "retrain",
     "DltestError", "ImageDataset", "PoolOutputs", "SELECTORS", "SelectionResult", "TrainConfig",
     "accuracy", "infer", "load_dataset", "load_model", "load_selection", "save_checkpoint", "select", "train",

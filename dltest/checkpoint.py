@@ -29,6 +29,7 @@ from torch import nn
 from dltest.data import ImageDataset
 from dltest.errors import DltestError
 from dltest.io import atomic_path
+from dltest.profiles import PROFILES
 from dltest.zoo import ARCHITECTURES, Classifier, build_model
 
 FORMAT = "dltest-checkpoint"
@@ -206,12 +207,13 @@ def load_model(
 ) -> tuple[nn.Module, ModelInfo]:
     """Load a model in eval mode on the CPU.
 
-    ``source`` is a dltest checkpoint, a TorchScript file, a state_dict (with ``arch``: a zoo name
-    or ``module:Class``, built with ``arch_kwargs``; a zoo model also needs ``input_shape``), or
-    ``None`` for the bundled model of ``dataset``. ``trust=True`` also accepts a pickled
-    ``nn.Module``: that runs code from the file, so only use it for files you made.
-    ``normalize=(mean, std)`` is for models trained on normalised inputs. Anything but a zoo
-    model comes wrapped in :class:`~dltest.inference.ModelAdapter`.
+    ``source`` is a dltest checkpoint, a TorchScript file, an ``.onnx`` file (run by onnxruntime,
+    see :mod:`dltest.export`), a state_dict (with ``arch``: a zoo name or ``module:Class``, built
+    with ``arch_kwargs``; a zoo model also needs ``input_shape``), or ``None`` for the bundled
+    model of ``dataset``. ``trust=True`` also accepts a pickled ``nn.Module``: that runs code from
+    the file, so only use it for files you made. ``normalize=(mean, std)`` is for models trained
+    on normalised inputs. Anything but a zoo model comes wrapped in
+    :class:`~dltest.inference.ModelAdapter`.
     """
     from dltest.inference import adapt, parse_normalize
 
@@ -226,6 +228,12 @@ def load_model(
     if kwargs and not arch:
         raise DltestError("arch_kwargs (--arch-kwargs) need arch (--arch)")
     normalization = parse_normalize(normalize, input_shape[0] if input_shape else None)
+    if path.suffix.lower() == ".onnx":
+        if arch:
+            raise DltestError(f"{path} is an ONNX file: it carries its architecture; drop --arch")
+        model, info = _load_onnx(path)
+        info.kind, info.normalize = "onnx", normalization
+        return adapt(model, normalize=normalization), info
     if _is_torchscript(path):
         if arch:
             raise DltestError(f"{path} is a TorchScript file: it carries its architecture; drop --arch")
@@ -288,6 +296,19 @@ def _from_checkpoint(state: dict[str, Any], path: Path, normalization) -> tuple[
     return adapt(model, normalize=normalization), info
 
 
+def _load_onnx(path: Path) -> tuple[nn.Module, ModelInfo]:
+    """An ONNX file runs through onnxruntime (dltest.export): inference only, no gradients."""
+    from dltest.export import load_onnx
+
+    model, meta = load_onnx(path)
+    shape = meta.get("input_shape") or model.input_shape
+    return model, ModelInfo(
+        source=str(path), arch="onnx", dataset=meta.get("dataset"),
+        input_shape=tuple(shape) if shape else None,
+        num_classes=int(meta["num_classes"]) if meta.get("num_classes") else None, meta=meta,
+    )
+
+
 def model_from_checkpoint(state: dict[str, Any], path: str | os.PathLike = "checkpoint") -> nn.Module:
     """Rebuild the model a checkpoint dict describes (a zoo model or ``module:Class``) and load its weights."""
     arch = state.get("arch")
@@ -297,7 +318,7 @@ def model_from_checkpoint(state: dict[str, Any], path: str | os.PathLike = "chec
     try:
         model = build_model(
             state["arch"], state["num_classes"], tuple(state["input_shape"]),
-            mean=tuple(state["mean"]), std=tuple(state["std"]), **state.get("arch_kwargs", {}),
+            mean=tuple(state["mean"]), std=tuple(state["std"]),
         )
         model.load_state_dict(state["state_dict"])
     except (KeyError, RuntimeError, TypeError) as exc:
@@ -411,24 +432,27 @@ def _strip_prefix(weights: dict[str, torch.Tensor], prefix: str) -> dict[str, to
 
 
 def pretrained_path(dataset: str) -> Path:
-    """The bundled checkpoint for ``dataset`` (``models/`` in the repository)."""
-    name = f"lenet5-{dataset}.pt"
-    try:
-        path = Path(str(resources.files(PRETRAINED_PACKAGE).joinpath(name)))
-    except ModuleNotFoundError:
-        path = Path(name)
-    if not path.is_file():
+    """The bundled checkpoint for ``dataset`` (``models/`` in the repository), named by its profile."""
+    name = PROFILES[dataset].pretrained if dataset in PROFILES else None
+    path = _bundled(name) if name else None
+    if path is None:
         available = ", ".join(pretrained_datasets()) or "none"
         raise DltestError(f"no bundled model for dataset {dataset!r} (bundled: {available}); pass --model FILE")
     return path
 
 
 def pretrained_datasets() -> list[str]:
+    """The datasets whose profile names a bundled checkpoint that is installed."""
+    return sorted(name for name, p in PROFILES.items() if p.pretrained and _bundled(p.pretrained))
+
+
+def _bundled(name: str) -> Path | None:
+    """The installed file ``models/<name>``, or None."""
     try:
-        folder = resources.files(PRETRAINED_PACKAGE)
+        path = Path(str(resources.files(PRETRAINED_PACKAGE).joinpath(name)))
     except ModuleNotFoundError:
-        return []
-    return sorted(p.name[len("lenet5-"):-3] for p in folder.iterdir() if p.name.endswith(".pt"))
+        return None
+    return path if path.is_file() else None
 
 
 def check_fits(model: nn.Module, data: ImageDataset, info: ModelInfo | None = None) -> nn.Module:

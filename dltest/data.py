@@ -66,6 +66,21 @@ class ImageDataset:
             self.classes, self.source_index[positions], self.labeled,
         )
 
+    def sample_positions(self, n: int | None, seed: int) -> Tensor | None:
+        """``n`` positions drawn at random with ``seed`` (sorted); None when ``n`` is None or
+        covers the whole dataset. Drawn from a private generator: the global RNG is untouched."""
+        if n is not None and n < 1:
+            raise DltestError(f"n must be >= 1, got {n}")
+        if n is None or n >= len(self):
+            return None
+        return torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:n].sort().values
+
+    def sample(self, n: int | None, seed: int) -> "ImageDataset":
+        """A seeded random subset of ``n`` inputs, in pool order (all of them when ``n`` is None or
+        at least the size): the same ``n`` and ``seed`` give the same subset."""
+        positions = self.sample_positions(n, seed)
+        return self if positions is None else self.subset(positions)
+
     def require_labels(self, purpose: str) -> "ImageDataset":
         """Fail with one line when the data has no labels but ``purpose`` needs them."""
         if not self.labeled:
@@ -195,10 +210,6 @@ BUILTINS: dict[str, _Builtin] = {
     "cifar10": _Builtin(_cifar10, "cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta}"),
     "svhn": _Builtin(_svhn, "SVHN/{train,test}_32x32.mat"),
 }
-
-
-def dataset_names() -> list[str]:
-    return list(BUILTINS)
 
 
 def load_dataset(

@@ -6,6 +6,7 @@ that knows its seed, budget and options and writes itself as JSON.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import Counter
 import time
@@ -21,8 +22,8 @@ from dltest.data import ImageDataset
 from dltest.errors import DltestError
 from dltest.inference import INFERENCE_BATCH, PROBE_SIZE, PoolOutputs, adapt, infer
 from dltest.io import read_json, write_json
-from dltest.selectors import REGISTRY, Pool, get_selector
-from dltest.settings import default_device
+from dltest.selectors import REGISTRY, Candidates, get_selector
+from dltest.runtime import on_device, resolve_device
 
 
 @dataclass
@@ -50,10 +51,13 @@ class SelectionResult:
     label_counts: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
     dltest_version: str = __version__
+    command: str = "dltest select"
     model_info: dict[str, Any] | None = None  # how the model was loaded and read (ModelInfo.describe)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        fields = asdict(self)
+        return {"command": fields.pop("command"), "dltest_version": fields.pop("dltest_version"),
+                "seed": fields.pop("seed"), **fields}
 
     def save(self, path: str) -> None:
         """Write the selection as JSON, atomically."""
@@ -89,7 +93,7 @@ def select(
     """
     selector = get_selector(metric, **options)
     started = time.perf_counter()
-    device = default_device(device)
+    device = resolve_device(device)
     if model is not None and data is not None and len(data):
         model = adapt(model, data.images(slice(0, PROBE_SIZE)))  # outside models: one adapter for every selector
     if outputs is None:
@@ -103,14 +107,18 @@ def select(
         raise DltestError(f"outputs cover {n} inputs but the pool has {len(data)}")
     if selector.needs_model and (model is None or data is None):
         raise DltestError(f"metric {metric!r} runs the model again: pass model and data")
+    if selector.needs_model and not getattr(model, "has_gradients", True):
+        usable = ", ".join(name for name, cls in REGISTRY.items() if not cls.needs_model and name != "coreset")
+        raise DltestError(f"metric {metric!r} runs the model again (gradients or dropout), which an ONNX model "
+                          f"does not allow; metrics that work on ONNX models: {usable}")
 
     labeled_t = _labeled_positions(labeled, n)
-    candidates = _complement(labeled_t, n)
-    budget_int = parse_budget(budget, len(candidates))
-    pool = Pool(
-        outputs=_subset_outputs(outputs, candidates),
+    unlabeled = _complement(labeled_t, n)
+    budget_int = parse_budget(budget, len(unlabeled))
+    candidates = Candidates(
+        outputs=_subset_outputs(outputs, unlabeled),
         model=model,
-        data=(data if len(candidates) == n else data.subset(candidates)) if data is not None else None,
+        data=(data if len(unlabeled) == n else data.subset(unlabeled)) if data is not None else None,
         labeled_embeddings=(
             outputs.embeddings[labeled_t] if outputs.embeddings is not None and len(labeled_t) else None
         ),
@@ -118,8 +126,10 @@ def select(
         progress=progress,
     )
     generator = torch.Generator().manual_seed(seed)
-    chosen = selector(pool, budget_int, generator)
-    indices = candidates[chosen.indices]
+    # the selectors that run the model again find it on ``device``; the caller's model stays put
+    with on_device(model, device) if model is not None else contextlib.nullcontext():
+        chosen = selector(candidates, budget_int, generator)
+    indices = unlabeled[chosen.indices]
     if len(indices) != budget_int or len(torch.unique(indices)) != budget_int:
         raise RuntimeError(f"selector {metric} returned {len(indices)} positions for a budget of {budget_int}")
 
@@ -176,10 +186,6 @@ def _finite_or_none(scores: Tensor | None) -> list[float | None] | None:
     if scores is None:
         return None
     return [v if math.isfinite(v) else None for v in scores.double().tolist()]
-
-
-def metric_names() -> list[str]:
-    return sorted(REGISTRY)
 
 
 def _labeled_positions(labeled: Sequence[int] | Tensor | None, n: int) -> Tensor:

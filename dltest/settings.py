@@ -1,4 +1,4 @@
-"""Where dltest looks for data and which device it computes on."""
+"""Where dltest looks for data (the device is resolved in :mod:`dltest.runtime`)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ from pathlib import Path
 import torch
 
 DATA_ENV = "DLTEST_DATA"
-DEVICE_ENV = "DLTEST_DEVICE"
 DOWNLOAD_ENV = "DLTEST_DOWNLOAD"
 
 
@@ -29,8 +28,7 @@ def download_allowed(explicit: bool | None = None) -> bool:
 
 
 def default_device(explicit: str | torch.device | None = None) -> torch.device:
-    """``explicit``, else ``$DLTEST_DEVICE``, else CUDA when there is one, else the CPU."""
-    name = explicit or os.environ.get(DEVICE_ENV)
-    if name:
-        return torch.device(name)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """Kept for code written against it: :func:`dltest.runtime.resolve_device`."""
+    from dltest.runtime import resolve_device
+
+    return resolve_device(explicit)

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from dltest.data import ImageDataset, fingerprint
 from dltest.errors import DltestError
 from dltest.io import atomic_path
+from dltest.profiles import PROFILES
 from dltest.progress import progress_bar
 from dltest.settings import default_device
 
@@ -30,7 +31,7 @@ from dltest.settings import default_device
 Adversary = Callable[[nn.Module, Tensor, Tensor], Tensor]
 
 # Augmentation per dataset (SPEC: selection scores never see augmentation; training may).
-DEFAULT_AUGMENT = {"cifar10": "crop-flip", "svhn": "crop"}
+DEFAULT_AUGMENT = {name: profile.augment for name, profile in PROFILES.items()}
 
 
 @dataclass

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 import torch.nn.functional as F
 
 from dltest.errors import DltestError
+from dltest.profiles import dataset_profile, generic_profile
 
 
 class Classifier(nn.Module):
@@ -157,9 +158,6 @@ ARCHITECTURES: dict[str, Callable[..., Classifier]] = {
     "preactresnet18": preactresnet18,
 }
 
-# The paper's model for each dataset (Table 2).
-DEFAULT_ARCH = {"mnist": "lenet5", "fashion-mnist": "lenet5", "svhn": "vgg8", "cifar10": "resnet18"}
-
 
 def build_model(
     arch: str, num_classes: int = 10, input_shape: Sequence[int] = (1, 28, 28), **kwargs
@@ -172,27 +170,20 @@ def build_model(
         model.eval()(torch.zeros(1, *input_shape))  # materialise lazy layers, check the shape fits
     return model
 
-# Per-dataset normalisation, baked into the model (inputs stay in [0, 1]).
-NORMALIZATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
-    "mnist": ((0.1307,), (0.3081,)),
-    "fashion-mnist": ((0.2860,), (0.3530,)),
-    "svhn": ((0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)),
-    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-}
-
 
 def model_for_dataset(
     dataset: str, arch: str | None = None, num_classes: int = 10, input_shape: Sequence[int] = (1, 28, 28)
 ) -> Classifier:
-    """A fresh zoo model for ``dataset``: the paper's architecture unless ``arch`` says otherwise."""
-    arch = arch or default_arch(dataset, input_shape)
+    """A fresh zoo model for ``dataset``: the paper's architecture unless ``arch`` says otherwise,
+    with the dataset's normalisation baked in (0.5/0.5 for user data or a channel mismatch)."""
     channels = int(input_shape[0])
-    mean, std = NORMALIZATION.get(dataset, ((0.5,) * channels, (0.5,) * channels))
-    if len(mean) != channels:
-        mean, std = (0.5,) * channels, (0.5,) * channels
-    return build_model(arch, num_classes, input_shape, mean=mean, std=std)
+    profile = dataset_profile(dataset, channels)
+    arch = arch or profile.arch
+    if profile.channels != channels:
+        profile = generic_profile(channels, dataset)
+    return build_model(arch, num_classes, input_shape, mean=profile.mean, std=profile.std)
 
 
 def default_arch(dataset: str, input_shape: Sequence[int]) -> str:
     """The paper's architecture for ``dataset``; for user data, LeNet-5 (grey) or ResNet18 (colour)."""
-    return DEFAULT_ARCH.get(dataset, "lenet5" if input_shape[0] == 1 else "resnet18")
+    return dataset_profile(dataset, int(input_shape[0])).arch

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("DLTEST_DATA") or REPO.parent / "shared" / "datasets")  # worktrees set DLTEST_DATA
-
-# Tests read real data from ../shared/datasets unless DLTEST_DATA points elsewhere.
+# Tests read real data from ../shared/datasets unless DLTEST_DATA points elsewhere (a git
+# worktree lives elsewhere than ../shared: DLTEST_DATA then names the folder for every test).
+SHARED_DATA = Path(os.environ.get("DLTEST_DATA") or REPO.parent / "shared" / "datasets")
 if not os.environ.get("DLTEST_DATA") and SHARED_DATA.is_dir():
     os.environ["DLTEST_DATA"] = str(SHARED_DATA)
 os.environ.setdefault("DLTEST_DEVICE", "cpu")

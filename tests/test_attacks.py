@@ -166,3 +166,34 @@ def test_native_kernels_only_for_grey_cpu_images():
 
     assert native_input_grad_pays(torch.rand(2, 1, 28, 28))
     assert not native_input_grad_pays(torch.rand(2, 3, 32, 32))
+
+
+def test_the_preset_registry_says_once_which_attack_takes_which_option():
+    from dltest.attacks import ATTACKS, PRESETS, Preset, takes
+
+    assert ATTACKS == ("pgd", "fgsm", "square", "autoattack", "autoattack-fast", "deepfool")
+    assert all(isinstance(PRESETS[name], Preset) and PRESETS[name].name == name for name in ATTACKS)
+    table = {name: {o for o in ("alpha", "steps", "queries") if takes(name, o)} for name in ATTACKS}
+    assert table == {"pgd": {"alpha", "steps"}, "fgsm": set(), "square": {"queries"}, "autoattack": set(),
+                     "autoattack-fast": {"steps", "queries"}, "deepfool": {"steps"}}
+    assert not takes("deepfool", "eps") and takes("fgsm", "eps")
+    # every option the registry says an attack takes is accepted, every other one refused
+    values = {"alpha": 0.02, "steps": 3, "queries": 7}
+    for name in ATTACKS:
+        for option, value in values.items():
+            if takes(name, option):
+                assert getattr(attack_preset(name, "mnist", **{option: value}), option) == value
+            else:
+                with pytest.raises(DltestError, match=f"attack {name} does not take {option}"):
+                    attack_preset(name, "mnist", **{option: value})
+    with pytest.raises(DltestError, match="unknown attack 'cw'"):
+        takes("cw", "steps")
+
+
+def test_linf_pgd_restores_every_modules_mode(trained_lenet, batch):
+    model = copy.deepcopy(trained_lenet).train()
+    model.features[0].eval()
+    before = [m.training for m in model.modules()]
+    x, y = batch
+    LinfPGD(model, 0.3, 0.01, 2)(x[:8], y[:8])
+    assert [m.training for m in model.modules()] == before

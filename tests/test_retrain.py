@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -9,7 +11,8 @@ import torch
 from dltest.attacks import attack_preset
 from dltest.data import load_dataset, load_npz
 from dltest.errors import DltestError
-from dltest.retrain import generate_adversarial, load_adversarial, retrain, with_examples
+from dltest.attacks import generate_adversarial, load_adversarial, with_examples
+from dltest.workflows.retrain import retrain
 from dltest.training import TrainConfig
 
 
@@ -70,7 +73,7 @@ def test_retrain_improves_robust_accuracy_over_its_starting_model(trained_lenet,
     assert after["robust_accuracy"]["pgd"] > before["robust_accuracy"]["pgd"] + 0.08, (before, after)
     assert after["clean_accuracy"] > 0.9
     assert report["selection"]["metric"] == "dre" and len(report["selection"]["indices"]) == 300
-    assert report["adversarial_examples"]["count"] == 300 and report["settings"]["holdout_split"] == "holdout"
+    assert report["adversarial_examples"]["n"] == 300 and report["settings"]["holdout_split"] == "holdout"
     assert report["settings"]["attack"]["eps"] == 0.2 and report["settings"]["config"]["epochs"] == 2
     # the starting model is left as it was
     assert all(torch.equal(before_weights[k], v) for k, v in trained_lenet.state_dict().items())
@@ -83,10 +86,31 @@ def test_retrain_refuses_a_pool_that_overlaps_the_holdout(trained_lenet, mnist_t
 
 def test_retrain_refuses_the_whole_test_set_as_pool_but_takes_val(trained_lenet, mnist_train_slice, holdout):
     from dltest.data import load_dataset
-    from dltest.retrain import _overlap
+    from dltest.workflows.retrain import _overlap
 
     test = load_dataset("mnist", "test")
     with pytest.raises(DltestError, match="must be disjoint from the holdout"):
         retrain(trained_lenet, train_data=mnist_train_slice, pool=test, holdout=holdout)
     assert not _overlap(load_dataset("mnist", "val"), holdout)
     assert not _overlap(mnist_train_slice, holdout)
+
+
+def test_retrain_leaves_the_callers_model_mode_weights_and_rng_alone(trained_lenet, mnist_train_slice, pool, holdout):
+    model = copy.deepcopy(trained_lenet).train()  # in train mode, as a caller mid-training may hand it over
+    model.features[0].eval()
+    modes = [m.training for m in model.modules()]
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    device = next(model.parameters()).device
+    torch.manual_seed(42)
+    rng = torch.get_rng_state()
+    result = retrain(
+        model, train_data=mnist_train_slice.subset(torch.arange(200)), pool=pool, holdout=holdout, metric="deepgini",
+        budget=20, attack=attack_preset("pgd", "mnist", "train", eps=0.2, steps=1, alpha=0.2),
+        eval_attacks=[attack_preset("fgsm", "mnist", "eval", eps=0.1)], config=TrainConfig(epochs=1, seed=0),
+        val_n=30, eval_n=30, val_attack=attack_preset("pgd", "mnist", "train", eps=0.2, steps=1, alpha=0.2), seed=0,
+    )
+    assert [m.training for m in model.modules()] == modes
+    assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
+    assert next(model.parameters()).device == device
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert result.model is not model and not result.model.training

@@ -11,7 +11,7 @@ from torch import nn
 
 from dltest.attacks import attack_preset
 from dltest.errors import DltestError
-from dltest.robustness import RobustnessWarning, evaluate_robustness, seeded_subset
+from dltest.robustness import RobustnessWarning, evaluate_robustness
 
 
 @pytest.fixture(scope="module")
@@ -57,12 +57,13 @@ def test_batches_and_seed_make_no_difference_but_rng_is_restored(trained_lenet, 
 
 
 def test_seeded_subset(holdout_slice):
-    sub, idx = seeded_subset(holdout_slice, 50, seed=2)
-    sub2, idx2 = seeded_subset(holdout_slice, 50, seed=2)
+    sub, idx = holdout_slice.sample(50, seed=2), holdout_slice.sample_positions(50, seed=2).tolist()
+    idx2 = holdout_slice.sample_positions(50, seed=2).tolist()
     assert idx == idx2 and len(sub) == 50 and idx == sorted(idx) and len(set(idx)) == 50
-    assert seeded_subset(holdout_slice, None, 0)[1] is None
-    with pytest.raises(DltestError, match="--n must be >= 1"):
-        seeded_subset(holdout_slice, 0, 0)
+    assert torch.equal(sub.y, holdout_slice.y[idx])
+    assert holdout_slice.sample_positions(None, 0) is None and holdout_slice.sample(None, 0) is holdout_slice
+    with pytest.raises(DltestError, match="n must be >= 1"):
+        holdout_slice.sample(0, 0)
 
 
 def test_overrides_that_apply_to_no_attack_fail(trained_lenet, holdout_slice):

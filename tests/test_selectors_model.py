@@ -21,7 +21,7 @@ from torch import nn
 from dltest.data import ImageDataset
 from dltest.inference import infer
 from dltest.selection import select
-from dltest.selectors import Pool, get_selector
+from dltest.selectors import Candidates, get_selector
 from dltest.selectors.coreset import k_center_greedy
 from dltest.selectors.dfal import deepfool_l2
 from dltest.selectors.egl import egl_exact, egl_last_layer
@@ -52,12 +52,12 @@ def as_baal(samples: torch.Tensor) -> np.ndarray:
 # --- helpers -------------------------------------------------------------------------------------
 
 
-def pool_of(model: nn.Module, data: ImageDataset, labeled_embeddings=None) -> Pool:
-    return Pool(outputs=infer(model, data, device="cpu"), model=model, data=data,
+def pool_of(model: nn.Module, data: ImageDataset, labeled_embeddings=None) -> Candidates:
+    return Candidates(outputs=infer(model, data, device="cpu"), model=model, data=data,
                 labeled_embeddings=labeled_embeddings, device=torch.device("cpu"))
 
 
-def all_scores(selector, pool: Pool, seed: int = SEED) -> torch.Tensor:
+def all_scores(selector, pool: Candidates, seed: int = SEED) -> torch.Tensor:
     """Every pool input's score, in pool order (a selection of the whole pool)."""
     chosen = selector(pool, len(pool), torch.Generator().manual_seed(seed))
     scores = torch.empty(len(pool), dtype=torch.float64)
@@ -133,7 +133,7 @@ def test_model_dropout_only_dropout_samples_and_batchnorm_is_unchanged(small_poo
     model = TinyBN(dropout=0.3)
     model.train()  # the user's mode: must come back as it was, and BN must not update
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    pool = Pool(outputs=infer(model, small_pool, device="cpu"), model=model, data=small_pool)
+    pool = Candidates(outputs=infer(model, small_pool, device="cpu"), model=model, data=small_pool)
     model.train()
     samples = mc_probabilities(pool, 6, 0.1, torch.Generator().manual_seed(SEED))
     for k, v in model.state_dict().items():
@@ -160,7 +160,7 @@ def test_model_dropout_only_dropout_samples_and_batchnorm_is_unchanged(small_poo
 def test_model_without_dropout_or_head_gets_dropout_before_last_linear_with_notice(small_pool, capsys):
     torch.manual_seed(1)
     model = TinyBN(dropout=None).eval()
-    pool = Pool(outputs=infer(model, small_pool, device="cpu"), model=model, data=small_pool)
+    pool = Candidates(outputs=infer(model, small_pool, device="cpu"), model=model, data=small_pool)
     capsys.readouterr()
     scores = all_scores(get_selector("dropout-entropy", samples=5, dropout=0.2), pool)
     err = capsys.readouterr().err
@@ -175,6 +175,30 @@ def test_model_without_dropout_or_head_gets_dropout_before_last_linear_with_noti
     finally:
         hook.remove()
     np.testing.assert_allclose(scores.numpy(), baal_entropy(as_baal(ref)), rtol=1e-5, atol=1e-6)
+
+
+def test_mc_selection_records_the_dropout_it_used(small_pool):
+    """A model with its own dropout is sampled with its own rate: the selection says so, not 0.5."""
+    torch.manual_seed(0)
+    model = TinyBN(dropout=0.3).eval()
+    result = select("bald", 5, model=model, data=small_pool, seed=0, dropout=0.5, device="cpu")
+    assert result.options == {"samples": 10, "dropout": 0.3, "dropout_placement": "model"}
+    plain = TinyBN(dropout=None).eval()
+    result = select("dropout-entropy", 5, model=plain, data=small_pool, seed=0, dropout=0.25, device="cpu")
+    assert result.options["dropout"] == 0.25 and result.options["dropout_placement"] == "last-linear"
+
+
+def test_mc_predictions_shape_reproducibility_and_state(trained_lenet, small_pool):
+    from dltest.inference import mc_predictions
+
+    model = copy.deepcopy(trained_lenet).train()
+    rng = torch.get_rng_state()
+    first = mc_predictions(model, small_pool, 3, 0.1, torch.Generator().manual_seed(1))
+    again = mc_predictions(model, small_pool, 3, 0.1, torch.Generator().manual_seed(1))
+    assert first.shape == (3, len(small_pool), 10) and torch.equal(first, again)
+    assert torch.allclose(first.sum(-1), torch.ones(3, len(small_pool)), atol=1e-5)
+    assert model.training and all(m.training for m in model.modules())
+    assert torch.equal(torch.get_rng_state(), rng)
 
 
 def test_mc_scores_use_xlogy_no_nan_at_zero_probability():
@@ -390,7 +414,7 @@ def test_coreset_through_select_starts_from_labeled_positions(trained_lenet, sma
 
 def test_options_are_validated_and_recorded(trained_lenet, small_pool):
     result = select("bald", 5, model=trained_lenet, data=small_pool, seed=0, samples=4, dropout=0.2, device="cpu")
-    assert result.options == {"samples": 4, "dropout": 0.2}
+    assert result.options == {"samples": 4, "dropout": 0.2, "dropout_placement": "head"}
     assert select("egl", 3, model=trained_lenet, data=small_pool, variant="last-layer", device="cpu").options == {
         "variant": "last-layer"}
     from dltest.errors import DltestError
@@ -412,7 +436,7 @@ def test_cli_selector_flags(lenet_checkpoint, tmp_path):
     res = runner.invoke(app, [*base, "--metric", "bald", "--mc-samples", "3", "--dropout", "0.2", "--out", str(out)])
     assert res.exit_code == 0, res.output
     saved = json.loads(out.read_text())
-    assert saved["options"] == {"samples": 3, "dropout": 0.2} and len(saved["indices"]) == 20
+    assert saved["options"] == {"samples": 3, "dropout": 0.2, "dropout_placement": "head"} and len(saved["indices"]) == 20
 
     res = runner.invoke(app, [*base, "--metric", "entropy", "--mc-samples", "3", "--out", str(tmp_path / "x.json")])
     assert res.exit_code == 2 and "--mc-samples is not an option of metric 'entropy'" in res.output

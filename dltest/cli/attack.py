@@ -9,8 +9,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from dltest.attacks import PURPOSES, attack_preset, check_attack_name, parse_eps
-from dltest.cli.app import app
+from dltest.attacks import PURPOSES, attack_preset, check_attack_name, generate_adversarial, parse_eps
+from dltest.cli.app import app, output_header
 from dltest.cli.options import (
     Arch, ArchKwargs, Normalize,
     Alpha, AttackBatch, DataRoot, Dataset, Device, Download, Eps, ModelPath, Queries, Seed, Steps, TrustModel,
@@ -18,7 +18,6 @@ from dltest.cli.options import (
 )
 from dltest.errors import DltestError
 from dltest.io import check_outputs, read_json, write_json
-from dltest.retrain import generate_adversarial
 from dltest.selection import load_selection
 
 
@@ -71,10 +70,9 @@ def attack_command(
     clean_acc = float((examples.clean_pred == examples.y).float().mean())
     adv_acc = float((examples.adv_pred == examples.y).float().mean())
     write_json(report, {
-        "command": "dltest attack", "out": str(out), "dataset": data.name, "split": data.split, "model": info.source,
-        "model_info": info.describe(),
-        "selection": str(selection) if selection else None, "count": len(examples), "attack": spec.to_dict(),
-        "seed": seed, "batch_size": batch_size, "clean_accuracy": clean_acc, "adversarial_accuracy": adv_acc,
+        **output_header("attack", seed), "out": str(out), "dataset": data.name, "split": data.split,
+        "model": info.source, "model_info": info.describe(), "selection": str(selection) if selection else None, "n": len(examples),
+        "attack": spec.to_dict(), "batch_size": batch_size, "clean_accuracy": clean_acc, "robust_accuracy": adv_acc,
         "success_rate": examples.success_rate,
     })
     table = Table(title=f"{spec.label} on {len(examples)} inputs of {data.name}/{data.split} (seed {seed})")

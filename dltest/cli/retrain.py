@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from dltest.attacks import attack_preset, check_attack_name, parse_attack_list, parse_eps
+from dltest.attacks import attack_preset, check_attack_name, load_adversarial, parse_attack_list, parse_eps, takes
 from dltest.budget import parse_budget
 from dltest.checkpoint import save_model
 from dltest.cli.app import app
@@ -25,11 +25,10 @@ from dltest.cli.options import (
 from dltest.data import load_dataset
 from dltest.errors import DltestError
 from dltest.io import check_outputs, write_json
-from dltest.retrain import RETRAIN_LR, load_adversarial, retrain, retrain_epochs
 from dltest.robustness import RobustnessWarning
 from dltest.selection import load_selection
 from dltest.selectors import get_selector
-from dltest.training import DEFAULT_AUGMENT, TrainConfig
+from dltest.workflows.retrain import RETRAIN_LR, retrain, retrain_config
 
 POOL_SPLITS = ("val", "train")
 
@@ -60,7 +59,7 @@ def retrain_command(
     seed: Seed = 0,
     out: Annotated[Path, typer.Option(help="Checkpoint of the retrained model.")] = Path("retrained.pt"),
     report: Annotated[Optional[Path], typer.Option(help="JSON report (default: <out>.json).")] = None,
-    resume: Annotated[bool, typer.Option(help="Continue the retraining from <out>.partial.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the retraining from <out>.partial.")] = False,
     data_root: DataRoot = None,
     download: Download = False,
     device: Device = None,
@@ -70,7 +69,7 @@ def retrain_command(
     normalize: Normalize = None,
 ) -> None:
     """Retrain a model on the training data plus adversarial examples of selected inputs."""
-    # Every setting is checked before anything is loaded or trained.
+    # Every setting is checked before anything is trained or written.
     if pool_split not in POOL_SPLITS:
         raise DltestError(f"--pool-split must be one of {', '.join(POOL_SPLITS)} (disjoint from the holdout half), got {pool_split!r}")
     if selection and examples:
@@ -82,22 +81,21 @@ def retrain_command(
     eps_value = parse_eps(eps)
     eval_names = parse_attack_list(eval_attacks)
     eval_eps_value = parse_eps(eval_eps)
-    config = TrainConfig(epochs=epochs if epochs is not None else retrain_epochs(dataset.lower()),
-                         batch_size=batch_size, lr=lr, seed=seed, augment=DEFAULT_AUGMENT.get(dataset.lower(), "none"))
     report = report or out.with_suffix(".json")
     check_outputs({"--out": out, "--report": report, "the partial state": Path(f"{out}.partial")},
                   {"--model": model, "--dataset": dataset, "--selection": selection, "--examples": examples})
 
     pool, net, info = load_data_and_model(dataset, pool_split, model, data_root, download, trust_model,
                                           arch, arch_kwargs, normalize)
+    config = retrain_config(pool.name, pool.input_shape[0], epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
     spec = attack_preset(attack, pool.name, "train", channels=pool.input_shape[0], eps=eps_value, steps=steps,
                          alpha=alpha, queries=queries, seed=seed)
     eval_specs = [
         attack_preset(name, pool.name, "eval", channels=pool.input_shape[0], eps=eval_eps_value,
-                      steps=eval_steps if name in ("pgd", "autoattack-fast", "deepfool") else None, seed=seed)
+                      steps=eval_steps if takes(name, "steps") else None, seed=seed)
         for name in eval_names
     ]
-    if eval_steps is not None and not any(name in ("pgd", "autoattack-fast", "deepfool") for name in eval_names):
+    if eval_steps is not None and not any(takes(name, "steps") for name in eval_names):
         raise DltestError(f"--eval-steps applies to none of the attacks {', '.join(eval_names)}")
     chosen = load_selection(str(selection), pool) if selection else None
     ready = load_adversarial(examples, pool) if examples else None
@@ -121,8 +119,9 @@ def retrain_command(
         if issubclass(w.category, RobustnessWarning):
             typer.echo(f"warning: {w.message}", err=True)
     data = result.to_dict()
-    data["settings"].update({"model": info.source, "model_info": info.describe(), "selection_file": str(selection) if selection else None,
-                             "examples_file": str(examples) if examples else None, "command": "dltest retrain"})
+    data["settings"].update({"model": info.source, "model_info": info.describe(),
+                             "selection_file": str(selection) if selection else None,
+                             "examples_file": str(examples) if examples else None})
     _save_model(result.model.cpu(), out, info, pool, data)
     Path(f"{out}.partial").unlink(missing_ok=True)
     write_json(report, {"checkpoint": str(out), **data})

@@ -1,9 +1,9 @@
 """Acquisition functions, registered by name (``REGISTRY``); one module per selector family."""
 
 from dltest.selectors import coreset, dfal, dre, egl, mc_dropout, mcp, random, uncertainty  # noqa: F401  (registers them)
-from dltest.selectors.base import REGISTRY, Pool, Selection, Selector, rank, register
+from dltest.selectors.base import REGISTRY, Candidates, Selection, Selector, rank, register
 
-__all__ = ["REGISTRY", "Pool", "Selection", "Selector", "rank", "register", "get_selector"]
+__all__ = ["REGISTRY", "Candidates", "Selection", "Selector", "rank", "register", "get_selector"]
 
 
 def get_selector(name: str, **options) -> Selector:

@@ -1,7 +1,7 @@
 """What a selector is: a small object that picks ``budget`` distinct pool positions, in order.
 
 Selectors are configured like torchattacks' attacks, options in the constructor
-(``BALD(samples=10)``), and called on a :class:`Pool`: ``selector(pool, budget, generator)``.
+(``BALD(samples=10)``), and called on a :class:`Candidates`: ``selector(candidates, budget, generator)``.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from dltest.inference import PoolOutputs
 
 
 @dataclass
-class Pool:
+class Candidates:
     """What a selector may look at: the cached outputs of the unlabeled candidates, and, for the
     selectors that must run the model again, the model and the images themselves.
 
@@ -39,7 +39,7 @@ class Pool:
 
 @dataclass
 class Selection:
-    """Pool positions in selection order, and the score of each where the selector has one."""
+    """Positions among the candidates in selection order, and the score of each where the selector has one."""
 
     indices: Tensor
     scores: Tensor | None = None
@@ -53,7 +53,7 @@ class Selector:
     score_name: ClassVar[str | None] = None  # what ``Selection.scores`` holds, for reports
     needs_model: ClassVar[bool] = False  # runs the model again (beyond the cached outputs)
 
-    def __call__(self, pool: Pool, budget: int, generator: torch.Generator) -> Selection:
+    def __call__(self, candidates: Candidates, budget: int, generator: torch.Generator) -> Selection:
         raise NotImplementedError
 
     @classmethod
@@ -89,10 +89,10 @@ class ScoreSelector(Selector):
 
     highest: ClassVar[bool] = True
 
-    def score(self, pool: Pool) -> Tensor:
+    def score(self, candidates: Candidates) -> Tensor:
         raise NotImplementedError
 
-    def __call__(self, pool: Pool, budget: int, generator: torch.Generator) -> Selection:
-        scores = self.score(pool)
+    def __call__(self, candidates: Candidates, budget: int, generator: torch.Generator) -> Selection:
+        scores = self.score(candidates)
         indices = rank(scores, budget, self.highest)
         return Selection(indices, scores[indices])

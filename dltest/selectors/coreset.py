@@ -22,7 +22,7 @@ from torch import Tensor
 
 from dltest.errors import DltestError
 from dltest.inference import embedding_help
-from dltest.selectors.base import Pool, Selection, Selector, register
+from dltest.selectors.base import Candidates, Selection, Selector, register
 
 CHUNK = 4096  # rows per block of the pool-to-labeled distances (CHUNK x CHUNK floats at a time)
 
@@ -79,11 +79,11 @@ class CoreSet(Selector):
     summary = "Core-set: k-center greedy on penultimate embeddings, from the labeled set if any"
     score_name = "distance to the nearest center when picked"
 
-    def __call__(self, pool: Pool, budget: int, generator: torch.Generator) -> Selection:
-        if pool.outputs.embeddings is None:
-            raise DltestError("coreset: " + (embedding_help(pool.model) if pool.model is not None else
+    def __call__(self, candidates: Candidates, budget: int, generator: torch.Generator) -> Selection:
+        if candidates.outputs.embeddings is None:
+            raise DltestError("coreset: " + (embedding_help(candidates.model) if candidates.model is not None else
                                              "pass the model, or outputs with embeddings"))
         indices, scores = k_center_greedy(
-            pool.outputs.embeddings, budget, generator, labeled=pool.labeled_embeddings, device=pool.device
+            candidates.outputs.embeddings, budget, generator, labeled=candidates.labeled_embeddings, device=candidates.device
         )
         return Selection(indices, scores)

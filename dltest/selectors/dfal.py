@@ -23,11 +23,10 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from dltest.attacks import native_cpu_backward, native_input_grad_pays
 from dltest.errors import DltestError
 from dltest.progress import progress_bar
-from dltest.selectors.base import Pool, Selection, Selector, rank, register
-from dltest.selectors.egl import eval_mode
+from dltest.runtime import eval_mode, native_cpu_backward, native_input_grad_pays
+from dltest.selectors.base import Candidates, Selection, Selector, rank, register
 
 BATCH_SIZE = 256
 
@@ -160,17 +159,17 @@ class DFAL(Selector):
         m = min(max(budget, math.ceil(self.candidate_factor * budget)), n)
         return torch.randperm(n, generator=generator)[:m].sort().values
 
-    def __call__(self, pool: Pool, budget: int, generator: torch.Generator) -> Selection:
-        if pool.model is None or pool.data is None:
+    def __call__(self, candidates: Candidates, budget: int, generator: torch.Generator) -> Selection:
+        if candidates.model is None or candidates.data is None:
             raise DltestError("dfal needs the model and the pool's images")
-        candidates = self.candidates(len(pool), budget, generator)
-        model = pool.model.to(pool.device)
+        drawn = self.candidates(len(candidates), budget, generator)
+        model = candidates.model.to(candidates.device)
         parts = []
-        with progress_bar("dfal (DeepFool)", total=len(candidates), enabled=pool.progress) as advance:
-            for s in range(0, len(candidates), BATCH_SIZE):
-                images = pool.data.images(candidates[s : s + BATCH_SIZE], pool.device)
+        with progress_bar("dfal (DeepFool)", total=len(drawn), enabled=candidates.progress) as advance:
+            for s in range(0, len(drawn), BATCH_SIZE):
+                images = candidates.data.images(drawn[s : s + BATCH_SIZE], candidates.device)
                 parts.append(deepfool_l2(model, images, overshoot=self.overshoot, steps=self.steps).norms)
                 advance(len(images))
         norms = torch.cat(parts)
         order = rank(norms, budget, highest=False)
-        return Selection(candidates[order], norms[order])
+        return Selection(drawn[order], norms[order])

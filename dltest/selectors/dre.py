@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from dltest.selectors.base import Pool, Selection, Selector, register
+from dltest.selectors.base import Candidates, Selection, Selector, register
 from dltest.selectors.uncertainty import entropy
 
 
@@ -49,8 +49,8 @@ class DRE(Selector):
     def __init__(self, bins: int = 50):
         self.bins = bins
 
-    def __call__(self, pool: Pool, budget: int, generator: torch.Generator) -> Selection:
-        scores = entropy(pool.outputs.probs)
+    def __call__(self, candidates: Candidates, budget: int, generator: torch.Generator) -> Selection:
+        scores = entropy(candidates.outputs.probs)
         which = histogram_bins(scores, self.bins)
         counts = torch.bincount(which, minlength=self.bins)
         quotas = largest_remainder_quotas(counts, budget)

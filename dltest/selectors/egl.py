@@ -16,9 +16,6 @@ probabilities p: dW = (p - e_i) z^T and db = p - e_i, so ||g_i||^2 = ||p - e_i||
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Iterator
-
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev, vmap
@@ -26,21 +23,11 @@ from torch.func import functional_call, jacrev, vmap
 from dltest.errors import DltestError
 from dltest.inference import embedding_head
 from dltest.progress import progress_bar
-from dltest.selectors.base import Pool, ScoreSelector, register
+from dltest.runtime import eval_mode
+from dltest.selectors.base import Candidates, ScoreSelector, register
 
 VARIANTS = ("exact", "last-layer")
 JACOBIAN_FLOATS = 2**24  # float elements of one chunk's Jacobian (64 MB), bounds the chunk size
-
-
-@contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """The model in eval mode (BatchNorm uses its running statistics), modes restored after."""
-    saved = [(m, m.training) for m in model.modules()]
-    try:
-        yield model.eval()
-    finally:
-        for m, training in saved:
-            m.training = training
 
 
 def label_residuals(probs: Tensor) -> Tensor:
@@ -138,22 +125,22 @@ class EGL(ScoreSelector):
             raise DltestError(f"egl variant must be one of {', '.join(VARIANTS)}, not {variant!r}")
         self.variant = variant
 
-    def score(self, pool: Pool) -> Tensor:
-        model = pool.model
+    def score(self, candidates: Candidates) -> Tensor:
+        model = candidates.model
         if model is None:
             raise DltestError("egl needs the model")
         if self.variant == "last-layer":
             split = embedding_head(model)
-            if split is None or pool.outputs.embeddings is None:
+            if split is None or candidates.outputs.embeddings is None:
                 raise DltestError("last-layer egl needs a model split into embed + final linear head "
                                   "(every zoo model is); use --egl-variant exact")
-            return egl_last_layer(pool.outputs.embeddings, pool.outputs.logits, split[1])
-        if pool.data is None:
+            return egl_last_layer(candidates.outputs.embeddings, candidates.outputs.logits, split[1])
+        if candidates.data is None:
             raise DltestError("exact egl needs the pool's images")
-        model.to(pool.device)
+        model.to(candidates.device)
         parts = []
-        with progress_bar("egl", total=len(pool.data), enabled=pool.progress) as advance:
-            for s in range(0, len(pool.data), 1024):
-                parts.append(egl_exact(model, pool.data.images(slice(s, s + 1024), pool.device)))
+        with progress_bar("egl", total=len(candidates.data), enabled=candidates.progress) as advance:
+            for s in range(0, len(candidates.data), 1024):
+                parts.append(egl_exact(model, candidates.data.images(slice(s, s + 1024), candidates.device)))
                 advance(len(parts[-1]))
         return torch.cat(parts)

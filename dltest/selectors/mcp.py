@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from dltest.selectors.base import Pool, Selection, Selector, register
+from dltest.selectors.base import Candidates, Selection, Selector, register
 
 
 def mcp_priority(probs: Tensor) -> tuple[Tensor, Tensor]:
@@ -49,7 +49,7 @@ class MCP(Selector):
     summary = "MCP: round-robin over (top-1, top-2) class-pair clusters, highest p2/p1 first"
     score_name = "p2 / p1"
 
-    def __call__(self, pool: Pool, budget: int, generator: torch.Generator) -> Selection:
-        cluster, priority = mcp_priority(pool.outputs.probs)
+    def __call__(self, candidates: Candidates, budget: int, generator: torch.Generator) -> Selection:
+        cluster, priority = mcp_priority(candidates.outputs.probs)
         indices = mcp_order(cluster, priority)[:budget]
         return Selection(indices, priority[indices].float())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from dltest.selectors.base import Pool, Selection, Selector, register
+from dltest.selectors.base import Candidates, Selection, Selector, register
 
 
 @register
@@ -12,5 +12,5 @@ class Random(Selector):
     name = "random"
     summary = "Uniform random sample without replacement (seeded)"
 
-    def __call__(self, pool: Pool, budget: int, generator: torch.Generator) -> Selection:
-        return Selection(torch.randperm(len(pool), generator=generator)[:budget])
+    def __call__(self, candidates: Candidates, budget: int, generator: torch.Generator) -> Selection:
+        return Selection(torch.randperm(len(candidates), generator=generator)[:budget])

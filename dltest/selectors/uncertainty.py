@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from dltest.selectors.base import Pool, ScoreSelector, register
+from dltest.selectors.base import Candidates, ScoreSelector, register
 
 
 def entropy(probs: Tensor) -> Tensor:
@@ -47,8 +47,8 @@ class Entropy(ScoreSelector):
     summary = "MaxEntropy: highest softmax entropy first"
     score_name = "entropy"
 
-    def score(self, pool: Pool) -> Tensor:
-        return entropy(pool.outputs.probs)
+    def score(self, candidates: Candidates) -> Tensor:
+        return entropy(candidates.outputs.probs)
 
 
 @register
@@ -57,8 +57,8 @@ class DeepGini(ScoreSelector):
     summary = "DeepGini: highest Gini impurity 1 - sum p^2 first"
     score_name = "gini"
 
-    def score(self, pool: Pool) -> Tensor:
-        return gini(pool.outputs.probs)
+    def score(self, candidates: Candidates) -> Tensor:
+        return gini(candidates.outputs.probs)
 
 
 @register
@@ -67,8 +67,8 @@ class LeastConfidence(ScoreSelector):
     summary = "Least confidence: highest 1 - p1 first"
     score_name = "1 - p1"
 
-    def score(self, pool: Pool) -> Tensor:
-        return least_confidence(pool.outputs.probs)
+    def score(self, candidates: Candidates) -> Tensor:
+        return least_confidence(candidates.outputs.probs)
 
 
 @register
@@ -78,5 +78,5 @@ class Margin(ScoreSelector):
     score_name = "p1 - p2"
     highest = False
 
-    def score(self, pool: Pool) -> Tensor:
-        return margin(pool.outputs.probs)
+    def score(self, candidates: Candidates) -> Tensor:
+        return margin(candidates.outputs.probs)

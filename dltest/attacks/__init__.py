@@ -1,0 +1,22 @@
+"""Adversarial attacks: registered presets (SPEC §2), the lean PGD kernel, adversarial examples.
+
+- :mod:`~dltest.attacks.presets`: one registered preset per attack (name, options it takes,
+  builder), :class:`AttackSpec` and :func:`attack_preset`;
+- :mod:`~dltest.attacks.kernels`: :func:`pgd_linf`, the batched PGD the trainer runs;
+- :mod:`~dltest.attacks.examples`: :class:`AdversarialExamples`, their generation and files.
+"""
+
+from dltest.attacks.examples import AdversarialExamples, generate_adversarial, load_adversarial, with_examples
+from dltest.attacks.kernels import LinfPGD, PGDAdversary, pgd_linf
+from dltest.attacks.presets import (
+    ATTACKS, PRESETS, PURPOSES, Adversary, Attack, AttackSpec, Preset, attack_preset, build_attack,
+    check_attack_name, parse_attack_list, parse_eps, pgd_adversary, register, takes,
+)
+from dltest.runtime import native_cpu_backward, native_input_grad_pays
+
+__all__ = [
+    "ATTACKS", "PRESETS", "PURPOSES", "AdversarialExamples", "Adversary", "Attack", "AttackSpec", "LinfPGD",
+    "PGDAdversary", "Preset", "attack_preset", "build_attack", "check_attack_name", "generate_adversarial",
+    "load_adversarial", "native_cpu_backward", "native_input_grad_pays", "parse_attack_list", "parse_eps",
+    "pgd_adversary", "pgd_linf", "register", "takes", "with_examples",
+]

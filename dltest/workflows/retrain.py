@@ -1,0 +1,166 @@
+"""Test selection for retraining, the paper's Section 8 (SPEC §5), as a thin loop.
+
+pretrained model -> ``select`` on the candidate pool (the ``val`` half) -> adversarial examples
+of the selected inputs -> ``train`` (the one trainer) on the training data plus those examples
+-> accuracy and robustness before and after on the ``holdout`` half.
+
+The caller's model is left as it was (device, mode, weights): a copy is retrained.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from dltest import __version__
+from dltest.attacks import AdversarialExamples, AttackSpec, attack_preset, generate_adversarial, with_examples
+from dltest.checkpoint import copy_model
+from dltest.data import ImageDataset
+from dltest.inference import PROBE_SIZE, adapt
+from dltest.errors import DltestError
+from dltest.profiles import dataset_profile
+from dltest.robustness import RobustnessReport, evaluate_robustness
+from dltest.runtime import eval_mode, on_device, resolve_device, seeded
+from dltest.selection import SelectionResult, select
+from dltest.training import TrainConfig, TrainResult, train
+
+RETRAIN_LR = 0.01  # fine-tuning a pretrained model: a fifth of the trainer's default peak rate
+
+
+def retrain_config(dataset: str, channels: int | None = None, **overrides: Any) -> TrainConfig:
+    """Section 8's training settings for ``dataset``: its profile's epochs (10, 20 for SVHN) and
+    augmentation, peak lr :data:`RETRAIN_LR`; ``overrides`` (None values ignored) win."""
+    profile = dataset_profile(dataset, channels)
+    settings = {"epochs": profile.retrain_epochs, "lr": RETRAIN_LR, "augment": profile.augment}
+    settings.update({k: v for k, v in overrides.items() if v is not None})
+    return TrainConfig(**settings)
+
+
+def _overlap(pool: ImageDataset, holdout: ImageDataset) -> bool:
+    """Whether ``pool`` and ``holdout`` share inputs (both drawn from the test set or one file)."""
+    if (pool.split == "train") != (holdout.split == "train"):
+        return False  # the training set and the test set never share inputs
+    return bool(np.intersect1d(pool.source_index.numpy(), holdout.source_index.numpy()).size)
+
+
+@dataclass
+class RetrainResult:
+    """The retrained model and the Section-8 report (before/after, selection, settings)."""
+
+    model: nn.Module
+    before: RobustnessReport
+    after: RobustnessReport
+    selection: SelectionResult | None
+    examples: AdversarialExamples
+    training: TrainResult
+    settings: dict[str, Any]
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        def summary(report: RobustnessReport) -> dict[str, Any]:
+            return {"clean_accuracy": report.clean_accuracy,
+                    "robust_accuracy": {o.attack: o.robust_accuracy for o in report.attacks}}
+
+        return {
+            "command": "dltest retrain",
+            "dltest_version": __version__,
+            "seed": self.settings.get("seed"),
+            "settings": self.settings,
+            "before": summary(self.before),
+            "after": summary(self.after),
+            "gain": {
+                "clean_accuracy": self.after.clean_accuracy - self.before.clean_accuracy,
+                "robust_accuracy": {o.attack: o.robust_accuracy - self.before.robust_accuracy(o.attack)
+                                    for o in self.after.attacks},
+            },
+            "selection": self.selection.to_dict() if self.selection else None,
+            "adversarial_examples": {"n": len(self.examples), "attack": self.examples.attack,
+                                     "success_rate": self.examples.success_rate,
+                                     "source": self.examples.meta.get("file")},
+            "training": self.training.summary(),
+            "evaluation_before": self.before.to_dict(),
+            "evaluation_after": self.after.to_dict(),
+            "seconds": round(self.seconds, 2),
+        }
+
+
+def retrain(
+    model: nn.Module,
+    *,
+    train_data: ImageDataset,
+    pool: ImageDataset,
+    holdout: ImageDataset,
+    metric: str = "dre",
+    budget: int | str = "4%",
+    attack: AttackSpec | None = None,
+    eval_attacks: Sequence[str | AttackSpec] = ("pgd",),
+    config: TrainConfig | None = None,
+    seed: int = 0,
+    eval_n: int | None = None,
+    val_n: int | None = 1000,
+    val_attack: AttackSpec | None = None,
+    selection: SelectionResult | None = None,
+    examples: AdversarialExamples | None = None,
+    selector_options: dict[str, Any] | None = None,
+    device: str | torch.device | None = None,
+    batch_size: int = 256,
+    progress: bool = False,
+    state_path: str | os.PathLike | None = None,
+    resume: bool = False,
+) -> RetrainResult:
+    """Section 8 on ``model`` (left unchanged; a copy is retrained).
+
+    Selects ``budget`` inputs of ``pool`` with ``metric`` (or takes ``selection``), attacks them
+    with ``attack`` (default: the dataset's PGD training preset; or takes ready ``examples``),
+    retrains on ``train_data`` plus the examples with ``config`` (default: 10 epochs, 20 for
+    SVHN, peak lr 0.01), the best epoch chosen by robust accuracy under ``val_attack`` (default:
+    the PGD training preset at the attack's eps) on ``val_n`` inputs of the pool, and reports clean and robust accuracy (``eval_attacks``) on ``holdout`` (or a
+    seeded subset of ``eval_n``) before and after.
+    """
+    started = time.perf_counter()
+    device = resolve_device(device)
+    if pool.name != holdout.name or pool.name != train_data.name:
+        raise DltestError(f"train, pool and holdout must be one dataset, got {train_data.name}, {pool.name}, {holdout.name}")
+    if _overlap(pool, holdout):
+        raise DltestError(f"the candidate pool ({pool.split}) must be disjoint from the holdout data "
+                          f"({holdout.split}); use the val half as the pool")
+    attack = attack or attack_preset("pgd", pool.name, "train", channels=pool.input_shape[0], seed=seed)
+    config = config or retrain_config(pool.name, pool.input_shape[0], seed=seed)
+    evaluate = dict(n=eval_n, seed=seed, batch_size=batch_size, device=device, progress=progress)
+    model = adapt(model, pool.images(slice(0, PROBE_SIZE)))  # outside models: one adapter for every step
+    with on_device(model, device), eval_mode(model):
+        before = evaluate_robustness(model, holdout, eval_attacks, **evaluate)
+        if examples is None:
+            if selection is None:
+                selection = select(metric, budget, model=model, data=pool, seed=seed, device=device,
+                                   progress=progress, **(selector_options or {}))
+            examples = generate_adversarial(model, pool, selection.indices, attack, seed=seed,
+                                            batch_size=batch_size, device=device, progress=progress)
+        elif examples.dataset != pool.name:
+            raise DltestError(f"adversarial examples of {examples.dataset!r} cannot retrain a {pool.name!r} model")
+        retrained = copy_model(model)  # copy.deepcopy makes a TorchScript model's parameters non-leaf
+
+    val = pool.sample(val_n, seed)
+    val_pgd = val_attack or attack_preset("pgd", pool.name, "train", channels=pool.input_shape[0], eps=attack.eps)
+    with seeded(config.seed, device):  # the trainer seeds torch's global RNG: leave the caller's stream alone
+        training = train(retrained, with_examples(train_data, examples), val, config,
+                         val_adversary=val_pgd.adversary(), device=device, progress=progress,
+                         state_path=state_path, resume=resume)
+    after = evaluate_robustness(training.model, holdout, eval_attacks, **evaluate)
+    settings = {
+        "dataset": pool.name, "pool_split": pool.split, "pool_size": len(pool), "holdout_split": holdout.split,
+        "train_size": len(train_data), "metric": selection.metric if selection else None,
+        "budget": selection.budget if selection else len(examples), "seed": seed,
+        "attack": examples.attack,
+        "eval_attacks": [o.settings for o in before.attacks], "eval_n": before.n,
+        "val_n": len(val), "val_attack": val_pgd.to_dict(), "config": config.__dict__,
+        "device": str(device), "batch_size": batch_size, "versions": before.versions,
+    }
+    return RetrainResult(training.model.eval(), before, after, selection, examples, training, settings,
+                         time.perf_counter() - started)
