@@ -226,6 +226,7 @@ class ModelAdapter(nn.Module):
         if output is not None and output not in OUTPUT_KINDS:
             raise DltestError(f"output must be one of {', '.join(OUTPUT_KINDS)}, not {output!r}")
         self.model = model
+        self.training = model.training  # a new module starts in train mode; take the model's
         self.normalization = parse_normalize(normalize)
         if self.normalization is not None:
             mean, std = self.normalization
@@ -285,9 +286,7 @@ class ModelAdapter(nn.Module):
 
     def inspect(self, probe: Tensor) -> "ModelAdapter":
         """Detect the output kind and how to get embeddings, on a probe batch (>= 2 inputs)."""
-        was_training = self.training
-        self.eval()
-        with torch.no_grad():
+        with eval_mode(self), torch.no_grad():  # every module's mode restored after
             scores = self.raw_scores(probe)
             if self.output_kind is None:
                 self.output_kind = detect_output_kind(scores)
@@ -306,7 +305,6 @@ class ModelAdapter(nn.Module):
                     head = _submodule(self.model, head_name)
                     self.head_name = head_name if _same_scores(head(z), logits) else None
                 break
-        self.train(was_training)
         self.inspected = True
         return self
 

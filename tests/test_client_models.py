@@ -243,7 +243,7 @@ def test_retrain_works_on_outside_models(kind, model_files, tmp_path):
            "--eval-attacks", "fgsm", "--eval-n", "30", "--val-n", "30", "--epochs", "1", "--train-size", "200",
            "--out", out))
     report = json.loads(out.with_suffix(".json").read_text())
-    assert report["adversarial_examples"]["count"] == 16 and report["settings"]["model_info"]["outputs"] in (
+    assert report["adversarial_examples"]["n"] == 16 and report["settings"]["model_info"]["outputs"] in (
         "logits", "probabilities")
     args = model_files[kind][2:] if kind != "torchscript" else []
     model, info = load_model(out, **({"arch": None} if kind == "torchscript" else {}))
