@@ -143,8 +143,8 @@ def save_model(model: nn.Module, path: str | os.PathLike, info: ModelInfo, *, da
     try:
         scripted = inner if isinstance(inner, torch.jit.ScriptModule) else torch.jit.script(inner)
     except Exception as exc:  # noqa: BLE001 - any scripting failure is reported in one line
-        raise DltestError(f"cannot save the retrained model as TorchScript ({_first_line(exc)}); "
-                          "load it as a state_dict with --arch module:Class instead") from None
+        why = f"cannot save the retrained model as TorchScript ({_first_line(exc)}); load it as a state_dict with "
+        raise DltestError(why + "arch='module:Class' instead", cli=why + "--arch module:Class instead") from None
     with atomic_path(path) as tmp:
         torch.jit.save(scripted, str(tmp))
     return Path(path)
@@ -184,10 +184,10 @@ def _load_weights_only(path: Path) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if "Unsupported global" in str(exc):  # a class to import: pickled objects, not plain weights
+            why = f"{path} holds pickled Python objects (e.g. a whole nn.Module): loading it runs code from the file; "
             raise DltestError(
-                f"{path} holds pickled Python objects (e.g. a whole nn.Module): loading it runs code from the "
-                "file; pass --trust-model (trust=True) only for a file you made, or save its state_dict and "
-                "pass --arch"
+                why + "pass trust=True only for a file you made, or save its state_dict and pass arch",
+                cli=why + "pass --trust-model only for a file you made, or save its state_dict and pass --arch",
             ) from None
         raise DltestError(f"cannot read {path} as a model file ({_first_line(exc)})") from None
     except Exception as exc:  # corrupt zip, truncated file
@@ -226,17 +226,19 @@ def load_model(
         raise DltestError(f"model file not found: {path}")
     kwargs = parse_arch_kwargs(arch_kwargs)
     if kwargs and not arch:
-        raise DltestError("arch_kwargs (--arch-kwargs) need arch (--arch)")
+        raise DltestError("arch_kwargs need arch", cli="--arch-kwargs needs --arch")
     normalization = parse_normalize(normalize, input_shape[0] if input_shape else None)
     if path.suffix.lower() == ".onnx":
         if arch:
-            raise DltestError(f"{path} is an ONNX file: it carries its architecture; drop --arch")
+            raise DltestError(f"{path} is an ONNX file: it carries its architecture; drop arch",
+                              cli=f"{path} is an ONNX file: it carries its architecture; drop --arch")
         model, info = _load_onnx(path)
         info.kind, info.normalize = "onnx", normalization
         return adapt(model, normalize=normalization), info
     if _is_torchscript(path):
         if arch:
-            raise DltestError(f"{path} is a TorchScript file: it carries its architecture; drop --arch")
+            raise DltestError(f"{path} is a TorchScript file: it carries its architecture; drop arch",
+                              cli=f"{path} is a TorchScript file: it carries its architecture; drop --arch")
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # torch.jit.load's deprecation notice
@@ -256,15 +258,19 @@ def load_model(
     state = _load_weights_only(path)
     if isinstance(state, dict) and state.get("format") == FORMAT:
         if arch:
-            raise DltestError(f"{path} is a dltest checkpoint: it names its architecture ({state.get('arch')}); drop --arch")
+            why = f"{path} is a dltest checkpoint: it names its architecture ({state.get('arch')}); drop "
+            raise DltestError(why + "arch", cli=why + "--arch")
         return _from_checkpoint(state, path, normalization)
     weights = _state_dict_in(state)
     if weights is None:
-        raise DltestError(f"{path} is not a model file dltest knows (a dltest checkpoint, a state_dict, "
-                          "a TorchScript file, or with --trust-model a pickled nn.Module)")
+        why = f"{path} is not a model file dltest knows (a dltest checkpoint, a state_dict, a TorchScript file, or with "
+        raise DltestError(why + "trust=True a pickled nn.Module)", cli=why + "--trust-model a pickled nn.Module)")
     if not arch:
-        raise DltestError(f"{path} is a bare state_dict: pass its architecture with --arch module:Class "
-                          f"(and --arch-kwargs JSON) or a zoo name ({', '.join(ARCHITECTURES)})")
+        zoo = ", ".join(ARCHITECTURES)
+        raise DltestError(f"{path} is a bare state_dict: pass its architecture as arch='module:Class' (with "
+                          f"arch_kwargs) or a zoo name ({zoo})",
+                          cli=f"{path} is a bare state_dict: pass its architecture with --arch module:Class "
+                          f"(and --arch-kwargs JSON) or a zoo name ({zoo})")
     model = build_architecture(arch, kwargs, weights, input_shape, num_classes, path)
     info = ModelInfo(source=str(path), arch=arch, input_shape=input_shape, num_classes=num_classes,
                      kind="state_dict", arch_kwargs=kwargs, normalize=normalization, digest=state_digest(weights))
@@ -329,16 +335,16 @@ def model_from_checkpoint(state: dict[str, Any], path: str | os.PathLike = "chec
 # --- state_dict + architecture ---------------------------------------------------------------
 
 
-def parse_arch_kwargs(spec: dict[str, Any] | str | None) -> dict[str, Any]:
+def parse_arch_kwargs(spec: dict[str, Any] | str | None, what: str = "arch_kwargs") -> dict[str, Any]:
     """Keyword arguments of the architecture: a dict, or a JSON object (``--arch-kwargs``)."""
     if spec is None:
         return {}
     if isinstance(spec, str):
         from dltest.io import parse_json_text
 
-        spec = parse_json_text(spec, "--arch-kwargs")
+        spec = parse_json_text(spec, what)
     if not isinstance(spec, dict):
-        raise DltestError(f"arch_kwargs must be a JSON object like {{\"num_classes\": 10}}, got {type(spec).__name__}")
+        raise DltestError(f"{what} must be a JSON object like {{\"num_classes\": 10}}, got {type(spec).__name__}")
     return spec
 
 
@@ -358,7 +364,7 @@ def resolve_arch(arch: str) -> Callable[..., nn.Module]:
         if module_name.endswith(".py"):
             file = Path(module_name)
             if not file.is_file():
-                raise DltestError(f"--arch {arch}: file {file} not found")
+                raise _arch_error(arch, f"file {file} not found")
             spec = importlib.util.spec_from_file_location(f"dltest_user_arch_{file.stem}", file)
             module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
             spec.loader.exec_module(module)  # type: ignore[union-attr]
@@ -375,10 +381,10 @@ def resolve_arch(arch: str) -> Callable[..., nn.Module]:
     except DltestError:
         raise
     except Exception as exc:  # noqa: BLE001 - ImportError, SyntaxError, errors in the user's module
-        raise DltestError(f"--arch {arch}: cannot import {module_name} ({type(exc).__name__}: {_first_line(exc)})") from None
+        raise _arch_error(arch, f"cannot import {module_name} ({type(exc).__name__}: {_first_line(exc)})") from None
     target = getattr(module, attr, None)
     if not callable(target):
-        raise DltestError(f"--arch {arch}: {module_name} has no class or function {attr!r}")
+        raise _arch_error(arch, f"{module_name} has no class or function {attr!r}")
     return target
 
 
@@ -399,7 +405,7 @@ def build_architecture(arch: str, kwargs: dict[str, Any], weights: dict[str, tor
         else:
             model = factory(**kwargs)
             if not isinstance(model, nn.Module):
-                raise DltestError(f"--arch {arch} returned {type(model).__name__}, not an nn.Module")
+                raise _arch_error(arch, f"returned {type(model).__name__}, not an nn.Module")
             if input_shape is not None and any(isinstance(p, nn.parameter.UninitializedParameter) for p in model.parameters()):
                 with torch.no_grad():
                     model.eval()(torch.zeros(1, *input_shape))  # materialise lazy layers
@@ -407,11 +413,15 @@ def build_architecture(arch: str, kwargs: dict[str, Any], weights: dict[str, tor
     except DltestError:
         raise
     except TypeError as exc:
-        raise DltestError(f"--arch {arch} cannot be built with {kwargs or 'no arguments'} ({_first_line(exc)}); "
-                          "pass its arguments with --arch-kwargs JSON") from None
+        why = f"cannot be built with {kwargs or 'no arguments'} ({_first_line(exc)}); pass its arguments with "
+        raise DltestError(f"arch {arch!r} {why}arch_kwargs", cli=f"--arch {arch} {why}--arch-kwargs JSON") from None
     except (KeyError, RuntimeError, ValueError) as exc:
         raise DltestError(f"{path} does not fit architecture {arch} ({_first_line(exc)})") from None
     return model.eval()
+
+
+def _arch_error(arch: str, problem: str) -> DltestError:
+    return DltestError(f"arch {arch!r}: {problem}", cli=f"--arch {arch}: {problem}")
 
 
 def _state_dict_in(obj: Any) -> dict[str, torch.Tensor] | None:
@@ -482,8 +492,9 @@ def check_fits(model: nn.Module, data: ImageDataset, info: ModelInfo | None = No
     if out.ndim != 2:
         raise DltestError(f"{name} must output (batch, classes) scores, got shape {tuple(out.shape)}")
     if not torch.isfinite(out).all():
-        raise DltestError(f"{name} gives NaN or infinite outputs on the first {len(probe)} inputs of {data.name}; "
-                          "check its weights and the input range it expects (--normalize)")
+        why = (f"{name} gives NaN or infinite outputs on the first {len(probe)} inputs of {data.name}; check its "
+               "weights and the input range it expects ")
+        raise DltestError(why + "(normalize=)", cli=why + "(--normalize)")
     exact = data.name in BUILTINS  # a user file may lack some classes in its labels
     if out.shape[1] < data.num_classes or (exact and out.shape[1] != data.num_classes):
         raise DltestError(f"{name} outputs {out.shape[1]} classes, but {data.name} has {data.num_classes}")

@@ -387,7 +387,8 @@ def embedding_help(model: nn.Module) -> str:
     inner = model.model if isinstance(model, ModelAdapter) else model
     if isinstance(inner, torch.jit.ScriptModule):
         return ("no penultimate embeddings: this TorchScript model has no `embed` method; script a model with "
-                "`embed(x)` and `head` (mark embed with @torch.jit.export), or pass the state_dict with --arch")
+                "`embed(x)` and `head` (mark embed with @torch.jit.export), or load its state_dict with its "
+                "architecture (arch)")
     return ("no penultimate embeddings: the model has no `embed`/`head`, no forward_features/forward_head, "
             "no get_classifier() and no nn.Linear; give it an `embed(x)` method returning (batch, d) features")
 

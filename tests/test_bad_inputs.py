@@ -244,7 +244,7 @@ CASES = [
     Case("model-altered-weights", with_model("altered"), "do not match the digest stored in the checkpoint"),
     Case("model-bare-state-dict", with_model("bare"), "bare state_dict: pass its architecture with --arch"),
     Case("model-nan-outputs", with_model("nan_weights", "--arch", f"{NETS}:ClientLeNet"), "NaN or infinite outputs"),
-    Case("arch-unknown-module", with_model("bare", "--arch", "no_such_module:Net"), "cannot import no_such_module"),
+    Case("arch-unknown-module", with_model("bare", "--arch", "no_such_module:Net"), "--arch no_such_module:Net: cannot import no_such_module"),
     Case("arch-missing-class", with_model("bare", "--arch", f"{NETS}:Nope"), "has no class or function 'Nope'"),
     Case("arch-kwargs-not-json", with_model("bare", "--arch", f"{NETS}:ClientLeNet", "--arch-kwargs", "{bad"),
          "--arch-kwargs is not valid JSON"),

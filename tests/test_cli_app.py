@@ -44,3 +44,32 @@ def test_help_shows_defaults_and_plain_boolean_flags():
     text = CliRunner().invoke(app, ["retrain", "--help"], env={"COLUMNS": "200"}).stdout
     assert "[default: dre]" in text and "[default: 1000]" in text
     assert "--resume" in text and "--no-resume" not in text and "--no-download" not in text
+
+
+def test_library_errors_name_parameters_and_the_cli_names_flags(trained_lenet, small_file, tmp_path):
+    import torch
+
+    from dltest.checkpoint import load_model
+    from dltest.errors import DltestError
+
+    path = tmp_path / "weights.pt"  # a bare state_dict: its architecture must be named
+    torch.save(trained_lenet.state_dict(), path)
+    with pytest.raises(DltestError) as err:
+        load_model(path)
+    assert "arch='module:Class'" in str(err.value) and "--" not in str(err.value)
+    result = CliRunner().invoke(app, ["select", "-d", str(small_file.name), "-m", str(path), "--budget", "3",
+                                      "--out", str(tmp_path / "s.json")])
+    assert result.exit_code == 2 and "--arch module:Class" in result.stderr and "arch='" not in result.stderr
+    assert not (tmp_path / "s.json").exists()
+
+
+@pytest.fixture
+def small_file(mnist_test, tmp_path):
+    """40 MNIST test images as a user .npz file."""
+    import numpy as np
+
+    from dltest.data import load_npz
+
+    path = tmp_path / "small.npz"
+    np.savez(path, x=mnist_test.x[:40, 0].numpy(), y=mnist_test.y[:40].numpy())
+    return load_npz(path)

@@ -240,6 +240,15 @@ def test_cli_baseline_round_trip(tmp_path):
     assert second.exit_code == 0, second.output
     bars = json.loads((tmp_path / "b.json").read_text())["bars"]
     assert [b["figure"] for b in bars] == ["accuracy", "pgd"] and all(b["drop"] == 0 for b in bars)
+    # a dltest evaluate report is a baseline too
+    evaluated = tmp_path / "ev.json"
+    result = runner.invoke(app, ["evaluate", "--attacks", "pgd,fgsm", "--n", "100", *PGD, "--out", str(evaluated)])
+    assert result.exit_code == 0, result.output
+    third = runner.invoke(app, ["gate", "--baseline", str(evaluated), "--max-drop", "0", "--min-robust", "worst-case=0.01",
+                                "--out", str(tmp_path / "c.json")])
+    assert third.exit_code == 0, third.output
+    bars = json.loads((tmp_path / "c.json").read_text())["bars"]
+    assert [b["figure"] for b in bars] == ["worst-case", "accuracy", "pgd", "fgsm", "worst-case"]
 
 
 @pytest.mark.parametrize("args, message", [

@@ -29,7 +29,7 @@ class _Group(TyperGroup):
                 warnings.simplefilter("ignore", DeprecationWarning)
                 return super().invoke(ctx)
         except DltestError as exc:
-            typer.echo(f"error: {exc}", err=True)
+            typer.echo(f"error: {exc.cli_message}", err=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             typer.echo("interrupted", err=True)

@@ -153,6 +153,10 @@ def print_gate(result: GateResult) -> None:
                       "[green]pass[/]" if bar.passed else "[bold red]FAIL[/]")
     console = Console()
     console.print(table)
+    worst = report.worst_case
+    if worst is not None and not any(bar.figure == worst.attack for bar in result.bars):
+        console.print(f"{worst.label}: {100 * worst.robust_accuracy:.2f}% ({worst.robust_correct}/{worst.n}) "
+                      "robust to every attack (no bar)")
     rules = dict.fromkeys(bar.rule for bar in result.bars)
     for rule in rules:
         console.print(f"rule: {rule}")

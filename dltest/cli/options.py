@@ -47,7 +47,7 @@ def load_data_and_model(
     """
     if (arch or arch_kwargs) and model is None:
         raise DltestError("--arch and --arch-kwargs describe a state_dict given with --model FILE")
-    parse_arch_kwargs(arch_kwargs)  # malformed JSON fails before any loading
+    parse_arch_kwargs(arch_kwargs, "--arch-kwargs")  # malformed JSON fails before any loading
     parse_normalize(normalize)
     data = load_dataset(dataset, split, root=data_root, download=download or None)
     if need_labels:

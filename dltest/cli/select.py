@@ -1,4 +1,4 @@
-"""``dltest select``: rank a pool with an acquisition function and write the selection."""
+"""``dltest select``: rank a pool with a metric (an acquisition function) and write the selection."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from dltest.selectors import REGISTRY, get_selector
 
 @app.command("select")
 def select_command(
-    metric: Annotated[str, typer.Option("--metric", help="Acquisition function; `dltest metrics` lists them.")] = "dre",
+    metric: Annotated[str, typer.Option("--metric", help="The metric that ranks the pool (an acquisition function); `dltest metrics` lists them.")] = "dre",
     budget: Annotated[str, typer.Option("--budget", "-b", help="How many inputs: a count (400) or a share of the pool (4%).")] = "4%",
     dataset: Dataset = "mnist",
     split: Split = "test",
@@ -51,7 +51,7 @@ def select_command(
     egl_variant: Annotated[Optional[str], typer.Option("--egl-variant", help="egl: 'exact' (gradient over all trainable parameters) or 'last-layer' [default: exact].", show_default=False)] = None,
 ) -> None:
     """Select the inputs most worth labeling or testing."""
-    options = selector_options(
+    options = metric_options(
         metric,
         {
             "--mc-samples": ("samples", mc_samples),
@@ -80,8 +80,8 @@ def select_command(
     print_summary(result, out)
 
 
-def selector_options(metric: str, flags: dict[str, tuple[str, object]]) -> dict[str, object]:
-    """The selector options the user set (flag -> (option, value or None)); a flag the metric
+def metric_options(metric: str, flags: dict[str, tuple[str, object]]) -> dict[str, object]:
+    """The metric options the user set (flag -> (option, value or None)); a flag the metric
     does not take is a one-line error."""
     if metric not in REGISTRY:
         get_selector(metric)  # raises the unknown-metric error
@@ -91,7 +91,7 @@ def selector_options(metric: str, flags: dict[str, tuple[str, object]]) -> dict[
         if value is None:
             continue
         if name not in takes:
-            accepted = ", ".join(f for f, (n, _) in flags.items() if n in takes) or "none of the selector flags"
+            accepted = ", ".join(f for f, (n, _) in flags.items() if n in takes) or "none of the metric flags"
             raise DltestError(f"{flag} is not an option of metric {metric!r} (it takes {accepted})")
         options[name] = value
     return options

@@ -67,6 +67,16 @@ class Selector:
         return {name: getattr(self, name) for name in self.option_defaults()}
 
 
+def float64_probs(outputs: PoolOutputs) -> Tensor:
+    """Softmax probabilities (n, C) computed in float64 from the logits, for scores that rank.
+
+    In float32, scores of confident inputs collapse onto few values (on 10k MNIST test inputs:
+    2,444 distinct DeepGini or margin scores in float32, 7,453 in float64), so a selection beyond
+    ~10% of the pool would depend on rounding rather than on the model.
+    """
+    return torch.softmax(outputs.logits.double(), dim=1)
+
+
 REGISTRY: dict[str, type[Selector]] = {}
 
 
