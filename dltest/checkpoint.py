@@ -212,10 +212,10 @@ def load_model(
     with ``arch_kwargs``; a zoo model also needs ``input_shape``), or ``None`` for the bundled
     model of ``dataset``. ``trust=True`` also accepts a pickled ``nn.Module``: that runs code from
     the file, so only use it for files you made. ``normalize=(mean, std)`` is for models trained
-    on normalised inputs. Anything but a zoo model comes wrapped in
-    :class:`~dltest.inference.ModelAdapter`.
+    on normalised inputs: the model then comes wrapped in :class:`~dltest.inference.ModelAdapter`
+    (every dltest function adapts other outside models itself).
     """
-    from dltest.inference import adapt, parse_normalize
+    from dltest.inference import parse_normalize
 
     if source is None:
         if dataset is None:
@@ -234,7 +234,7 @@ def load_model(
                               cli=f"{path} is an ONNX file: it carries its architecture; drop --arch")
         model, info = _load_onnx(path)
         info.kind, info.normalize = "onnx", normalization
-        return adapt(model, normalize=normalization), info
+        return _adapted(model, normalization), info
     if _is_torchscript(path):
         if arch:
             raise DltestError(f"{path} is a TorchScript file: it carries its architecture; drop arch",
@@ -246,7 +246,7 @@ def load_model(
         except Exception as exc:
             raise DltestError(f"cannot read TorchScript file {path} ({_first_line(exc)})") from None
         info = ModelInfo(source=str(path), kind="torchscript", normalize=normalization)
-        return adapt(model.eval(), normalize=normalization), info
+        return _adapted(model.eval(), normalization), info
     if trust:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=False)
@@ -254,7 +254,7 @@ def load_model(
             raise DltestError(f"cannot read {path} as a model file ({_first_line(exc)})") from None
         if isinstance(obj, nn.Module):
             info = ModelInfo(source=str(path), kind="pickled-module", normalize=normalization)
-            return adapt(obj.eval(), normalize=normalization), info
+            return _adapted(obj.eval(), normalization), info
     state = _load_weights_only(path)
     if isinstance(state, dict) and state.get("format") == FORMAT:
         if arch:
@@ -274,12 +274,18 @@ def load_model(
     model = build_architecture(arch, kwargs, weights, input_shape, num_classes, path)
     info = ModelInfo(source=str(path), arch=arch, input_shape=input_shape, num_classes=num_classes,
                      kind="state_dict", arch_kwargs=kwargs, normalize=normalization, digest=state_digest(weights))
-    return adapt(model, normalize=normalization), info
+    return _adapted(model, normalization), info
+
+
+def _adapted(model: nn.Module, normalization) -> nn.Module:
+    """The model as loaded, wrapped in a :class:`~dltest.inference.ModelAdapter` only when it needs
+    a normalisation in front (every entry point adapts outside models itself)."""
+    from dltest.inference import adapt
+
+    return adapt(model, normalize=normalization) if normalization is not None else model
 
 
 def _from_checkpoint(state: dict[str, Any], path: Path, normalization) -> tuple[nn.Module, ModelInfo]:
-    from dltest.inference import adapt
-
     stored = state.get("digest")
     if stored is not None and stored != state_digest(state.get("state_dict", {}), _digest_header(state)):
         raise DltestError(f"{path}: the weights do not match the digest stored in the checkpoint (altered or "
@@ -299,7 +305,7 @@ def _from_checkpoint(state: dict[str, Any], path: Path, normalization) -> tuple[
         normalize=normalization,
         digest=stored,
     )
-    return adapt(model, normalize=normalization), info
+    return _adapted(model, normalization), info
 
 
 def _load_onnx(path: Path) -> tuple[nn.Module, ModelInfo]:

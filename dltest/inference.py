@@ -241,6 +241,16 @@ class ModelAdapter(nn.Module):
         self.head_name: str | None = None
         self.inspected = False
 
+    def __getattr__(self, name: str) -> Any:
+        """Attributes the adapter does not have come from the wrapped model (e.g. an ONNX model's
+        ``fixed_batch``), so the adapter stands in for it."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(super().__getattr__("model"), name)
+
     @property
     def has_gradients(self) -> bool:
         """False for a wrapped model nothing can differentiate through (an ONNX model)."""

@@ -10,7 +10,8 @@ from __future__ import annotations
 import signal
 import sys
 import warnings
-from typing import Annotated, Any, Optional
+from contextlib import contextmanager
+from typing import Annotated, Any, Iterator, Optional
 
 from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError  # typer's vendored click
 import typer
@@ -63,6 +64,20 @@ def _one_line(exc: ClickException) -> str:
 def _interrupt(signum, _frame) -> None:
     """SIGTERM / SIGHUP unwind like Ctrl-C, so half-written temporary files are removed."""
     raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+@contextmanager
+def robustness_warnings_as_lines() -> Iterator[None]:
+    """Inside the block, robustness warnings (randomised model, train mode, gradient masking) are
+    collected; after it, each is printed as one ``warning: ...`` line on stderr."""
+    from dltest.robustness import RobustnessWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RobustnessWarning)
+        yield
+    for w in caught:
+        if issubclass(w.category, RobustnessWarning):
+            typer.echo(f"warning: {w.message}", err=True)
 
 
 def output_header(command: str, seed: int | list[int] | None) -> dict[str, Any]:
