@@ -269,6 +269,15 @@ def test_cli_bad_usage_exits_2_and_writes_nothing(tmp_path, monkeypatch, args, m
     assert not out.exists()
 
 
+@pytest.mark.parametrize("content", ['[1, 2]', '{"metric": "dre", "indices": [1, 2]}', '{"evaluation": {"n": 3}}'])
+def test_a_baseline_that_is_no_report_exits_2(tmp_path, content):
+    path = tmp_path / "base.json"
+    path.write_text(content)
+    result = runner.invoke(app, ["gate", "--baseline", str(path), "--max-drop", "0.01", "--out", str(tmp_path / "x.json")])
+    assert result.exit_code == 2 and "is not a dltest gate or evaluate report" in result.output
+    assert not (tmp_path / "x.json").exists()
+
+
 def test_cli_baseline_from_another_dataset_exits_2(tmp_path):
     first, out = _gate(tmp_path, "--min-accuracy", "0.5", "--attacks", "pgd")
     assert first.exit_code == 0
