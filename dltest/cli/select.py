@@ -18,6 +18,7 @@ from dltest.cli.options import (
 from dltest.budget import parse_budget
 from dltest.inference import INFERENCE_BATCH
 from dltest.io import atomic_path, check_writable
+from dltest.runtime import resolve_device
 from dltest.selection import SelectionResult, load_selection, select
 from dltest.errors import DltestError
 from dltest.selectors import REGISTRY, get_selector
@@ -60,6 +61,7 @@ def select_command(
     )
     get_selector(metric, **options)  # unknown metric, bad option or malformed budget: fail before loading anything
     parse_budget(budget, pool_size=sys.maxsize)
+    resolve_device(device)  # a bogus device fails before anything is loaded
     out = check_writable(out or Path(f"selection-{metric}-{budget.strip().replace('%', 'pct')}.json"))
     if csv_path:
         check_writable(csv_path)
