@@ -258,6 +258,7 @@ def test_cli_baseline_round_trip(tmp_path):
     (["--max-drop", "0.01"], "needs a baseline"),
     (["--confidence", "1.5", "--min-accuracy", "0.5"], "confidence must be in (0, 1)"),
     ([], "the gate has no bars"),
+    (["--min-accuracy", "0.5", "--device", "tpu"], "device"),
     (["--min-accuracy", "0.5", "--baseline", "missing.json", "--max-drop", "0.1"], "file not found"),
 ])
 def test_cli_bad_usage_exits_2_and_writes_nothing(tmp_path, monkeypatch, args, message):
