@@ -18,6 +18,7 @@ from dltest.cli.options import (
 )
 from dltest.errors import DltestError
 from dltest.io import check_outputs, read_json, write_json
+from dltest.runtime import resolve_device
 from dltest.selection import load_selection
 
 
@@ -50,6 +51,7 @@ def attack_command(
     if purpose not in PURPOSES:
         raise DltestError(f"unknown purpose {purpose!r}; choose train or eval")
     eps_value = parse_eps(eps)
+    resolve_device(device)  # a bogus device fails before anything is loaded
     if out.suffix != ".npz":
         raise DltestError(f"--out must end in .npz, got {out}")
     report = report or out.with_suffix(".json")

@@ -18,6 +18,7 @@ from dltest.cli.options import (
 )
 from dltest.checkpoint import ModelInfo
 from dltest.io import check_outputs, write_json
+from dltest.runtime import resolve_device
 from dltest.robustness import RobustnessReport, evaluate_robustness
 
 
@@ -46,6 +47,7 @@ def evaluate_command(
     """Clean accuracy and robust accuracy under attacks (model in eval mode, RobustBench's rules)."""
     names = parse_attack_list(attacks)  # bad names and eps fail before any loading
     eps_value = parse_eps(eps)
+    resolve_device(device)
     check_outputs({"--out": out}, {"--model": model, "--dataset": dataset})
     data, net, info = load_data_and_model(dataset, split, model, data_root, download, trust_model,
                                           arch, arch_kwargs, normalize)

@@ -19,6 +19,7 @@ from dltest.cli.options import (
 from dltest.budget import parse_budget
 from dltest.inference import INFERENCE_BATCH
 from dltest.io import atomic_path, check_outputs
+from dltest.runtime import resolve_device
 from dltest.selection import SelectionResult, load_selection, select
 from dltest.errors import DltestError
 from dltest.selectors import REGISTRY, get_selector
@@ -64,6 +65,7 @@ def select_command(
     )
     get_selector(metric, **options)  # unknown metric, bad option or malformed budget: fail before loading anything
     parse_budget(budget, pool_size=sys.maxsize)
+    resolve_device(device)  # a bogus device fails before anything is loaded
     out = out or Path(f"selection-{metric}-{budget.strip().replace('%', 'pct')}.json")
     check_outputs({"--out": out, "--csv": csv_path}, {"--model": model, "--dataset": dataset, "--labeled": labeled})
     data, net, info = load_data_and_model(dataset, split, model, data_root, download, trust_model,
