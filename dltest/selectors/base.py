@@ -26,6 +26,8 @@ class Candidates:
     selectors that must run the model again, the model and the images themselves.
 
     ``labeled_embeddings`` are the embeddings of inputs already labeled (core-set starts there).
+    ``reference`` is the data the model was trained on, for the selectors that compare with it
+    (surprise adequacy).
     """
 
     outputs: PoolOutputs
@@ -34,6 +36,7 @@ class Candidates:
     labeled_embeddings: Tensor | None = None
     device: torch.device = torch.device("cpu")
     progress: bool = False  # draw progress bars for the selectors that run the model again
+    reference: ImageDataset | None = None
 
     def __len__(self) -> int:
         return len(self.outputs)
@@ -54,6 +57,7 @@ class Selector:
     summary: ClassVar[str]
     score_name: ClassVar[str | None] = None  # what ``Selection.scores`` holds, for reports
     needs_model: ClassVar[bool] = False  # runs the model again (beyond the cached outputs)
+    needs_reference: ClassVar[bool] = False  # compares with reference (training) inputs
 
     def __call__(self, candidates: Candidates, budget: int, generator: torch.Generator) -> Selection:
         raise NotImplementedError
