@@ -108,13 +108,21 @@ def _sq_distances(a: Tensor, b: Tensor) -> Tensor:
 
 
 def _nearest(x: Tensor, ref: Tensor, block: int = BLOCK) -> tuple[Tensor, Tensor]:
-    """(distance, index) of the nearest row of ``ref`` to each row of ``x``, block by block."""
+    """(distance, index) of the nearest row of ``ref`` to each row of ``x``, block by block.
+
+    The search runs in float32 (one matrix product per block); the distance to the row found is
+    then computed exactly in float64, so an input that is in the reference gets distance 0.
+    """
     dist = torch.empty(len(x), dtype=torch.float64, device=x.device)
     idx = torch.empty(len(x), dtype=torch.long, device=x.device)
+    x32, ref32 = x.float(), ref.float()
+    ref_sq = ref32.pow(2).sum(dim=1)
     for s in range(0, len(x), block):
-        d2 = _sq_distances(x[s : s + block], ref)
-        best = d2.min(dim=1)
-        dist[s : s + block], idx[s : s + block] = best.values.sqrt(), best.indices
+        xb = x32[s : s + block]
+        d2 = torch.addmm(ref_sq.unsqueeze(0), xb, ref32.T, alpha=-2.0)  # ||r||^2 - 2 x.r: the ||x||^2 term ranks nothing
+        nearest = d2.argmin(dim=1)
+        idx[s : s + block] = nearest
+        dist[s : s + block] = (x[s : s + block].double() - ref[nearest].double()).norm(dim=1)
     return dist, idx
 
 
