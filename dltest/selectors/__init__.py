@@ -1,6 +1,6 @@
 """Acquisition functions, registered by name (``REGISTRY``); one module per selector family."""
 
-from dltest.selectors import ats, badge, coreset, dfal, dre, egl, mc_dropout, mcp, random, surprise, uncertainty  # noqa: F401  (registers them)
+from dltest.selectors import ats, badge, batchbald, coreset, dfal, dre, egl, mc_dropout, mcp, random, surprise, uncertainty  # noqa: F401  (registers them)
 from dltest.selectors.base import (
     REGISTRY, SAMPLINGS, Candidates, ScoreSelector, Selection, Selector, rank, register, stochastic_rank, with_sampling,
 )
