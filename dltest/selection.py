@@ -82,7 +82,7 @@ def select(
     reference: ImageDataset | None = None,
     **options: Any,
 ) -> SelectionResult:
-    """Select ``budget`` inputs of a pool with the acquisition function ``metric``.
+    """Select ``budget`` inputs of a pool with the metric (acquisition function) ``metric``.
 
     The pool is ``data`` (with ``model``), or precomputed ``outputs`` (a :class:`PoolOutputs` or a
     probability matrix) for the selectors that need no model. ``budget`` is a count or a

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-import warnings
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -13,14 +12,13 @@ from rich.table import Table
 
 from dltest.attacks import attack_preset, check_attack_name, load_adversarial, parse_attack_list, parse_eps, takes
 from dltest.budget import parse_budget
-from dltest.cli.app import app
+from dltest.cli.app import app, robustness_warnings_as_lines
 from dltest.cli.options import (
     Alpha, DataRoot, Dataset, Device, Download, Eps, ModelPath, Queries, Seed, Steps, TrustModel,
     load_data_and_model,
 )
 from dltest.errors import DltestError
 from dltest.io import check_writable, write_json
-from dltest.robustness import RobustnessWarning
 from dltest.selection import load_selection
 from dltest.selectors import get_selector
 from dltest.workflows.retrain import RETRAIN_LR, retrain, retrain_config, retrain_data
@@ -93,17 +91,13 @@ def retrain_command(
         ready.meta["file"] = str(examples)
     train_data, holdout = retrain_data(dataset, train_size, seed, root=data_root, download=download or None)
 
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", RobustnessWarning)
+    with robustness_warnings_as_lines():
         result = retrain(
             net, train_data=train_data, pool=pool, holdout=holdout, metric=metric, budget=budget, attack=spec,
             eval_attacks=eval_specs, config=config, seed=seed, eval_n=eval_n, val_n=val_n, selection=chosen,
             examples=ready, device=device, batch_size=batch_size, progress=True, state_path=f"{out}.partial",
             resume=resume,
         )
-    for w in caught:
-        if issubclass(w.category, RobustnessWarning):
-            typer.echo(f"warning: {w.message}", err=True)
     result.settings.update({"model": info.source, "selection_file": str(selection) if selection else None,
                             "examples_file": str(examples) if examples else None})
     result.save(out, info)

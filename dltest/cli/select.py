@@ -47,7 +47,7 @@ def select_command(
     egl_variant: Annotated[Optional[str], typer.Option("--egl-variant", help="egl: 'exact' (gradient over all trainable parameters) or 'last-layer' [default: exact].", show_default=False)] = None,
 ) -> None:
     """Select the inputs most worth labeling or testing."""
-    options = selector_options(
+    options = metric_options(
         metric,
         {
             "--mc-samples": ("samples", mc_samples),
@@ -75,8 +75,8 @@ def select_command(
     print_summary(result, out)
 
 
-def selector_options(metric: str, flags: dict[str, tuple[str, object]]) -> dict[str, object]:
-    """The selector options the user set (flag -> (option, value or None)); a flag the metric
+def metric_options(metric: str, flags: dict[str, tuple[str, object]]) -> dict[str, object]:
+    """The metric options the user set (flag -> (option, value or None)); a flag the metric
     does not take is a one-line error."""
     if metric not in REGISTRY:
         get_selector(metric)  # raises the unknown-metric error
@@ -86,7 +86,7 @@ def selector_options(metric: str, flags: dict[str, tuple[str, object]]) -> dict[
         if value is None:
             continue
         if name not in takes:
-            accepted = ", ".join(f for f, (n, _) in flags.items() if n in takes) or "none of the selector flags"
+            accepted = ", ".join(f for f, (n, _) in flags.items() if n in takes) or "none of the metric flags"
             raise DltestError(f"{flag} is not an option of metric {metric!r} (it takes {accepted})")
         options[name] = value
     return options

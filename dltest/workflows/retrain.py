@@ -138,7 +138,7 @@ def retrain(
     val_attack: AttackSpec | None = None,
     selection: SelectionResult | None = None,
     examples: AdversarialExamples | None = None,
-    selector_options: dict[str, Any] | None = None,
+    metric_options: dict[str, Any] | None = None,
     device: str | torch.device | None = None,
     batch_size: int = 256,
     progress: bool = False,
@@ -169,7 +169,7 @@ def retrain(
         if examples is None:
             if selection is None:
                 selection = select(metric, budget, model=model, data=pool, seed=seed, device=device,
-                                   progress=progress, **(selector_options or {}))
+                                   progress=progress, **(metric_options or {}))
             examples = generate_adversarial(model, pool, selection.indices, attack, seed=seed,
                                             batch_size=batch_size, device=device, progress=progress)
         elif examples.dataset != pool.name:
