@@ -58,6 +58,8 @@ class Selector:
     score_name: ClassVar[str | None] = None  # what ``Selection.scores`` holds, for reports
     needs_model: ClassVar[bool] = False  # runs the model again (beyond the cached outputs)
     needs_reference: ClassVar[bool] = False  # compares with reference (training) inputs
+    needs_embeddings: ClassVar[bool] = False  # works on the penultimate embeddings
+    needs_mc_samples: ClassVar[bool] = False  # draws MC-dropout predictions
 
     def __call__(self, candidates: Candidates, budget: int, generator: torch.Generator) -> Selection:
         raise NotImplementedError

@@ -135,6 +135,7 @@ class BatchBALD(Selector):
     summary = "BatchBALD: greedy batch maximising the joint mutual information over T MC-dropout samples"
     score_name = "mutual information of the batch up to this pick (nats)"
     needs_model = True
+    needs_mc_samples = True
 
     def __init__(self, samples: int = 10, dropout: float = 0.1, joint_samples: int = 1000,
                  candidate_factor: float = 10, max_memory_mb: float = 1024):

@@ -49,6 +49,7 @@ def dropout_entropy_from_samples(probs: Tensor) -> Tensor:
 
 class _MCDropoutSelector(ScoreSelector):
     needs_model = True
+    needs_mc_samples = True
 
     def __init__(self, samples: int = 10, dropout: float = 0.1):
         if int(samples) != samples or samples < 1:
