@@ -75,3 +75,14 @@ def small_file(mnist_test, tmp_path):
     path = tmp_path / "small.npz"
     np.savez(path, x=mnist_test.x[:40, 0].numpy(), y=mnist_test.y[:40].numpy())
     return load_npz(path)
+
+
+@pytest.mark.parametrize("command", ["select", "attack", "evaluate", "retrain"])
+def test_a_bogus_device_fails_first_in_one_line(command, tmp_path):
+    out = tmp_path / ("out.npz" if command == "attack" else "out.json")
+    result = CliRunner().invoke(app, [command, "--device", "bogus", "--data-root", str(tmp_path / "empty"),
+                                      "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines == ["error: unknown device 'bogus'; use cpu, cuda, cuda:N or mps"]  # not 'mnist not found'
+    assert not out.exists()

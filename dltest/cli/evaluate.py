@@ -17,6 +17,7 @@ from dltest.cli.options import (
 )
 from dltest.checkpoint import ModelInfo
 from dltest.io import check_writable, write_json
+from dltest.runtime import resolve_device
 from dltest.robustness import RobustnessReport, evaluate_robustness
 
 
@@ -42,6 +43,7 @@ def evaluate_command(
     """Clean accuracy and robust accuracy under attacks (model in eval mode, RobustBench's rules)."""
     names = parse_attack_list(attacks)  # bad names and eps fail before any loading
     eps_value = parse_eps(eps)
+    resolve_device(device)
     check_writable(out)
     data, net, info = load_data_and_model(dataset, split, model, data_root, download, trust_model)
     with robustness_warnings_as_lines():

@@ -19,6 +19,7 @@ from dltest.cli.options import (
 )
 from dltest.errors import DltestError
 from dltest.io import check_writable, write_json
+from dltest.runtime import resolve_device
 from dltest.selection import load_selection
 from dltest.selectors import get_selector
 from dltest.workflows.retrain import RETRAIN_LR, retrain, retrain_config, retrain_data
@@ -69,6 +70,7 @@ def retrain_command(
         parse_budget(budget, pool_size=sys.maxsize)
     check_attack_name(attack)
     eps_value = parse_eps(eps)
+    resolve_device(device)
     eval_names = parse_attack_list(eval_attacks)
     eval_eps_value = parse_eps(eval_eps)
     check_writable(out)

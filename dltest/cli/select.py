@@ -19,6 +19,7 @@ from dltest.budget import parse_budget
 from dltest.data import load_dataset
 from dltest.inference import INFERENCE_BATCH
 from dltest.io import atomic_path, check_writable
+from dltest.runtime import resolve_device
 from dltest.selection import SelectionResult, load_selection, select
 from dltest.errors import DltestError
 from dltest.selectors import REGISTRY, get_selector
@@ -93,6 +94,7 @@ def select_command(
     if selector.needs_reference and reference_split is None and reference is None:
         raise DltestError(f"metric {metric!r} compares with the data the model was trained on: pass --reference-split "
                           "train (or --reference FILE)")
+    resolve_device(device)  # a bogus device fails before anything is loaded
     out = check_writable(out or Path(f"selection-{metric}-{budget.strip().replace('%', 'pct')}.json"))
     if csv_path:
         check_writable(csv_path)
