@@ -158,12 +158,14 @@ def test_the_normalised_wrapper_predicts_as_the_model_with_normalisation_inside(
         assert not torch.allclose(wrapped.model(x), trained_lenet(x), atol=0.1)
 
 
-def test_every_metric_selects_the_same_inputs_from_every_kind(client_models, trained_lenet, pool):
+def test_every_metric_selects_the_same_inputs_from_every_kind(client_models, trained_lenet, pool, mnist_train_slice):
+    reference = mnist_train_slice.subset(torch.arange(300))  # the training data the surprise metrics compare with
     for metric in sorted(REGISTRY):
         data = pool.subset(torch.arange(12)) if metric in ("egl", "dfal") else pool  # the two slow ones: fewer inputs
-        expected = select(metric, BUDGET, model=trained_lenet, data=data, seed=1)
+        extra = {"reference": reference} if REGISTRY[metric].needs_reference else {}
+        expected = select(metric, BUDGET, model=trained_lenet, data=data, seed=1, **extra)
         for kind, model in client_models.items():
-            got = select(metric, BUDGET, model=model, data=data, seed=1)
+            got = select(metric, BUDGET, model=model, data=data, seed=1, **extra)
             assert got.indices == expected.indices, (metric, kind)
             if expected.scores is not None:
                 inf = float("inf")  # None: no finite score (coreset's random first center)
@@ -195,17 +197,23 @@ def test_a_model_with_no_linear_layer_and_no_embed_says_what_to_pass(pool):
 # --- the commands -----------------------------------------------------------------------------
 
 
-def test_select_through_the_cli_for_every_model_file(model_files, pool_file, lenet_checkpoint, tmp_path):
+def test_select_through_the_cli_for_every_model_file(model_files, pool_file, lenet_checkpoint, tmp_path,
+                                                     mnist_train_slice):
+    reference = tmp_path / "reference.npz"
+    np.savez(reference, x=mnist_train_slice.x[:300, 0].numpy(), y=mnist_train_slice.y[:300].numpy())
     metrics = sorted(REGISTRY)
     expected = {}
-    for i, (kind, args) in enumerate(model_files.items()):
-        metric = metrics[i % len(metrics)]  # every metric through the CLI, on a different kind of file
+    kinds = list(model_files.items())
+    assert len(metrics) >= len(kinds)
+    for i, metric in enumerate(metrics):  # every metric through the CLI, every kind of file at least once
+        kind, args = kinds[i % len(kinds)]
+        extra = ["--reference", reference] if REGISTRY[metric].needs_reference else []
         if metric not in expected:
-            ok(run("select", "-d", pool_file, "-m", lenet_checkpoint, "--metric", metric, "-b", BUDGET,
+            ok(run("select", "-d", pool_file, "-m", lenet_checkpoint, "--metric", metric, "-b", BUDGET, *extra,
                    "--out", tmp_path / f"zoo-{metric}.json"))
             expected[metric] = json.loads((tmp_path / f"zoo-{metric}.json").read_text())["indices"]
         out = tmp_path / f"{i}.json"
-        result = ok(run("select", "-d", pool_file, *args, "--metric", metric, "-b", BUDGET, "--out", out))
+        result = ok(run("select", "-d", pool_file, *args, "--metric", metric, "-b", BUDGET, *extra, "--out", out))
         data = json.loads(out.read_text())
         assert data["indices"] == expected[metric], (kind, metric)
         info = data["model_info"]
