@@ -35,10 +35,6 @@ class Run:
         return list(dict.fromkeys(r["metric"] for r in self.records))
 
 
-def is_run_folder(path: str | os.PathLike) -> bool:
-    return Path(path).is_dir() and (Path(path) / "log.jsonl").is_file()
-
-
 def load_run(path: str | os.PathLike) -> Run:
     """Read a robust-al run folder, with a one-line error naming what is missing or malformed."""
     folder = Path(path)
