@@ -41,7 +41,7 @@ def load_run(path: str | os.PathLike) -> Run:
     if not folder.is_dir():
         raise DltestError(f"{folder} is not a run folder (no such folder)")
     config = _read_object(folder / "config.json")
-    if config.get("command") != "robust-al":
+    if config.get("command") not in ("robust-al", "dltest robust-al"):
         raise DltestError(f"{folder}/config.json is not from dltest robust-al (command {config.get('command')!r})")
     log = folder / "log.jsonl"
     if not log.is_file():
