@@ -75,7 +75,7 @@ def lenet_and_pool(pool_size: int | None):
 
 def bench_bald(device: torch.device) -> dict:
     from dltest.selection import select
-    from dltest.selectors.mc_dropout import dropout_masks
+    from dltest.inference import dropout_masks
 
     model, data, source = lenet_and_pool(None)
     model.to(device)

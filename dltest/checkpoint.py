@@ -97,8 +97,8 @@ def load_model(
 ) -> tuple[nn.Module, ModelInfo]:
     """Load a model in eval mode on the CPU.
 
-    ``source`` is a dltest checkpoint, a TorchScript file, or ``None`` for the bundled model of
-    ``dataset``. ``trust=True`` also accepts a pickled ``nn.Module``: that runs code from the file,
+    ``source`` is a dltest checkpoint, a TorchScript file, an ``.onnx`` file (run by onnxruntime,
+    see :mod:`dltest.export`), or ``None`` for the bundled model of ``dataset``. ``trust=True`` also accepts a pickled ``nn.Module``: that runs code from the file,
     so only use it for files you made.
     """
     if source is None:
@@ -108,6 +108,8 @@ def load_model(
     path = Path(source)
     if not path.is_file():
         raise DltestError(f"model file not found: {path}")
+    if path.suffix.lower() == ".onnx":
+        return _load_onnx(path)
     if _is_torchscript(path):
         try:
             model = torch.jit.load(str(path), map_location="cpu")
@@ -129,6 +131,19 @@ def load_model(
         meta=dict(state.get("meta", {})),
     )
     return model, info
+
+
+def _load_onnx(path: Path) -> tuple[nn.Module, ModelInfo]:
+    """An ONNX file runs through onnxruntime (dltest.export): inference only, no gradients."""
+    from dltest.export import load_onnx
+
+    model, meta = load_onnx(path)
+    shape = meta.get("input_shape") or model.input_shape
+    return model, ModelInfo(
+        source=str(path), arch="onnx", dataset=meta.get("dataset"),
+        input_shape=tuple(shape) if shape else None,
+        num_classes=int(meta["num_classes"]) if meta.get("num_classes") else None, meta=meta,
+    )
 
 
 def model_from_checkpoint(state: dict[str, Any], path: str | os.PathLike = "checkpoint") -> Classifier:

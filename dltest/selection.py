@@ -21,7 +21,7 @@ from dltest.data import ImageDataset
 from dltest.errors import DltestError
 from dltest.inference import INFERENCE_BATCH, PoolOutputs, infer
 from dltest.io import read_json, write_json
-from dltest.selectors import Candidates, get_selector
+from dltest.selectors import REGISTRY, Candidates, get_selector
 from dltest.runtime import on_device, resolve_device
 
 
@@ -50,9 +50,12 @@ class SelectionResult:
     label_counts: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
     dltest_version: str = __version__
+    command: str = "dltest select"
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        fields = asdict(self)
+        return {"command": fields.pop("command"), "dltest_version": fields.pop("dltest_version"),
+                "seed": fields.pop("seed"), **fields}
 
     def save(self, path: str) -> None:
         """Write the selection as JSON, atomically."""
@@ -100,6 +103,10 @@ def select(
         raise DltestError(f"outputs cover {n} inputs but the pool has {len(data)}")
     if selector.needs_model and (model is None or data is None):
         raise DltestError(f"metric {metric!r} runs the model again: pass model and data")
+    if selector.needs_model and not getattr(model, "has_gradients", True):
+        usable = ", ".join(name for name, cls in REGISTRY.items() if not cls.needs_model and name != "coreset")
+        raise DltestError(f"metric {metric!r} runs the model again (gradients or dropout), which an ONNX model "
+                          f"does not allow; metrics that work on ONNX models: {usable}")
 
     labeled_t = _labeled_positions(labeled, n)
     unlabeled = _complement(labeled_t, n)

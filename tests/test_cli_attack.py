@@ -9,6 +9,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+import dltest
 from dltest.checkpoint import load_model
 from dltest.cli import app
 from dltest.data import load_dataset
@@ -38,6 +39,7 @@ def test_evaluate_json_matches_the_api(lenet_checkpoint, tmp_path):
     assert "pgd" in r.stdout and "fgsm" in r.stdout and "clean" in r.stdout
     data = json.loads(out.read_text())
     assert data["command"] == "dltest evaluate" and data["split"] == "holdout" and data["seed"] == 4
+    assert data["dltest_version"] == dltest.__version__
     assert data["n"] == 150 and len(data["indices"]) == 150 and data["pool_size"] == 5000
     pgd = data["attacks"][0]
     assert pgd["attack"] == "pgd" and pgd["settings"]["eps"] == 0.15 and pgd["settings"]["steps"] == 10
@@ -105,15 +107,17 @@ def test_attack_writes_a_reusable_npz_and_retrain_uses_it(lenet_checkpoint, tmp_
     assert np.abs(x - clean).max() <= 0.2 + 1e-6
     assert meta["attack"]["eps"] == 0.2 and meta["split"] == "val" and meta["metric"] == "entropy"
     summary = json.loads(adv.with_suffix(".json").read_text())
-    assert summary["count"] == 40 and summary["adversarial_accuracy"] < summary["clean_accuracy"]
+    assert summary["n"] == 40 and summary["robust_accuracy"] < summary["clean_accuracy"]
+    assert (summary["command"], summary["dltest_version"]) == ("dltest attack", dltest.__version__) and "seed" in summary
 
     out, report = tmp_path / "re.pt", tmp_path / "re.json"
     ok(run("retrain", "-m", lenet_checkpoint, "--examples", adv, "--train-size", "500", "--epochs", "1",
            "--eval-n", "60", "--eval-eps", "0.2", "--eval-steps", "5", "--val-n", "30", "--out", out,
            "--report", report))
     data = json.loads(report.read_text())
-    assert data["settings"]["examples_file"] == str(adv) and data["adversarial_examples"]["count"] == 40
+    assert data["settings"]["examples_file"] == str(adv) and data["adversarial_examples"]["n"] == 40
     assert data["selection"] is None and data["settings"]["attack"]["eps"] == 0.2
+    assert (data["command"], data["dltest_version"], data["seed"]) == ("dltest retrain", dltest.__version__, 0)
 
 
 def test_attack_refuses_a_selection_from_another_dataset(lenet_checkpoint, tmp_path):

@@ -46,6 +46,8 @@ def test_select_writes_a_complete_selection(tmp_path, lenet_checkpoint):
     data = json.loads(out.read_text())
     assert data["metric"] == "dre" and data["budget"] == 400 and data["budget_spec"] == "4%"
     assert data["pool_size"] == 10000 and data["seed"] == 3
+    assert data["command"] == "dltest select" and data["dltest_version"] and list(data)[:3] == [
+        "command", "dltest_version", "seed"]
     assert data["dataset"] == "mnist" and data["split"] == "test" and data["model"] == str(lenet_checkpoint)
     assert len(data["indices"]) == len(set(data["indices"])) == 400
     assert all(0 <= i < 10000 for i in data["indices"]) and len(data["scores"]) == 400

@@ -73,7 +73,7 @@ def test_retrain_improves_robust_accuracy_over_its_starting_model(trained_lenet,
     assert after["robust_accuracy"]["pgd"] > before["robust_accuracy"]["pgd"] + 0.08, (before, after)
     assert after["clean_accuracy"] > 0.9
     assert report["selection"]["metric"] == "dre" and len(report["selection"]["indices"]) == 300
-    assert report["adversarial_examples"]["count"] == 300 and report["settings"]["holdout_split"] == "holdout"
+    assert report["adversarial_examples"]["n"] == 300 and report["settings"]["holdout_split"] == "holdout"
     assert report["settings"]["attack"]["eps"] == 0.2 and report["settings"]["config"]["epochs"] == 2
     # the starting model is left as it was
     assert all(torch.equal(before_weights[k], v) for k, v in trained_lenet.state_dict().items())

@@ -127,3 +127,18 @@ def test_autocast_is_off_on_the_cpu_and_native_backward_restores_onednn():
     assert torch.backends.mkldnn.enabled == before
     with native_cpu_backward(enabled=False):
         assert torch._C._get_mkldnn_enabled() == before
+
+
+def test_plain_progress_writes_periodic_lines_and_a_last_one():
+    from dltest.progress import plain_progress
+
+    lines: list[str] = []
+    with plain_progress("attack", 10, 0.0, lines.append) as advance:  # every advance is past the interval
+        for _ in range(5):
+            advance(2)
+    assert lines[0].startswith("attack: 2/10 (20%)") and lines[-1].startswith("attack: 10/10 (100%)")
+    assert len(lines) == 6 and all("\n" not in line for line in lines)
+    quiet: list[str] = []
+    with plain_progress("short", 10, 3600.0, quiet.append) as advance:
+        advance(10)
+    assert quiet == []  # a job shorter than the interval prints nothing

@@ -177,6 +177,30 @@ def test_model_without_dropout_or_head_gets_dropout_before_last_linear_with_noti
     np.testing.assert_allclose(scores.numpy(), baal_entropy(as_baal(ref)), rtol=1e-5, atol=1e-6)
 
 
+def test_mc_selection_records_the_dropout_it_used(small_pool):
+    """A model with its own dropout is sampled with its own rate: the selection says so, not 0.5."""
+    torch.manual_seed(0)
+    model = TinyBN(dropout=0.3).eval()
+    result = select("bald", 5, model=model, data=small_pool, seed=0, dropout=0.5, device="cpu")
+    assert result.options == {"samples": 10, "dropout": 0.3, "dropout_placement": "model"}
+    plain = TinyBN(dropout=None).eval()
+    result = select("dropout-entropy", 5, model=plain, data=small_pool, seed=0, dropout=0.25, device="cpu")
+    assert result.options["dropout"] == 0.25 and result.options["dropout_placement"] == "last-linear"
+
+
+def test_mc_predictions_shape_reproducibility_and_state(trained_lenet, small_pool):
+    from dltest.inference import mc_predictions
+
+    model = copy.deepcopy(trained_lenet).train()
+    rng = torch.get_rng_state()
+    first = mc_predictions(model, small_pool, 3, 0.1, torch.Generator().manual_seed(1))
+    again = mc_predictions(model, small_pool, 3, 0.1, torch.Generator().manual_seed(1))
+    assert first.shape == (3, len(small_pool), 10) and torch.equal(first, again)
+    assert torch.allclose(first.sum(-1), torch.ones(3, len(small_pool)), atol=1e-5)
+    assert model.training and all(m.training for m in model.modules())
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
 def test_mc_scores_use_xlogy_no_nan_at_zero_probability():
     samples = torch.tensor([[[1.0, 0.0, 0.0], [0.5, 0.5, 0.0]], [[0.0, 1.0, 0.0], [0.5, 0.5, 0.0]]])
     bald = bald_from_samples(samples)
@@ -390,7 +414,7 @@ def test_coreset_through_select_starts_from_labeled_positions(trained_lenet, sma
 
 def test_options_are_validated_and_recorded(trained_lenet, small_pool):
     result = select("bald", 5, model=trained_lenet, data=small_pool, seed=0, samples=4, dropout=0.2, device="cpu")
-    assert result.options == {"samples": 4, "dropout": 0.2}
+    assert result.options == {"samples": 4, "dropout": 0.2, "dropout_placement": "head"}
     assert select("egl", 3, model=trained_lenet, data=small_pool, variant="last-layer", device="cpu").options == {
         "variant": "last-layer"}
     from dltest.errors import DltestError
@@ -412,7 +436,7 @@ def test_cli_selector_flags(lenet_checkpoint, tmp_path):
     res = runner.invoke(app, [*base, "--metric", "bald", "--mc-samples", "3", "--dropout", "0.2", "--out", str(out)])
     assert res.exit_code == 0, res.output
     saved = json.loads(out.read_text())
-    assert saved["options"] == {"samples": 3, "dropout": 0.2} and len(saved["indices"]) == 20
+    assert saved["options"] == {"samples": 3, "dropout": 0.2, "dropout_placement": "head"} and len(saved["indices"]) == 20
 
     res = runner.invoke(app, [*base, "--metric", "entropy", "--mc-samples", "3", "--out", str(tmp_path / "x.json")])
     assert res.exit_code == 2 and "--mc-samples is not an option of metric 'entropy'" in res.output

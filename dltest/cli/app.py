@@ -1,12 +1,20 @@
-"""The Typer application; user errors become one line on stderr and exit code 2."""
+"""The Typer application; user errors become one line on stderr and exit code 2.
+
+A :class:`DltestError` from the library and a usage error from the parser (an unknown option, a
+missing value) are both printed as one ``error: ...`` line, without boxed panels, exit code 2.
+Every command's JSON starts with :func:`output_header`: ``command``, ``dltest_version``, ``seed``.
+"""
 
 from __future__ import annotations
 
 import sys
+from typing import Annotated, Any, Optional
 
+from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError  # typer's vendored click
 import typer
 from typer.core import TyperGroup
 
+from dltest import __version__
 from dltest.errors import DltestError
 
 
@@ -21,6 +29,36 @@ class _Group(TyperGroup):
             typer.echo("interrupted", err=True)
             raise typer.Exit(130) from None
 
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except NoArgsIsHelpError as exc:  # plain `dltest`: the help, as click shows it
+            typer.echo(exc.ctx.get_help() if exc.ctx else exc.format_message())
+            sys.exit(exc.exit_code)
+        except ClickException as exc:  # usage errors: one line, no panel
+            typer.echo(f"error: {_one_line(exc)}", err=True)
+            sys.exit(exc.exit_code)
+        except typer.Abort:
+            typer.echo("aborted", err=True)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+def _one_line(exc: ClickException) -> str:
+    message = " ".join(exc.format_message().split())
+    ctx = getattr(exc, "ctx", None)
+    if isinstance(exc, UsageError) and ctx is not None:
+        message += f" (see '{ctx.command_path} --help')"
+    return message
+
+
+def output_header(command: str, seed: int | list[int] | None) -> dict[str, Any]:
+    """The fields every command's JSON starts with: ``command`` (``"dltest <name>"``),
+    ``dltest_version`` and ``seed``."""
+    return {"command": f"dltest {command}", "dltest_version": __version__, "seed": seed}
+
 
 app = typer.Typer(
     cls=_Group,
@@ -29,6 +67,20 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"dltest {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[Optional[bool], typer.Option(
+        "--version", callback=_print_version, is_eager=True, help="Print dltest's version and exit.")] = None,
+) -> None:
+    """dltest: select, attack, retrain and gate deep-learning image classifiers."""
 
 
 def main() -> None:

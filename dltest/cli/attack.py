@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from dltest.attacks import PURPOSES, attack_preset, check_attack_name, generate_adversarial, parse_eps
-from dltest.cli.app import app
+from dltest.cli.app import app, output_header
 from dltest.cli.options import (
     Alpha, AttackBatch, DataRoot, Dataset, Device, Download, Eps, ModelPath, Queries, Seed, Steps, TrustModel,
     load_data_and_model,
@@ -65,9 +65,9 @@ def attack_command(
     clean_acc = float((examples.clean_pred == examples.y).float().mean())
     adv_acc = float((examples.adv_pred == examples.y).float().mean())
     write_json(report, {
-        "command": "dltest attack", "out": str(out), "dataset": data.name, "split": data.split, "model": info.source,
-        "selection": str(selection) if selection else None, "count": len(examples), "attack": spec.to_dict(),
-        "seed": seed, "batch_size": batch_size, "clean_accuracy": clean_acc, "adversarial_accuracy": adv_acc,
+        **output_header("attack", seed), "out": str(out), "dataset": data.name, "split": data.split,
+        "model": info.source, "selection": str(selection) if selection else None, "n": len(examples),
+        "attack": spec.to_dict(), "batch_size": batch_size, "clean_accuracy": clean_acc, "robust_accuracy": adv_acc,
         "success_rate": examples.success_rate,
     })
     table = Table(title=f"{spec.label} on {len(examples)} inputs of {data.name}/{data.split} (seed {seed})")

@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from dltest.attacks import parse_attack_list, parse_eps
-from dltest.cli.app import app
+from dltest.cli.app import app, output_header
 from dltest.cli.options import (
     Alpha, AttackBatch, DataRoot, Dataset, Device, Download, Eps, ModelPath, Queries, Seed, Steps, TrustModel,
     load_data_and_model,
@@ -54,13 +54,13 @@ def evaluate_command(
     for w in caught:
         if issubclass(w.category, RobustnessWarning):
             typer.echo(f"warning: {w.message}", err=True)
-    write_json(out, evaluation_json(report, info, "dltest evaluate"))
+    write_json(out, evaluation_json(report, info))
     print_report(report, title=f"{info.source} on {report.dataset}/{report.split}")
     Console().print(f"wrote {out} in {report.seconds:.1f} s")
 
 
-def evaluation_json(report: RobustnessReport, info: ModelInfo, command: str) -> dict[str, Any]:
-    return {"command": command, "model": info.source, "model_arch": info.arch, **report.to_dict()}
+def evaluation_json(report: RobustnessReport, info: ModelInfo) -> dict[str, Any]:
+    return {**output_header("evaluate", report.seed), "model": info.source, "model_arch": info.arch, **report.to_dict()}
 
 
 def print_report(report: RobustnessReport, title: str) -> None:

@@ -58,7 +58,7 @@ def retrain_command(
     seed: Seed = 0,
     out: Annotated[Path, typer.Option(help="Checkpoint of the retrained model.")] = Path("retrained.pt"),
     report: Annotated[Optional[Path], typer.Option(help="JSON report (default: <out>.json).")] = None,
-    resume: Annotated[bool, typer.Option(help="Continue the retraining from <out>.partial.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the retraining from <out>.partial.")] = False,
     data_root: DataRoot = None,
     download: Download = False,
     device: Device = None,
@@ -114,7 +114,7 @@ def retrain_command(
             typer.echo(f"warning: {w.message}", err=True)
     data = result.to_dict()
     data["settings"].update({"model": info.source, "selection_file": str(selection) if selection else None,
-                             "examples_file": str(examples) if examples else None, "command": "dltest retrain"})
+                             "examples_file": str(examples) if examples else None})
     _save_model(result.model.cpu(), out, info, pool, data)
     Path(f"{out}.partial").unlink(missing_ok=True)
     write_json(report, {"checkpoint": str(out), **data})

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from dltest import __version__
 from dltest.attacks import AdversarialExamples, AttackSpec, attack_preset, generate_adversarial, with_examples
 from dltest.data import ImageDataset
 from dltest.errors import DltestError
@@ -66,7 +67,9 @@ class RetrainResult:
                     "robust_accuracy": {o.attack: o.robust_accuracy for o in report.attacks}}
 
         return {
-            "command": "retrain",
+            "command": "dltest retrain",
+            "dltest_version": __version__,
+            "seed": self.settings.get("seed"),
             "settings": self.settings,
             "before": summary(self.before),
             "after": summary(self.after),
@@ -76,7 +79,7 @@ class RetrainResult:
                                     for o in self.after.attacks},
             },
             "selection": self.selection.to_dict() if self.selection else None,
-            "adversarial_examples": {"count": len(self.examples), "attack": self.examples.attack,
+            "adversarial_examples": {"n": len(self.examples), "attack": self.examples.attack,
                                      "success_rate": self.examples.success_rate,
                                      "source": self.examples.meta.get("file")},
             "training": self.training.summary(),

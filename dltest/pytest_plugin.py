@@ -1,0 +1,88 @@
+"""pytest plugin (entry point ``pytest11``): robustness assertions in a project's own test suite.
+
+::
+
+    from dltest.pytest_plugin import assert_robust
+
+    @pytest.mark.robustness                      # slow: deselect with -m "not robustness"
+    def test_model_is_robust(dltest_model, dltest_data):
+        assert_robust(dltest_model, dltest_data, attack="pgd", min_robust=0.8, n=500)
+
+Fixtures (session-scoped): ``dltest_data``, the split ``--dltest-split`` (ini ``dltest_split``,
+default ``holdout``) of ``--dltest-dataset`` (ini ``dltest_dataset``, default ``mnist``);
+``dltest_model``, the model ``--dltest-model`` (ini ``dltest_model``; a dltest checkpoint,
+TorchScript or ONNX file), default the bundled model of the dataset. A failed assertion lists
+every figure with its exact interval and the rule that decided it.
+
+The plugin loads in every pytest run where dltest is installed, so it imports nothing heavy
+(torch, dltest) until a fixture or :func:`assert_robust` is used.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Sequence
+
+import pytest
+
+if TYPE_CHECKING:  # pragma: no cover
+    from torch import nn
+
+    from dltest.data import ImageDataset
+    from dltest.gate import GateResult
+
+MARKER = "robustness"
+
+
+def assert_robust(
+    model: "nn.Module",
+    data: "ImageDataset",
+    attack: str | Sequence[str] = "pgd",
+    min_robust: float | None = 0.8,
+    **options: Any,
+) -> "GateResult":
+    """Assert that ``model`` keeps ``min_robust`` robust accuracy under ``attack`` on ``data``,
+    decided on the exact one-sided lower bound (see :func:`dltest.gate.assert_robust` for the
+    options: ``min_accuracy``, ``confidence``, ``n``, ``seed``, ``eps``, ``steps``, ...)."""
+    __tracebackhide__ = True
+    from dltest.gate import assert_robust as _assert_robust
+
+    return _assert_robust(model, data, attack, min_robust, **options)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("dltest", "dltest robustness checks")
+    group.addoption("--dltest-dataset", default=None, help="Dataset of the dltest_data fixture (default: mnist).")
+    group.addoption("--dltest-split", default=None, help="Split of the dltest_data fixture (default: holdout).")
+    group.addoption("--dltest-model", default=None, help="Model file of the dltest_model fixture (default: the bundled model).")
+    parser.addini("dltest_dataset", "Dataset of the dltest_data fixture", default="mnist")
+    parser.addini("dltest_split", "Split of the dltest_data fixture", default="holdout")
+    parser.addini("dltest_model", "Model file of the dltest_model fixture", default="")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", f"{MARKER}: a slow robustness check with dltest (deselect with -m 'not {MARKER}')"
+    )
+
+
+def _setting(config: pytest.Config, name: str) -> str:
+    return config.getoption(f"--dltest-{name}") or config.getini(f"dltest_{name}")
+
+
+@pytest.fixture(scope="session")
+def dltest_data(pytestconfig: pytest.Config) -> "ImageDataset":
+    """The evaluation split (default: mnist holdout)."""
+    from dltest.data import load_dataset
+
+    return load_dataset(_setting(pytestconfig, "dataset"), _setting(pytestconfig, "split"))
+
+
+@pytest.fixture(scope="session")
+def dltest_model(pytestconfig: pytest.Config, dltest_data: "ImageDataset") -> "nn.Module":
+    """The model under test, in eval mode, checked to fit ``dltest_data``."""
+    from dltest.checkpoint import check_fits, load_model
+
+    source = _setting(pytestconfig, "model") or None
+    model, info = load_model(source, dataset=None if source else dltest_data.name)
+    check_fits(model, dltest_data, info)
+    return model
