@@ -109,7 +109,8 @@ def bench_bald(device: torch.device) -> dict:
 def bench_dfal(device: torch.device, candidates: int) -> dict:
     import torchattacks
 
-    from dltest.selectors.dfal import DFAL, deepfool_l2
+    from dltest.attacks.kernels import deepfool_l2
+    from dltest.selectors.dfal import DFAL
 
     model, data, source = lenet_and_pool(None)
     model.to(device)

@@ -5,4 +5,16 @@ class DltestError(Exception):
     """A problem with what the user asked for: a bad value, a missing file, a misfit model.
 
     The CLI prints its message on one line and exits with code 2; it is never a bug report.
+    The message names Python parameters (``variant='last-layer'``); where the way out differs on
+    the command line, ``cli`` holds the same message in its words (``--egl-variant last-layer``),
+    and the CLI prints that instead.
     """
+
+    def __init__(self, message: str, *, cli: str | None = None):
+        super().__init__(message)
+        self.cli = cli
+
+    @property
+    def cli_message(self) -> str:
+        """The message as the command line shows it."""
+        return self.cli or str(self)

@@ -88,16 +88,31 @@ class OnnxClassifier(nn.Module):
         shape = self.session.get_inputs()[0].shape[1:]
         return tuple(shape) if shape and all(isinstance(d, int) for d in shape) else None
 
+    @property
+    def fixed_batch(self) -> int | None:
+        """The batch size the file fixes (e.g. 1 for many exported files), else None (dynamic)."""
+        first = self.session.get_inputs()[0].shape[:1]
+        return first[0] if first and isinstance(first[0], int) and first[0] > 0 else None
+
     def forward(self, images: Tensor) -> Tensor:
         if images.requires_grad and torch.is_grad_enabled():
             raise DltestError("an ONNX model gives no gradients: use output-based metrics and black-box attacks "
                               "(square), or the torch model for gradient-based ones")
-        x = images.detach().to("cpu", torch.float32).contiguous().numpy()
+        x = images.detach().to("cpu", torch.float32).contiguous()
+        size = self.fixed_batch
+        chunks = [x] if size is None or len(x) == size else list(x.split(size))
+        outputs = [self._run(chunk, size) for chunk in chunks]
+        return torch.cat(outputs).to(images.device) if len(outputs) > 1 else outputs[0].to(images.device)
+
+    def _run(self, x: Tensor, size: int | None) -> Tensor:
+        rows = len(x)
+        if size is not None and rows < size:  # the last chunk of a fixed-batch file: pad, then drop the padding
+            x = torch.cat([x, x.new_zeros((size - rows, *x.shape[1:]))])
         try:
-            out = self.session.run([self.output_name], {self.input_name: x})[0]
+            out = self.session.run([self.output_name], {self.input_name: x.numpy()})[0]
         except Exception as exc:
-            raise DltestError(f"{self.path} cannot take inputs of shape {tuple(images.shape)} ({_first_line(exc)})") from None
-        return torch.from_numpy(out).to(images.device)
+            raise DltestError(f"{self.path} cannot take inputs of shape {tuple(x.shape)} ({_first_line(exc)})") from None
+        return torch.from_numpy(out[:rows])
 
     def extra_repr(self) -> str:
         return f"path={self.path!r}"

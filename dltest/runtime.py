@@ -128,12 +128,21 @@ def mc_dropout_mode(model: nn.Module, modules: list[nn.Module] | None = None) ->
 
 @contextlib.contextmanager
 def seeded(seed: int, device: torch.device | str | None = None) -> Iterator[None]:
-    """Torch's global RNG (the CPU's, and the CUDA device's when ``device`` is one) seeded with
-    ``seed`` inside the block, and left exactly as it was outside."""
+    """Torch's global RNG seeded with ``seed`` inside the block, and left exactly as it was outside.
+
+    The CPU generator is always forked; the CUDA generators are forked and seeded when CUDA is in
+    use (``device`` is a GPU, or CUDA is initialised), and left alone otherwise, so that a CPU
+    run neither initialises CUDA nor queues a seed for it.
+    """
     device = torch.device(device) if device is not None else None
-    devices = [device.index or 0] if device is not None and device.type == "cuda" else []
+    use_cuda = torch.cuda.is_available() and (
+        (device is not None and device.type == "cuda") or torch.cuda.is_initialized())
+    devices = list(range(torch.cuda.device_count())) if use_cuda else []
     with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
+        if use_cuda:
+            torch.manual_seed(seed)  # the CPU's and every GPU's generator
+        else:
+            torch.random.default_generator.manual_seed(seed)
         yield
 
 

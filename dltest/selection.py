@@ -79,15 +79,17 @@ def select(
     batch_size: int = INFERENCE_BATCH,
     progress: bool = False,
     model_name: str | None = None,
+    reference: ImageDataset | None = None,
     **options: Any,
 ) -> SelectionResult:
-    """Select ``budget`` inputs of a pool with the acquisition function ``metric``.
+    """Select ``budget`` inputs of a pool with the metric (acquisition function) ``metric``.
 
     The pool is ``data`` (with ``model``), or precomputed ``outputs`` (a :class:`PoolOutputs` or a
     probability matrix) for the selectors that need no model. ``budget`` is a count or a
     percentage string (``"4%"``). ``labeled`` are pool positions already labeled: they are never
-    selected, and core-set starts its centers from them. ``options`` go to the selector
-    (e.g. ``samples=10`` for ``bald``).
+    selected, and core-set starts its centers from them. ``reference`` is the training data, for
+    the selectors that compare with it (``dsa``, ``lsa``, ``mdsa``). ``options`` go to the selector
+    (e.g. ``samples=10`` for ``bald``; ``sampling="power"`` for any score-based one).
     """
     selector = get_selector(metric, **options)
     started = time.perf_counter()
@@ -103,6 +105,9 @@ def select(
         raise DltestError(f"outputs cover {n} inputs but the pool has {len(data)}")
     if selector.needs_model and (model is None or data is None):
         raise DltestError(f"metric {metric!r} runs the model again: pass model and data")
+    if selector.needs_reference and reference is None:
+        raise DltestError(f"metric {metric!r} compares with the training data: pass reference= "
+                          "(dltest select --reference-split train, or --reference FILE)")
     if selector.needs_model and not getattr(model, "has_gradients", True):
         usable = ", ".join(name for name, cls in REGISTRY.items() if not cls.needs_model and name != "coreset")
         raise DltestError(f"metric {metric!r} runs the model again (gradients or dropout), which an ONNX model "
@@ -120,6 +125,7 @@ def select(
         ),
         device=device,
         progress=progress,
+        reference=reference,
     )
     generator = torch.Generator().manual_seed(seed)
     # the selectors that run the model again find it on ``device``; the caller's model stays put

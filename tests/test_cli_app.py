@@ -44,3 +44,45 @@ def test_help_shows_defaults_and_plain_boolean_flags():
     text = CliRunner().invoke(app, ["retrain", "--help"], env={"COLUMNS": "200"}).stdout
     assert "[default: dre]" in text and "[default: 1000]" in text
     assert "--resume" in text and "--no-resume" not in text and "--no-download" not in text
+
+
+def test_library_errors_name_parameters_and_the_cli_names_flags(trained_lenet, small_file, tmp_path):
+    import torch
+
+    from dltest.errors import DltestError
+    from dltest.selection import select
+
+    scripted = torch.jit.script(trained_lenet)
+    path = tmp_path / "scripted.pt"
+    torch.jit.save(scripted, str(path))
+    data = small_file
+    with pytest.raises(DltestError) as err:
+        select("egl", 3, model=scripted, data=data, device="cpu")
+    assert "variant='last-layer'" in str(err.value) and "--" not in str(err.value)
+    result = CliRunner().invoke(app, ["select", "-d", str(data.name), "-m", str(path), "--metric", "egl", "--budget", "3",
+                                      "--out", str(tmp_path / "s.json")])
+    assert result.exit_code == 2 and "--egl-variant last-layer" in result.stderr and "variant='" not in result.stderr
+    assert not (tmp_path / "s.json").exists()
+
+
+@pytest.fixture
+def small_file(mnist_test, tmp_path):
+    """40 MNIST test images as a user .npz file."""
+    import numpy as np
+
+    from dltest.data import load_npz
+
+    path = tmp_path / "small.npz"
+    np.savez(path, x=mnist_test.x[:40, 0].numpy(), y=mnist_test.y[:40].numpy())
+    return load_npz(path)
+
+
+@pytest.mark.parametrize("command", ["select", "attack", "evaluate", "retrain"])
+def test_a_bogus_device_fails_first_in_one_line(command, tmp_path):
+    out = tmp_path / ("out.npz" if command == "attack" else "out.json")
+    result = CliRunner().invoke(app, [command, "--device", "bogus", "--data-root", str(tmp_path / "empty"),
+                                      "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines == ["error: unknown device 'bogus'; use cpu, cuda, cuda:N or mps"]  # not 'mnist not found'
+    assert not out.exists()

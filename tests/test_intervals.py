@@ -8,7 +8,7 @@ import pytest
 from scipy.stats import binom, binomtest
 
 from dltest.analysis.intervals import (
-    clopper_pearson, inputs_for_half_width, lower_bound, mcnemar_exact, upper_bound,
+    clopper_pearson, inputs_for_half_width, lower_bound, mcnemar_exact, smallest_passing_count, upper_bound,
 )
 from dltest.errors import DltestError
 
@@ -71,6 +71,18 @@ def test_inputs_for_half_width():
     iv = clopper_pearson(round(0.5 * n), n)
     assert max(iv.estimate - iv.low, iv.high - iv.estimate) <= 0.01
     assert inputs_for_half_width(0.01, share=0.98) < n / 4  # accuracies near 1 need far fewer inputs
+
+
+def test_smallest_passing_count_and_the_figures_in_docs_gate_md():
+    for bar, n in ((0.98, 1000), (0.9, 300), (0.5, 40)):
+        k = smallest_passing_count(bar, n)
+        assert lower_bound(k, n) >= bar > lower_bound(k - 1, n)
+    assert smallest_passing_count(0.999, 100) is None  # 100 of 100 cannot show 99.9%
+    assert smallest_passing_count(0.0, 10) == 0
+    # the tables of docs/gate.md
+    assert [inputs_for_half_width(0.01, s) for s in (0.5, 0.98, 0.99)] == [9701, 1114, 769]
+    assert [smallest_passing_count(0.98, n) / n for n in (300, 1000, 5000, 10000)] == [299 / 300, 0.988, 0.9834, 0.9824]
+    assert lower_bound(297, 300) == pytest.approx(0.9744, abs=5e-5)
 
 
 @pytest.mark.parametrize("call", [

@@ -135,3 +135,21 @@ def test_parity_failure_writes_nothing(tmp_path, holdout):
     with pytest.raises(DltestError, match="differs from torch"):
         export_onnx(Drifting(), target, holdout.subset(torch.arange(64)))
     assert not target.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_a_foreign_onnx_file_with_a_fixed_batch_of_one(tmp_path):
+    """A file exported elsewhere (the legacy TorchScript exporter, batch fixed to 1, no dltest metadata)."""
+    torch_model, _ = load_model(dataset="mnist")
+    path = tmp_path / "foreign.onnx"
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(torch_model, (torch.zeros(1, 1, 28, 28),), str(path), dynamo=False)
+    model, info = load_model(path)
+    assert model.fixed_batch == 1 and info.dataset is None and info.input_shape == (1, 28, 28)
+    pool = load_dataset("mnist", "test").subset(torch.arange(300))
+    x = pool.images(slice(0, 7))
+    with torch.no_grad():
+        assert (model(x) - torch_model(x)).abs().max() < 1e-4
+    assert select("margin", 20, model=model, data=pool).indices == select("margin", 20, model=torch_model, data=pool).indices

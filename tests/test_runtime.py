@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from torch import nn
@@ -142,3 +144,35 @@ def test_plain_progress_writes_periodic_lines_and_a_last_one():
     with plain_progress("short", 10, 3600.0, quiet.append) as advance:
         advance(10)
     assert quiet == []  # a job shorter than the interval prints nothing
+
+
+def test_library_calls_leave_the_callers_model_mode_and_rng_alone(trained_lenet, mnist_test):
+    import copy
+
+    from dltest.attacks import attack_preset, generate_adversarial
+    from dltest.inference import infer, mc_predictions
+    from dltest.robustness import evaluate_robustness
+    from dltest.selection import select
+
+    data = mnist_test.subset(torch.arange(40))
+    model = copy.deepcopy(trained_lenet).train()
+    model.features[0].eval()
+    before = modes(model)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.manual_seed(9)
+    rng = torch.get_rng_state()
+    fgsm = attack_preset("fgsm", "mnist", eps=0.1)
+    calls = {
+        "infer": lambda: infer(model, data, device="cpu"),
+        "mc_predictions": lambda: mc_predictions(model, data, 2, 0.1, device="cpu"),
+        "select egl": lambda: select("egl", 3, model=model, data=data, device="cpu"),
+        "select bald": lambda: select("bald", 3, model=model, data=data, device="cpu", samples=2),
+        "evaluate_robustness": lambda: evaluate_robustness(model, data, [fgsm], device="cpu"),
+        "generate_adversarial": lambda: generate_adversarial(model, data, [0, 1, 2], fgsm, device="cpu"),
+    }
+    for name, call in calls.items():
+        with pytest.warns() if name == "evaluate_robustness" else contextlib.nullcontext():
+            call()
+        assert modes(model) == before, name
+        assert torch.equal(torch.get_rng_state(), rng), name
+    assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())

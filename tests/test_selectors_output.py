@@ -150,6 +150,32 @@ def test_largest_remainder_quotas_sum_to_budget_and_fit_their_bins():
         assert int(q.sum()) == budget and bool((q <= counts).all())
 
 
+def test_largest_remainder_ties_are_exact_and_go_to_the_lower_bin():
+    # bins 0 and 3 have the same remainder, 2938 * 5005 = 46 * 5005 = 2244 (mod 5302); in floats
+    # 2938 * 5005 / 5302 - 2773 is a hair below 46 * 5005 / 5302 - 43, and bin 3 got the seat
+    counts = torch.tensor([2938, 1602, 716, 46])
+    assert (2938 * 5005) % 5302 == (46 * 5005) % 5302 == 2244
+    assert largest_remainder_quotas(counts, 5005).tolist() == [2774, 1512, 676, 43]
+
+
+def test_uncertainty_scores_rank_in_float64(mnist_test):
+    # issue 10: in float32 only 2,444 distinct DeepGini scores on the 10k MNIST test inputs
+    from dltest import infer, load_model
+    from dltest.selectors.base import float64_probs
+
+    model, _ = load_model(dataset="mnist")
+    outputs = infer(model, mnist_test, device="cpu")
+    for fn in (gini, margin):
+        distinct32 = len(torch.unique(fn(outputs.probs)))
+        distinct64 = len(torch.unique(fn(float64_probs(outputs))))
+        assert distinct64 > 2 * distinct32, (fn.__name__, distinct32, distinct64)
+    result = select("deepgini", "30%", outputs=outputs)
+    assert result.scores == sorted(result.scores, reverse=True)
+    reference = gini(torch.softmax(outputs.logits.double(), dim=1)).numpy()
+    order = sorted(range(len(reference)), key=lambda i: (-reference[i], i))[: result.budget]
+    assert result.indices == order
+
+
 def test_dre_degenerate_pool_is_a_uniform_draw():
     probs = torch.full((40, 4), 0.25)
     result = select("dre", 10, outputs=probs, seed=1)

@@ -157,3 +157,17 @@ def inputs_for_half_width(half_width: float, share: float = 0.5, confidence: flo
         mid = (lo + hi) // 2
         lo, hi = (lo, mid) if fits(mid) else (mid, hi)
     return hi
+
+
+def smallest_passing_count(bar: float, n: int, confidence: float = 0.95) -> int | None:
+    """The fewest correct inputs out of ``n`` whose one-sided exact lower bound reaches ``bar``
+    (what a model must measure to pass a minimum on ``n`` inputs); None when even n of n falls short."""
+    if not 0 <= bar <= 1:
+        raise DltestError(f"bar must be in [0, 1], got {bar}")
+    if lower_bound(n, n, confidence) < bar:
+        return None
+    lo, hi = -1, n  # lower_bound grows with k: find the first k that reaches the bar
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if lower_bound(mid, n, confidence) >= bar else (mid, hi)
+    return hi

@@ -1,13 +1,33 @@
-"""Attack kernels dltest runs itself: a lean batched Linf PGD.
+"""Attack kernels dltest runs itself: a lean batched Linf PGD and a batched L2 DeepFool.
 
 :func:`pgd_linf` gives torchattacks' ``PGD`` outputs (same arithmetic, same random start)
-without its per-call overhead, and follows the trainer's mixed precision on CUDA. (The batched
-DeepFool that DFAL uses lives in :mod:`dltest.selectors.dfal` for now.)
+without its per-call overhead, and follows the trainer's mixed precision on CUDA.
+
+:func:`deepfool_l2` is the original DeepFool (Moosavi-Dezfooli et al. 2016) in [0, 1]: each step
+r_i goes to the nearest linearised boundary, the steps add up to r_total, and the overshoot applies
+to that sum, x_adv = clip(x + (1 + overshoot) r_total, 0, 1) (SPEC §1). The step is box-aware: a
+pixel at 0 cannot darken and a pixel at 1 cannot brighten, so those gradient components are
+dropped before the nearest boundary and the step are computed. Without that, a step spends much of
+itself on clipped pixels (MNIST's black background), the input creeps towards the boundary by a
+constant fraction per step and never crosses it, and whether its tied logits count as flipped is
+decided by class index: on 512 MNIST test inputs and the bundled model, 139 (torchattacks'
+per-step overshoot) or 201 (overshoot on r_total alone) had not flipped after 50 steps; with the
+box-aware step all 512 flip within 9 steps, 6x faster. A label counts as flipped when another
+logit is strictly larger than the label's, which no class index decides; as in the original,
+every step aims 1e-4 beyond the linearised boundary, so an input sitting on an exact tie (2 of
+2000 MNIST candidates reached one) still moves. The norm returned is that of the iterate whose
+label flipped (after clipping), not one past it.
+
+It is batched: all inputs of a batch iterate together; the gradients of f_k - f_label for the
+C - 1 other classes k come from C - 1 backward passes over the whole batch (the one forward pass
+also decides which labels flipped); each input leaves the batch when its label flips.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -89,3 +109,125 @@ class PGDAdversary:
 
     def __call__(self, model: nn.Module, images: Tensor, labels: Tensor) -> Tensor:
         return pgd_linf(model, images, labels, self.eps, self.alpha, self.steps, self.random_start)
+
+
+# --- batched L2 DeepFool (DFAL) ------------------------------------------------------------------
+
+DEEPFOOL_BATCH = 256
+FLIP_MARGIN = 1e-4  # added to |f_k - f_label| in every step, as in the original DeepFool
+
+
+def boundary_gradients(logits: Tensor, x: Tensor, labels: Tensor) -> Tensor:
+    """Gradients of f_k - f_label for every other class k, (B, C - 1, D): C - 1 batched backward passes.
+
+    Column r holds class r if r < label, else r + 1 (the classes other than the label, in order).
+    """
+    b, c = logits.shape
+    rows = torch.arange(b, device=logits.device)
+    grads = []
+    for r in range(c - 1):
+        other = r + (r >= labels).long()
+        cotangent = torch.zeros_like(logits)
+        cotangent[rows, other] = 1.0
+        cotangent[rows, labels] = -1.0
+        (g,) = torch.autograd.grad(logits, x, grad_outputs=cotangent, retain_graph=r + 2 < c)
+        grads.append(g.flatten(1))
+    return torch.stack(grads, dim=1)
+
+
+def other_classes(labels: Tensor, c: int) -> Tensor:
+    """(B, C - 1): the classes other than each label, in increasing order."""
+    r = torch.arange(c - 1, device=labels.device).unsqueeze(0)
+    return r + (r >= labels.unsqueeze(1)).long()
+
+
+def deepfool_step(x: Tensor, logits: Tensor, w: Tensor, labels: Tensor) -> Tensor:
+    """One DeepFool step r_i of every row of ``x`` (B, ...), (B, D): to the nearest linearised
+    boundary, moving only pixels that can move that way.
+
+    ``w`` are the gradients of f_k - f_label from :func:`boundary_gradients`. A pixel at 0 cannot
+    decrease and a pixel at 1 cannot increase, so the gradient components that would push it out
+    of [0, 1] are dropped (for each class k) before the distances |f_k| / ||w_k|| are compared and
+    the step is taken: the step then moves the input as far as the linearisation says it must,
+    instead of spending itself on clipped pixels and creeping towards the boundary without
+    crossing it.
+    """
+    logits = logits.detach()
+    rows = torch.arange(len(logits), device=logits.device)
+    flat = x.detach().flatten(1).unsqueeze(1)
+    w = torch.where(((flat <= 0) & (w < 0)) | ((flat >= 1) & (w > 0)), torch.zeros_like(w), w)
+    f = logits.gather(1, other_classes(labels, logits.shape[1])) - logits[rows, labels].unsqueeze(1)
+    w_norm = w.norm(dim=2)
+    value = torch.where(w_norm > 0, f.abs() / w_norm, torch.full_like(f, math.inf))
+    nearest = value.argmin(dim=1)
+    f_hat, w_hat, n_hat = f[rows, nearest], w[rows, nearest], w_norm[rows, nearest]
+    push = f_hat.abs() + FLIP_MARGIN  # the original's 1e-4: an input on a tie moves on
+    return (push / n_hat.pow(2).clamp_min(torch.finfo(w.dtype).tiny)).unsqueeze(1) * w_hat
+
+
+def label_margin(logits: Tensor, labels: Tensor) -> Tensor:
+    """The label's logit minus the largest other logit, per row (< 0: the label flipped)."""
+    own = logits.gather(1, labels.unsqueeze(1)).squeeze(1)
+    return own - logits.scatter(1, labels.unsqueeze(1), -math.inf).max(dim=1).values
+
+
+class DeepFoolResult(NamedTuple):
+    """Per input: ``norms`` of the flipping perturbation (+inf: no flip within the steps),
+    ``iterations`` taken, ``final_norms`` of the last iterate's perturbation (flipped or not) and
+    ``margins``, the label's logit minus the largest other logit at that iterate (< 0: flipped)."""
+
+    norms: Tensor
+    iterations: Tensor
+    final_norms: Tensor
+    margins: Tensor
+
+
+def deepfool_l2(
+    model: nn.Module,
+    images: Tensor,
+    *,
+    overshoot: float = 0.02,
+    steps: int = 50,
+    batch_size: int = DEEPFOOL_BATCH,
+) -> DeepFoolResult:
+    """Batched L2 DeepFool against the model's own predictions on ``images`` (in [0, 1], on the
+    model's device), the overshoot on the accumulated perturbation; see :class:`DeepFoolResult`."""
+    n = len(images)
+    norms = torch.full((n,), math.inf, dtype=torch.float64)
+    final_norms = torch.zeros(n, dtype=torch.float64)
+    margins = torch.zeros(n, dtype=torch.float64)
+    iterations = torch.full((n,), steps, dtype=torch.long)
+    with eval_mode(model):
+        for s in range(0, n, batch_size):
+            x0 = images[s : s + batch_size].detach()
+            x = x0.clone()
+            r_total = torch.zeros_like(x0)
+            active = torch.arange(len(x0), device=x0.device)
+            labels = torch.empty(0, dtype=torch.long)
+            for step in range(steps + 1):
+                xa = x[active].clone().requires_grad_(True)
+                logits = model(xa)
+                if step == 0:
+                    labels = logits.detach().argmax(dim=1)
+                margin = label_margin(logits.detach().double(), labels[active])
+                flipped = margin < 0
+                done = flipped if step < steps else torch.ones_like(flipped)
+                if done.any():
+                    rows = active[done]
+                    at = s + rows.cpu()
+                    dist = (x[rows] - x0[rows]).flatten(1).double().norm(dim=1).cpu()
+                    final_norms[at] = dist
+                    margins[at] = margin[done].cpu()
+                    hit = flipped[done].cpu()
+                    norms[at[hit]] = dist[hit]
+                    iterations[at[hit]] = step
+                if done.all():
+                    break
+                keep = ~flipped
+                with native_cpu_backward(native_input_grad_pays(xa)):
+                    w = boundary_gradients(logits, xa, labels[active])[keep]
+                active = active[keep]
+                step_r = deepfool_step(xa[keep], logits[keep], w, labels[active]).view_as(x0[active])
+                x[active] = torch.clamp(x0[active] + (1 + overshoot) * (r_total[active] + step_r), 0, 1)
+                r_total[active] += step_r
+    return DeepFoolResult(norms, iterations, final_norms, margins)

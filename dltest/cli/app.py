@@ -8,7 +8,9 @@ Every command's JSON starts with :func:`output_header`: ``command``, ``dltest_ve
 from __future__ import annotations
 
 import sys
-from typing import Annotated, Any, Optional
+import warnings
+from contextlib import contextmanager
+from typing import Annotated, Any, Iterator, Optional
 
 from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError  # typer's vendored click
 import typer
@@ -23,7 +25,7 @@ class _Group(TyperGroup):
         try:
             return super().invoke(ctx)
         except DltestError as exc:
-            typer.echo(f"error: {exc}", err=True)
+            typer.echo(f"error: {exc.cli_message}", err=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             typer.echo("interrupted", err=True)
@@ -52,6 +54,20 @@ def _one_line(exc: ClickException) -> str:
     if isinstance(exc, UsageError) and ctx is not None:
         message += f" (see '{ctx.command_path} --help')"
     return message
+
+
+@contextmanager
+def robustness_warnings_as_lines() -> Iterator[None]:
+    """Inside the block, robustness warnings (randomised model, train mode, gradient masking) are
+    collected; after it, each is printed as one ``warning: ...`` line on stderr."""
+    from dltest.robustness import RobustnessWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RobustnessWarning)
+        yield
+    for w in caught:
+        if issubclass(w.category, RobustnessWarning):
+            typer.echo(f"warning: {w.message}", err=True)
 
 
 def output_header(command: str, seed: int | list[int] | None) -> dict[str, Any]:

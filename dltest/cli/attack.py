@@ -17,6 +17,7 @@ from dltest.cli.options import (
 )
 from dltest.errors import DltestError
 from dltest.io import check_writable, read_json, write_json
+from dltest.runtime import resolve_device
 from dltest.selection import load_selection
 
 
@@ -46,6 +47,7 @@ def attack_command(
     if purpose not in PURPOSES:
         raise DltestError(f"unknown purpose {purpose!r}; choose train or eval")
     eps_value = parse_eps(eps)
+    resolve_device(device)  # a bogus device fails before anything is loaded
     if out.suffix != ".npz":
         raise DltestError(f"--out must end in .npz, got {out}")
     check_writable(out)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -11,14 +10,15 @@ from rich.console import Console
 from rich.table import Table
 
 from dltest.attacks import parse_attack_list, parse_eps
-from dltest.cli.app import app, output_header
+from dltest.cli.app import app, output_header, robustness_warnings_as_lines
 from dltest.cli.options import (
     Alpha, AttackBatch, DataRoot, Dataset, Device, Download, Eps, ModelPath, Queries, Seed, Steps, TrustModel,
     load_data_and_model,
 )
 from dltest.checkpoint import ModelInfo
 from dltest.io import check_writable, write_json
-from dltest.robustness import RobustnessReport, RobustnessWarning, evaluate_robustness
+from dltest.runtime import resolve_device
+from dltest.robustness import RobustnessReport, evaluate_robustness
 
 
 @app.command("evaluate")
@@ -43,17 +43,14 @@ def evaluate_command(
     """Clean accuracy and robust accuracy under attacks (model in eval mode, RobustBench's rules)."""
     names = parse_attack_list(attacks)  # bad names and eps fail before any loading
     eps_value = parse_eps(eps)
+    resolve_device(device)
     check_writable(out)
     data, net, info = load_data_and_model(dataset, split, model, data_root, download, trust_model)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", RobustnessWarning)
+    with robustness_warnings_as_lines():
         report = evaluate_robustness(
             net, data, names, n=n, seed=seed, batch_size=batch_size, device=device, progress=True,
             eps=eps_value, steps=steps, alpha=alpha, queries=queries,
         )
-    for w in caught:
-        if issubclass(w.category, RobustnessWarning):
-            typer.echo(f"warning: {w.message}", err=True)
     write_json(out, evaluation_json(report, info))
     print_report(report, title=f"{info.source} on {report.dataset}/{report.split}")
     Console().print(f"wrote {out} in {report.seconds:.1f} s")

@@ -2,39 +2,34 @@
 
 from __future__ import annotations
 
-import json
 import sys
-import warnings
 from pathlib import Path
 from typing import Annotated, Optional
 
-import torch
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from dltest.attacks import attack_preset, check_attack_name, load_adversarial, parse_attack_list, parse_eps, takes
 from dltest.budget import parse_budget
-from dltest.checkpoint import save_checkpoint
-from dltest.cli.app import app
+from dltest.cli.app import app, robustness_warnings_as_lines
 from dltest.cli.options import (
     Alpha, DataRoot, Dataset, Device, Download, Eps, ModelPath, Queries, Seed, Steps, TrustModel,
     load_data_and_model,
 )
-from dltest.data import load_dataset
 from dltest.errors import DltestError
-from dltest.io import atomic_path, check_writable, write_json
-from dltest.robustness import RobustnessWarning
+from dltest.io import check_writable, write_json
+from dltest.runtime import resolve_device
 from dltest.selection import load_selection
 from dltest.selectors import get_selector
-from dltest.workflows.retrain import RETRAIN_LR, retrain, retrain_config
+from dltest.workflows.retrain import RETRAIN_LR, retrain, retrain_config, retrain_data
 
 POOL_SPLITS = ("val", "train")
 
 
 @app.command("retrain")
 def retrain_command(
-    metric: Annotated[str, typer.Option(help="Acquisition function that selects from the pool; `dltest metrics` lists them.")] = "dre",
+    metric: Annotated[str, typer.Option(help="The metric that selects from the pool; `dltest metrics` lists them.")] = "dre",
     budget: Annotated[str, typer.Option("--budget", "-b", help="How many pool inputs: a count or a share (1%..10% in the paper).")] = "4%",
     dataset: Dataset = "mnist",
     model: ModelPath = None,
@@ -75,6 +70,7 @@ def retrain_command(
         parse_budget(budget, pool_size=sys.maxsize)
     check_attack_name(attack)
     eps_value = parse_eps(eps)
+    resolve_device(device)
     eval_names = parse_attack_list(eval_attacks)
     eval_eps_value = parse_eps(eval_eps)
     check_writable(out)
@@ -95,44 +91,23 @@ def retrain_command(
     ready = load_adversarial(examples, pool) if examples else None
     if ready is not None:
         ready.meta["file"] = str(examples)
-    train_data = load_dataset(dataset, "train", root=data_root, download=download or None)
-    holdout = load_dataset(dataset, "holdout", root=data_root, download=download or None)
-    if train_size:
-        pick = torch.randperm(len(train_data), generator=torch.Generator().manual_seed(seed))[:train_size]
-        train_data = train_data.subset(pick.sort().values)
+    train_data, holdout = retrain_data(dataset, train_size, seed, root=data_root, download=download or None)
 
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", RobustnessWarning)
+    with robustness_warnings_as_lines():
         result = retrain(
             net, train_data=train_data, pool=pool, holdout=holdout, metric=metric, budget=budget, attack=spec,
             eval_attacks=eval_specs, config=config, seed=seed, eval_n=eval_n, val_n=val_n, selection=chosen,
             examples=ready, device=device, batch_size=batch_size, progress=True, state_path=f"{out}.partial",
             resume=resume,
         )
-    for w in caught:
-        if issubclass(w.category, RobustnessWarning):
-            typer.echo(f"warning: {w.message}", err=True)
-    data = result.to_dict()
-    data["settings"].update({"model": info.source, "selection_file": str(selection) if selection else None,
-                             "examples_file": str(examples) if examples else None})
-    _save_model(result.model.cpu(), out, info, pool, data)
+    result.settings.update({"model": info.source, "selection_file": str(selection) if selection else None,
+                            "examples_file": str(examples) if examples else None})
+    result.save(out, info)
     Path(f"{out}.partial").unlink(missing_ok=True)
+    data = result.to_dict()
     write_json(report, {"checkpoint": str(out), **data})
     _print(data, result)
     Console().print(f"wrote {out} and {report}")
-
-
-def _save_model(model, out: Path, info, pool, data) -> None:
-    meta = {"command": "dltest retrain", "retrained_from": info.source, "before": data["before"],
-            "after": data["after"], "settings": data["settings"]}
-    meta = json.loads(json.dumps(meta, default=str))  # plain types only: loadable with weights_only=True
-    if info.arch:
-        save_checkpoint(model, out, arch=info.arch, dataset=pool.name, input_shape=pool.input_shape,
-                        num_classes=info.num_classes or pool.num_classes, meta=meta)
-        return
-    scripted = model if isinstance(model, torch.jit.ScriptModule) else torch.jit.script(model)
-    with atomic_path(out) as tmp:
-        torch.jit.save(scripted, str(tmp))
 
 
 def _print(data, result) -> None:

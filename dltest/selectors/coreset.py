@@ -77,6 +77,7 @@ class CoreSet(Selector):
     name = "coreset"
     summary = "Core-set: k-center greedy on penultimate embeddings, from the labeled set if any"
     score_name = "distance to the nearest center when picked"
+    needs_embeddings = True
 
     def __call__(self, candidates: Candidates, budget: int, generator: torch.Generator) -> Selection:
         if candidates.outputs.embeddings is None:

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from dltest.selectors.base import Candidates, Selection, Selector, register
+from dltest.selectors.base import Candidates, Selection, Selector, float64_probs, register
 from dltest.selectors.uncertainty import entropy
 
 
@@ -29,13 +29,19 @@ def histogram_bins(values: Tensor, bins: int) -> Tensor:
 
 
 def largest_remainder_quotas(counts: Tensor, budget: int) -> Tensor:
-    """Integer quotas proportional to ``counts`` that sum to ``budget``; ties to lower bins."""
+    """Integer quotas proportional to ``counts`` that sum to ``budget``; ties to lower bins.
+
+    Quota k is floor(budget * count_k / n) plus one for the bins with the largest remainders
+    budget * count_k mod n, compared as integers (exact: float remainders of equal fractions can
+    differ in their last bit and would break ties by rounding, not by bin).
+    """
     counts = counts.long()
-    exact = counts.double() * budget / counts.sum()
-    quotas = exact.floor().long()
+    n = int(counts.sum())
+    scaled = counts * budget
+    quotas = scaled // n
+    remainders = (scaled % n).numpy()
     short = budget - int(quotas.sum())
-    remainder = (exact - quotas).numpy()
-    order = np.lexsort((np.arange(len(remainder)), -remainder))[:short]
+    order = np.lexsort((np.arange(len(remainders)), -remainders))[:short]
     quotas[torch.from_numpy(order)] += 1
     return quotas
 
@@ -50,7 +56,7 @@ class DRE(Selector):
         self.bins = bins
 
     def __call__(self, candidates: Candidates, budget: int, generator: torch.Generator) -> Selection:
-        scores = entropy(candidates.outputs.probs)
+        scores = entropy(float64_probs(candidates.outputs))
         which = histogram_bins(scores, self.bins)
         counts = torch.bincount(which, minlength=self.bins)
         quotas = largest_remainder_quotas(counts, budget)

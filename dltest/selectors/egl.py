@@ -23,7 +23,7 @@ from torch.func import functional_call, jacrev, vmap
 from dltest.errors import DltestError
 from dltest.inference import embedding_head
 from dltest.progress import progress_bar
-from dltest.runtime import eval_mode
+from dltest.runtime import eval_mode, on_device
 from dltest.selectors.base import Candidates, ScoreSelector, register
 
 VARIANTS = ("exact", "last-layer")
@@ -44,8 +44,9 @@ def egl_from_squared_norms(probs: Tensor, squared: Tensor) -> Tensor:
 def egl_exact(model: nn.Module, images: Tensor, chunk: int | None = None) -> Tensor:
     """Exact EGL of a batch of images (n, ...) on the model's device, in eval mode; returns (n,) float64."""
     if isinstance(model, torch.jit.ScriptModule):
-        raise DltestError("exact egl needs per-sample parameter gradients, which TorchScript models do not "
-                          "support; load the model as a dltest checkpoint, or use --egl-variant last-layer")
+        why = ("exact egl needs per-sample parameter gradients, which TorchScript models do not support; load "
+               "the model as a dltest checkpoint, or use ")
+        raise DltestError(why + "variant='last-layer'", cli=why + "--egl-variant last-layer")
     named = dict(model.named_parameters())
     trainable = {k: v.detach() for k, v in named.items() if v.requires_grad}
     if not trainable:
@@ -114,14 +115,14 @@ class EGL(ScoreSelector):
         if self.variant == "last-layer":
             split = embedding_head(model)
             if split is None or candidates.outputs.embeddings is None:
-                raise DltestError("last-layer egl needs a model split into embed + final linear head "
-                                  "(every zoo model is); use --egl-variant exact")
+                why = "last-layer egl needs a model split into embed + final linear head (every zoo model is); use "
+                raise DltestError(why + "variant='exact'", cli=why + "--egl-variant exact")
             return egl_last_layer(candidates.outputs.embeddings, candidates.outputs.logits, split[1])
         if candidates.data is None:
             raise DltestError("exact egl needs the pool's images")
-        model.to(candidates.device)
         parts = []
-        with progress_bar("egl", total=len(candidates.data), enabled=candidates.progress) as advance:
+        with on_device(model, candidates.device), \
+                progress_bar("egl", total=len(candidates.data), enabled=candidates.progress) as advance:
             for s in range(0, len(candidates.data), 1024):
                 parts.append(egl_exact(model, candidates.data.images(slice(s, s + 1024), candidates.device)))
                 advance(len(parts[-1]))

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from dltest.selectors.base import Candidates, Selection, Selector, register
+from dltest.selectors.base import Candidates, Selection, Selector, float64_probs, register
 
 
 def mcp_priority(probs: Tensor) -> tuple[Tensor, Tensor]:
@@ -50,6 +50,6 @@ class MCP(Selector):
     score_name = "p2 / p1"
 
     def __call__(self, candidates: Candidates, budget: int, generator: torch.Generator) -> Selection:
-        cluster, priority = mcp_priority(candidates.outputs.probs)
+        cluster, priority = mcp_priority(float64_probs(candidates.outputs))
         indices = mcp_order(cluster, priority)[:budget]
         return Selection(indices, priority[indices].float())

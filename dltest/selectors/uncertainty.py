@@ -1,7 +1,8 @@
 """Output-based uncertainty scores and their selectors: entropy, DeepGini, least confidence, margin.
 
 The score functions are pure functions of the probability matrix (n, C); the analyses reuse them
-as the characteristics whose selection bias they measure.
+as the characteristics whose selection bias they measure. The selectors score float64
+probabilities (:func:`float64_probs`), so that rankings do not depend on float32 rounding.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from dltest.selectors.base import Candidates, ScoreSelector, register
+from dltest.selectors.base import Candidates, ScoreSelector, float64_probs, register
 
 
 def entropy(probs: Tensor) -> Tensor:
@@ -48,7 +49,7 @@ class Entropy(ScoreSelector):
     score_name = "entropy"
 
     def score(self, candidates: Candidates) -> Tensor:
-        return entropy(candidates.outputs.probs)
+        return entropy(float64_probs(candidates.outputs))
 
 
 @register
@@ -58,7 +59,7 @@ class DeepGini(ScoreSelector):
     score_name = "gini"
 
     def score(self, candidates: Candidates) -> Tensor:
-        return gini(candidates.outputs.probs)
+        return gini(float64_probs(candidates.outputs))
 
 
 @register
@@ -68,7 +69,7 @@ class LeastConfidence(ScoreSelector):
     score_name = "1 - p1"
 
     def score(self, candidates: Candidates) -> Tensor:
-        return least_confidence(candidates.outputs.probs)
+        return least_confidence(float64_probs(candidates.outputs))
 
 
 @register
@@ -79,4 +80,4 @@ class Margin(ScoreSelector):
     highest = False
 
     def score(self, candidates: Candidates) -> Tensor:
-        return margin(candidates.outputs.probs)
+        return margin(float64_probs(candidates.outputs))

@@ -10,9 +10,11 @@ The caller's model is left as it was (device, mode, weights): a copy is retraine
 from __future__ import annotations
 
 import copy
+import json
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -21,8 +23,10 @@ from torch import nn
 
 from dltest import __version__
 from dltest.attacks import AdversarialExamples, AttackSpec, attack_preset, generate_adversarial, with_examples
-from dltest.data import ImageDataset
+from dltest.checkpoint import ModelInfo, save_checkpoint
+from dltest.data import ImageDataset, load_dataset
 from dltest.errors import DltestError
+from dltest.io import atomic_path
 from dltest.profiles import dataset_profile
 from dltest.robustness import RobustnessReport, evaluate_robustness
 from dltest.runtime import eval_mode, on_device, resolve_device, seeded
@@ -88,6 +92,34 @@ class RetrainResult:
             "seconds": round(self.seconds, 2),
         }
 
+    def save(self, path: str | os.PathLike, source: ModelInfo) -> Path:
+        """Write the retrained model, atomically: a dltest checkpoint when ``source`` (the model it
+        was retrained from) names a zoo architecture, else TorchScript; the report goes into its
+        metadata (plain types only, so it loads with ``weights_only=True``)."""
+        report = self.to_dict()
+        meta = {"command": "dltest retrain", "retrained_from": source.source, "before": report["before"],
+                "after": report["after"], "settings": report["settings"]}
+        meta = json.loads(json.dumps(meta, default=str))
+        model = self.model.cpu()
+        if source.arch:
+            return save_checkpoint(model, path, arch=source.arch, dataset=self.settings["dataset"],
+                                   input_shape=tuple(self.settings["input_shape"]),
+                                   num_classes=source.num_classes or self.settings["num_classes"], meta=meta)
+        scripted = model if isinstance(model, torch.jit.ScriptModule) else torch.jit.script(model)
+        with atomic_path(path) as tmp:
+            torch.jit.save(scripted, str(tmp))
+        return Path(path)
+
+
+def retrain_data(dataset: str, train_size: int | None = None, seed: int = 0, *,
+                 root: str | os.PathLike | None = None, download: bool | None = None) -> tuple[ImageDataset, ImageDataset]:
+    """Section 8's training data (all of it, or a seeded random subset of ``train_size``) and the
+    holdout half on which before and after are reported."""
+    if train_size is not None and train_size < 1:
+        raise DltestError(f"train_size must be >= 1, got {train_size}", cli=f"--train-size must be >= 1, got {train_size}")
+    train_data = load_dataset(dataset, "train", root=root, download=download)
+    return train_data.sample(train_size, seed), load_dataset(dataset, "holdout", root=root, download=download)
+
 
 def retrain(
     model: nn.Module,
@@ -106,7 +138,7 @@ def retrain(
     val_attack: AttackSpec | None = None,
     selection: SelectionResult | None = None,
     examples: AdversarialExamples | None = None,
-    selector_options: dict[str, Any] | None = None,
+    metric_options: dict[str, Any] | None = None,
     device: str | torch.device | None = None,
     batch_size: int = 256,
     progress: bool = False,
@@ -137,7 +169,7 @@ def retrain(
         if examples is None:
             if selection is None:
                 selection = select(metric, budget, model=model, data=pool, seed=seed, device=device,
-                                   progress=progress, **(selector_options or {}))
+                                   progress=progress, **(metric_options or {}))
             examples = generate_adversarial(model, pool, selection.indices, attack, seed=seed,
                                             batch_size=batch_size, device=device, progress=progress)
         elif examples.dataset != pool.name:
@@ -152,7 +184,8 @@ def retrain(
                          state_path=state_path, resume=resume)
     after = evaluate_robustness(training.model, holdout, eval_attacks, **evaluate)
     settings = {
-        "dataset": pool.name, "pool_split": pool.split, "pool_size": len(pool), "holdout_split": holdout.split,
+        "dataset": pool.name, "input_shape": list(pool.input_shape), "num_classes": pool.num_classes,
+        "pool_split": pool.split, "pool_size": len(pool), "holdout_split": holdout.split,
         "train_size": len(train_data), "metric": selection.metric if selection else None,
         "budget": selection.budget if selection else len(examples), "seed": seed,
         "attack": examples.attack,
