@@ -326,7 +326,7 @@ def load_baseline(path: str | os.PathLike) -> RobustnessReport:
         data = data["evaluation"]
     try:
         return report_from_dict(data)
-    except (KeyError, TypeError, ValueError) as exc:
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:
         raise DltestError(f"{path} is not a dltest gate or evaluate report ({exc})") from None
 
 
@@ -351,7 +351,11 @@ def baseline_specs(baseline: RobustnessReport) -> list[AttackSpec]:
     specs = []
     for outcome in baseline.attacks:
         check_attack_name(outcome.attack)
-        specs.append(AttackSpec(**outcome.settings))
+        try:
+            specs.append(AttackSpec(**outcome.settings))
+        except TypeError as exc:
+            raise DltestError(f"the baseline's {outcome.attack} settings are not those of this dltest version "
+                              f"({exc}); make the baseline again") from None
     return specs
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections import Counter
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
@@ -19,7 +20,7 @@ from dltest import __version__
 from dltest.budget import parse_budget
 from dltest.data import ImageDataset
 from dltest.errors import DltestError
-from dltest.inference import INFERENCE_BATCH, PoolOutputs, infer
+from dltest.inference import INFERENCE_BATCH, PROBE_SIZE, PoolOutputs, adapt, infer
 from dltest.io import read_json, write_json
 from dltest.selectors import REGISTRY, Candidates, get_selector
 from dltest.runtime import on_device, resolve_device
@@ -51,6 +52,7 @@ class SelectionResult:
     seconds: float = 0.0
     dltest_version: str = __version__
     command: str = "dltest select"
+    model_info: dict[str, Any] | None = None  # how the model was loaded and read (ModelInfo.describe)
 
     def to_dict(self) -> dict[str, Any]:
         fields = asdict(self)
@@ -79,6 +81,7 @@ def select(
     batch_size: int = INFERENCE_BATCH,
     progress: bool = False,
     model_name: str | None = None,
+    reference: ImageDataset | None = None,
     **options: Any,
 ) -> SelectionResult:
     """Select ``budget`` inputs of a pool with the metric (acquisition function) ``metric``.
@@ -86,12 +89,15 @@ def select(
     The pool is ``data`` (with ``model``), or precomputed ``outputs`` (a :class:`PoolOutputs` or a
     probability matrix) for the selectors that need no model. ``budget`` is a count or a
     percentage string (``"4%"``). ``labeled`` are pool positions already labeled: they are never
-    selected, and core-set starts its centers from them. ``options`` go to the selector
-    (e.g. ``samples=10`` for ``bald``).
+    selected, and core-set starts its centers from them. ``reference`` is the training data, for
+    the selectors that compare with it (``dsa``, ``lsa``, ``mdsa``). ``options`` go to the selector
+    (e.g. ``samples=10`` for ``bald``; ``sampling="power"`` for any score-based one).
     """
     selector = get_selector(metric, **options)
     started = time.perf_counter()
     device = resolve_device(device)
+    if model is not None and data is not None and len(data):
+        model = adapt(model, data.images(slice(0, PROBE_SIZE)))  # outside models: one adapter for every selector
     if outputs is None:
         if model is None or data is None:
             raise DltestError("select needs either model and data, or precomputed outputs")
@@ -103,6 +109,9 @@ def select(
         raise DltestError(f"outputs cover {n} inputs but the pool has {len(data)}")
     if selector.needs_model and (model is None or data is None):
         raise DltestError(f"metric {metric!r} runs the model again: pass model and data")
+    if selector.needs_reference and reference is None:
+        raise DltestError(f"metric {metric!r} compares with the training data: pass reference= "
+                          "(dltest select --reference-split train, or --reference FILE)")
     if selector.needs_model and not getattr(model, "has_gradients", True):
         usable = ", ".join(name for name, cls in REGISTRY.items() if not cls.needs_model and name != "coreset")
         raise DltestError(f"metric {metric!r} runs the model again (gradients or dropout), which an ONNX model "
@@ -120,6 +129,7 @@ def select(
         ),
         device=device,
         progress=progress,
+        reference=reference,
     )
     generator = torch.Generator().manual_seed(seed)
     # the selectors that run the model again find it on ``device``; the caller's model stays put
@@ -146,7 +156,7 @@ def select(
         model=model_name,
         labeled=len(labeled_t),
         predicted_counts=_counts(preds, classes),
-        label_counts=_counts(data.y[indices], classes) if data is not None else {},
+        label_counts=_counts(data.y[indices], classes) if data is not None and data.labeled else {},
         seconds=round(time.perf_counter() - started, 4),
     )
 
@@ -158,8 +168,11 @@ def load_selection(path: str, data: ImageDataset | None = None) -> SelectionResu
     if not isinstance(raw, dict) or "indices" not in raw:
         raise DltestError(f"{path} is not a dltest selection file (no 'indices')")
     indices = raw["indices"]
-    if not isinstance(indices, list) or not all(isinstance(i, int) for i in indices):
-        raise DltestError(f"{path}: 'indices' must be a list of integers")
+    if not isinstance(indices, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in indices):
+        raise DltestError(f"{path}: 'indices' must be a list of integers (not booleans, floats or strings)")
+    if len(set(indices)) != len(indices):
+        repeated = Counter(indices).most_common(1)[0][0]
+        raise DltestError(f"{path}: 'indices' repeats an input ({repeated}); a selection holds each input once")
     defaults = {"metric": "unknown", "budget": len(indices), "budget_spec": str(len(indices)),
                 "pool_size": len(data) if data is not None else 0, "seed": None}
     result = SelectionResult(**{**defaults, **{k: v for k, v in raw.items() if k in known}})

@@ -14,7 +14,7 @@ import copy
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from dltest.adversarial_training import AdversarialTraining
 from dltest.attacks import PGDAdversary
-from dltest.data import ImageDataset
+from dltest.data import ImageDataset, fingerprint
 from dltest.errors import DltestError
 from dltest.io import atomic_path
 from dltest.progress import progress_bar
@@ -137,13 +137,14 @@ def _train(model, train_data, val_data, config, adversary, method, val_adversary
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=config.lr, epochs=config.epochs, steps_per_epoch=steps_per_epoch, pct_start=0.15
     )
-    settings = _settings(config, adversary)
+    settings = _settings(config, adversary, train_data, val_data, val_adversary)
     start_epoch, history, stopped = 0, [], None
     best_state, best_epoch, best_score = copy.deepcopy(model.state_dict()), -1, -1.0
     if resume and state_path and Path(state_path).is_file():
-        state = _load_state(state_path, device)
+        state = _load_partial(state_path, device)
         if state.get("config") != settings:
-            raise DltestError(f"{state_path} was written with other settings; remove it or rerun them")
+            raise DltestError(f"{state_path} was written by a run with other settings or data (dataset, training "
+                              "size, selection, attack or hyper-parameters differ); remove it or rerun those settings")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -216,24 +217,30 @@ def _optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
                            weight_decay=config.weight_decay, nesterov=True)
 
 
-def _settings(config: TrainConfig, adversary) -> dict[str, Any]:
-    """What a resumed run must share with the run that wrote the state."""
-    settings = asdict(config)
-    if isinstance(adversary, AdversarialTraining):
-        settings["adversarial"] = adversary.to_dict()
-    elif adversary is not None:
-        settings["adversarial"] = repr(adversary)
-    return settings
+def _settings(config: TrainConfig, adversary, train_data: ImageDataset, val_data: ImageDataset | None,
+              val_adversary) -> dict[str, Any]:
+    """What a resumed run must share with the run that wrote the state: the hyper-parameters, the
+    data (fingerprints) and the adversaries."""
+    def describe(adv) -> Any:
+        if isinstance(adv, AdversarialTraining):
+            return adv.to_dict()
+        return None if adv is None else repr(adv) if is_dataclass(adv) else getattr(adv, "__qualname__", type(adv).__name__)
+
+    return {**asdict(config), "adversarial": describe(adversary), "val_adversary": describe(val_adversary),
+            "train": fingerprint(train_data), "val": fingerprint(val_data) if val_data is not None else None}
 
 
-def _load_state(path, device) -> dict[str, Any]:
+def _load_partial(path, device) -> dict[str, Any]:
+    """A resumable state, or a one-line error when it is empty, truncated or not one."""
     try:
         state = torch.load(path, map_location=device, weights_only=True)
-    except Exception as exc:  # truncated or empty file, not a torch file
-        raise DltestError(f"cannot resume from {path}: it is not a complete training state ({type(exc).__name__}); "
-                          "remove it to start afresh") from None
-    if not isinstance(state, dict) or "epoch" not in state:
-        raise DltestError(f"cannot resume from {path}: it is not a dltest training state; remove it to start afresh")
+    except Exception as exc:  # noqa: BLE001 - empty, truncated or foreign file
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DltestError(f"cannot resume from {path}: it is empty, truncated or not a dltest partial ({reason}); "
+                          "remove it to start over") from None
+    keys = {"model", "optimizer", "scheduler", "epoch", "history", "best_model", "best_epoch", "best_score"}
+    if not isinstance(state, dict) or not keys <= set(state):
+        raise DltestError(f"cannot resume from {path}: not a dltest partial training state; remove it to start over")
     return state
 
 

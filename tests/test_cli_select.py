@@ -73,10 +73,13 @@ def test_select_on_the_val_half_with_the_bundled_model(tmp_path, monkeypatch):
 def test_every_registered_metric_runs_from_the_cli_on_a_user_file(tmp_path, lenet_checkpoint, mnist_test):
     pool = tmp_path / "pool.npz"
     np.savez(pool, x=mnist_test.x[:300, 0].numpy(), y=mnist_test.y[:300].numpy())
+    reference = tmp_path / "reference.npz"  # stands in for the training data of dsa, lsa, mdsa
+    np.savez(reference, x=mnist_test.x[300:1300, 0].numpy(), y=mnist_test.y[300:1300].numpy())
     for metric in sorted(REGISTRY):
         out = tmp_path / f"{metric}.json"
+        extra = ["--reference", str(reference)] if REGISTRY[metric].needs_reference else []
         result = run("select", "--metric", metric, "--budget", "10", "--model", str(lenet_checkpoint),
-                     "--dataset", str(pool), "--out", str(out))
+                     "--dataset", str(pool), "--out", str(out), *extra)
         assert result.exit_code == 0, (metric, result.output)
         data = json.loads(out.read_text())
         assert len(set(data["indices"])) == 10 and data["pool_size"] == 300 and data["split"] == "all"

@@ -258,6 +258,7 @@ def test_cli_baseline_round_trip(tmp_path):
     (["--max-drop", "0.01"], "needs a baseline"),
     (["--confidence", "1.5", "--min-accuracy", "0.5"], "confidence must be in (0, 1)"),
     ([], "the gate has no bars"),
+    (["--min-accuracy", "0.5", "--device", "tpu"], "device"),
     (["--min-accuracy", "0.5", "--baseline", "missing.json", "--max-drop", "0.1"], "file not found"),
 ])
 def test_cli_bad_usage_exits_2_and_writes_nothing(tmp_path, monkeypatch, args, message):
@@ -267,6 +268,15 @@ def test_cli_bad_usage_exits_2_and_writes_nothing(tmp_path, monkeypatch, args, m
     assert result.exit_code == 2, result.output
     assert message in result.output and "Traceback" not in result.output
     assert not out.exists()
+
+
+@pytest.mark.parametrize("content", ['[1, 2]', '{"metric": "dre", "indices": [1, 2]}', '{"evaluation": {"n": 3}}'])
+def test_a_baseline_that_is_no_report_exits_2(tmp_path, content):
+    path = tmp_path / "base.json"
+    path.write_text(content)
+    result = runner.invoke(app, ["gate", "--baseline", str(path), "--max-drop", "0.01", "--out", str(tmp_path / "x.json")])
+    assert result.exit_code == 2 and "is not a dltest gate or evaluate report" in result.output
+    assert not (tmp_path / "x.json").exists()
 
 
 def test_cli_baseline_from_another_dataset_exits_2(tmp_path):

@@ -7,6 +7,7 @@ Every command's JSON starts with :func:`output_header`: ``command``, ``dltest_ve
 
 from __future__ import annotations
 
+import signal
 import sys
 import warnings
 from contextlib import contextmanager
@@ -23,7 +24,11 @@ from dltest.errors import DltestError
 class _Group(TyperGroup):
     def invoke(self, ctx: typer.Context):
         try:
-            return super().invoke(ctx)
+            with warnings.catch_warnings():
+                # library deprecation notices (torch.jit, torchvision) must not bury dltest's one line
+                warnings.simplefilter("ignore", FutureWarning)
+                warnings.simplefilter("ignore", DeprecationWarning)
+                return super().invoke(ctx)
         except DltestError as exc:
             typer.echo(f"error: {exc.cli_message}", err=True)
             raise typer.Exit(2) from None
@@ -54,6 +59,11 @@ def _one_line(exc: ClickException) -> str:
     if isinstance(exc, UsageError) and ctx is not None:
         message += f" (see '{ctx.command_path} --help')"
     return message
+
+
+def _interrupt(signum, _frame) -> None:
+    """SIGTERM / SIGHUP unwind like Ctrl-C, so half-written temporary files are removed."""
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 @contextmanager
@@ -101,5 +111,7 @@ def _root(
 
 def main() -> None:
     """Console-script entry point."""
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _interrupt)
     app(prog_name="dltest")
     sys.exit(0)

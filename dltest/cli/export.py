@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 
 from dltest import __version__
-from dltest.cli.app import app
+from dltest.cli.app import app, output_header
 from dltest.cli.options import DataRoot, Dataset, Download, ModelPath, Split, TrustModel, load_data_and_model
 from dltest.errors import DltestError
 from dltest.export import PARITY_TOLERANCE, export_onnx
@@ -44,8 +44,7 @@ def export_command(
     result = export_onnx(net, onnx, data, n_check=n, tolerance=tolerance, opset=opset,
                          metadata={"source": info.source, "arch": info.arch, "dltest_version": __version__})
     if out:
-        write_json(out, {"command": "dltest export", "dltest_version": __version__, "seed": None,
-                         "model": info.source, "onnx": result.path, "dataset": data.name, "split": data.split,
+        write_json(out, {**output_header("export", None), "model": info.source, "onnx": result.path, "dataset": data.name, "split": data.split,
                          "n_checked": result.n_checked, "max_abs_diff": result.max_abs_diff,
                          "same_predictions": result.same_predictions, "tolerance": result.tolerance,
                          "opset": result.opset, "seconds": result.seconds})

@@ -23,6 +23,7 @@ from dltest.gate import (
     GatePolicy, GateResult, append_step_summary, load_baseline, read_config, run_gate, write_text,
 )
 from dltest.io import check_writable, write_json
+from dltest.runtime import resolve_device
 
 Share = Optional[str]
 
@@ -73,6 +74,7 @@ def gate_command(
     )
     names = _attack_names(settings.get("attacks"))
     eps_value = parse_eps(settings.get("eps"))
+    resolve_device(device)  # a bogus --device fails before anything is loaded
     for path in (out, junit, markdown):
         if path is not None:
             check_writable(path)

@@ -13,11 +13,13 @@ from rich.table import Table
 
 from dltest.cli.app import app
 from dltest.cli.options import (
+    Arch, ArchKwargs, Normalize,
     BatchSize, DataRoot, Dataset, Device, Download, ModelPath, Seed, Split, TrustModel, load_data_and_model,
 )
 from dltest.budget import parse_budget
+from dltest.data import load_dataset
 from dltest.inference import INFERENCE_BATCH
-from dltest.io import atomic_path, check_writable
+from dltest.io import atomic_path, check_outputs
 from dltest.runtime import resolve_device
 from dltest.selection import SelectionResult, load_selection, select
 from dltest.errors import DltestError
@@ -40,9 +42,25 @@ def select_command(
     device: Device = None,
     batch_size: BatchSize = INFERENCE_BATCH,
     trust_model: TrustModel = False,
-    mc_samples: Annotated[Optional[int], typer.Option("--mc-samples", help="bald, dropout-entropy: T, the number of MC-dropout samples [default: 10].", show_default=False)] = None,
-    dropout: Annotated[Optional[float], typer.Option("--dropout", help="bald, dropout-entropy: rate of the dropout put before the final linear layer of a model without dropout [default: 0.1].", show_default=False)] = None,
-    candidate_factor: Annotated[Optional[float], typer.Option("--candidate-factor", help="dfal: DeepFool runs on a random subset of min(factor x budget, pool) inputs [default: 10].", show_default=False)] = None,
+    arch: Arch = None,
+    arch_kwargs: ArchKwargs = None,
+    normalize: Normalize = None,
+    sampling: Annotated[Optional[str], typer.Option("--sampling", help="Any score-based metric: draw the batch at random with probabilities from the scores (power, softmax or rank; Kirsch et al. 2023) instead of taking the top scores.", show_default=False)] = None,
+    temperature: Annotated[Optional[float], typer.Option("--temperature", help="With --sampling: T > 0; small T approaches the top scores, large T a uniform draw [default: 1].", show_default=False)] = None,
+    reference_split: Annotated[Optional[str], typer.Option("--reference-split", help="dsa, lsa, mdsa: the split of the dataset the model was trained on (train).", show_default=False)] = None,
+    reference: Annotated[Optional[Path], typer.Option("--reference", help="dsa, lsa, mdsa: the training data as an .npz file or image folder (instead of --reference-split).", show_default=False)] = None,
+    reference_size: Annotated[Optional[int], typer.Option("--reference-size", help="dsa, lsa, mdsa: size of the seeded random subsample of the reference [default: 10000].", show_default=False)] = None,
+    reference_seed: Annotated[Optional[int], typer.Option("--reference-seed", help="dsa, lsa, mdsa: seed of that subsample [default: 0].", show_default=False)] = None,
+    layer: Annotated[Optional[str], typer.Option("--layer", help="dsa, lsa, mdsa: the module whose activations are compared (a name from model.named_modules()) [default: penultimate].", show_default=False)] = None,
+    var_threshold: Annotated[Optional[float], typer.Option("--var-threshold", help="lsa: neurons varying at most this much over a class's reference are left out [default: 1e-5].", show_default=False)] = None,
+    mc_samples: Annotated[Optional[int], typer.Option("--mc-samples", help="bald, dropout-entropy, batchbald: T, the number of MC-dropout samples [default: 10].", show_default=False)] = None,
+    dropout: Annotated[Optional[float], typer.Option("--dropout", help="bald, dropout-entropy, batchbald: rate of the dropout put before the final linear layer of a model without dropout [default: 0.1].", show_default=False)] = None,
+    joint_samples: Annotated[Optional[int], typer.Option("--joint-samples", help="batchbald: label configurations enumerated, then sampled, for the joint entropy [default: 1000].", show_default=False)] = None,
+    max_memory_mb: Annotated[Optional[float], typer.Option("--max-memory-mb", help="batchbald: bound on its working memory [default: 1024].", show_default=False)] = None,
+    candidate_factor: Annotated[Optional[float], typer.Option("--candidate-factor", help="dfal: DeepFool runs on a random subset of min(factor x budget, pool) inputs; batchbald: chooses among the factor x budget inputs of highest BALD [default: 10].", show_default=False)] = None,
+    ats_upper: Annotated[Optional[float], typer.Option("--ats-upper", help="ats: inputs with top probability >= this are confident and come last [default: 0.99].", show_default=False)] = None,
+    ats_radius: Annotated[Optional[float], typer.Option("--ats-radius", help="ats: coverage radius per unit of distance from the class corner [default: 0.005].", show_default=False)] = None,
+    ats_threshold: Annotated[Optional[float], typer.Option("--ats-threshold", help="ats: smallest coverage gain of a greedy pick [default: 0.001].", show_default=False)] = None,
     overshoot: Annotated[Optional[float], typer.Option("--overshoot", help="dfal: DeepFool overshoot [default: 0.02].", show_default=False)] = None,
     deepfool_steps: Annotated[Optional[int], typer.Option("--deepfool-steps", help="dfal: most DeepFool iterations per input [default: 50].", show_default=False)] = None,
     egl_variant: Annotated[Optional[str], typer.Option("--egl-variant", help="egl: 'exact' (gradient over all trainable parameters) or 'last-layer' [default: exact].", show_default=False)] = None,
@@ -51,26 +69,52 @@ def select_command(
     options = metric_options(
         metric,
         {
+            "--reference-size": ("reference_size", reference_size),
+            "--reference-seed": ("reference_seed", reference_seed),
+            "--layer": ("layer", layer),
+            "--var-threshold": ("var_threshold", var_threshold),
             "--mc-samples": ("samples", mc_samples),
             "--dropout": ("dropout", dropout),
+            "--joint-samples": ("joint_samples", joint_samples),
+            "--max-memory-mb": ("max_memory_mb", max_memory_mb),
             "--candidate-factor": ("candidate_factor", candidate_factor),
+            "--ats-upper": ("upper", ats_upper),
+            "--ats-radius": ("radius", ats_radius),
+            "--ats-threshold": ("threshold", ats_threshold),
             "--overshoot": ("overshoot", overshoot),
             "--deepfool-steps": ("steps", deepfool_steps),
             "--egl-variant": ("variant", egl_variant),
         },
     )
-    get_selector(metric, **options)  # unknown metric, bad option or malformed budget: fail before loading anything
+    if sampling is not None or temperature is not None:
+        options.update(sampling=sampling, temperature=temperature)
+    selector = get_selector(metric, **options)  # unknown metric, bad option or malformed budget: fail before loading anything
     parse_budget(budget, pool_size=sys.maxsize)
+    if (reference_split is not None or reference is not None) and not selector.needs_reference:
+        raise DltestError(f"--reference-split and --reference apply to the metrics that compare with the training data "
+                          f"(dsa, lsa, mdsa), not to {metric!r}")
+    if reference_split is not None and reference is not None:
+        raise DltestError("give either --reference-split or --reference, not both")
+    if selector.needs_reference and reference_split is None and reference is None:
+        raise DltestError(f"metric {metric!r} compares with the data the model was trained on: pass --reference-split "
+                          "train (or --reference FILE)")
     resolve_device(device)  # a bogus device fails before anything is loaded
-    out = check_writable(out or Path(f"selection-{metric}-{budget.strip().replace('%', 'pct')}.json"))
-    if csv_path:
-        check_writable(csv_path)
-    data, net, info = load_data_and_model(dataset, split, model, data_root, download, trust_model)
+    out = out or Path(f"selection-{metric}-{budget.strip().replace('%', 'pct')}.json")
+    check_outputs({"--out": out, "--csv": csv_path}, {"--model": model, "--dataset": dataset, "--labeled": labeled,
+                                                        "--reference": reference})
+    data, net, info = load_data_and_model(dataset, split, model, data_root, download, trust_model,
+                                          arch, arch_kwargs, normalize, need_labels=False)
     labeled_indices = load_selection(str(labeled), data).indices if labeled else None
+    reference_data = None
+    if reference is not None:
+        reference_data = load_dataset(str(reference), "all")
+    elif reference_split is not None:
+        reference_data = load_dataset(dataset, reference_split, root=data_root, download=download or None)
     result = select(
         metric, budget, model=net, data=data, seed=seed, labeled=labeled_indices, device=device,
-        batch_size=batch_size, progress=True, model_name=info.source, **options,
+        batch_size=batch_size, progress=True, model_name=info.source, reference=reference_data, **options,
     )
+    result.model_info = info.describe()
     result.save(str(out))
     if csv_path:
         _write_csv(csv_path, result)

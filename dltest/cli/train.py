@@ -14,7 +14,7 @@ from dltest.attacks import parse_eps
 from dltest.cli.app import app
 from dltest.cli.options import DataRoot, Dataset, Device, Download, Seed, Steps
 from dltest.errors import DltestError
-from dltest.io import check_writable, write_json
+from dltest.io import check_outputs, write_json
 from dltest.workflows.pretrain import pretrain
 from dltest.zoo import ARCHITECTURES
 
@@ -29,7 +29,7 @@ def train_command(
     lr: Annotated[Optional[float], typer.Option(help="Peak learning rate of the one-cycle schedule (default: 0.05 sgd; 5e-3 adam; 0.1 for adversarial training on colour images).", show_default=False)] = None,
     augment: Annotated[Optional[str], typer.Option(help="none, crop or crop-flip (default: per dataset).", show_default=False)] = None,
     init: Annotated[Optional[Path], typer.Option(help="Start from this dltest checkpoint's weights (fine-tune, e.g. harden a standard model with --at).", show_default=False)] = None,
-    train_size: Annotated[Optional[int], typer.Option(help="Train on a seeded random subset of this size.", show_default=False)] = None,
+    train_size: Annotated[Optional[int], typer.Option(min=1, help="Train on a seeded random subset of this size.", show_default=False)] = None,
     seed: Seed = 0,
     out: Annotated[Path, typer.Option(help="Checkpoint to write.")] = Path("model.pt"),
     report: Annotated[Optional[Path], typer.Option("--report", help="JSON report (default: <out>.json).", show_default=False)] = None,
@@ -54,10 +54,9 @@ def train_command(
                                         beta=beta).items() if v is not None}
     if at is None and at_options:
         raise DltestError("--eps, --steps, --alpha, --warmup-epochs and --beta set adversarial training: add --at METHOD")
-    check_writable(out)
-    report_path = check_writable(report or out.with_suffix(".json"))
-    if report_path.resolve() == out.resolve():
-        raise DltestError(f"--report and --out are the same file {out}")
+    report_path = report or out.with_suffix(".json")
+    check_outputs({"--out": out, "--report": report_path, "the partial state": Path(f"{out}.partial")},
+                  {"--dataset": dataset, "--init": init})
     result = pretrain(dataset, epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr, augment=augment,
                       seed=seed, at=at, at_options=at_options, arch=arch, init=init, train_size=train_size, eval_n=eval_n,
                       out=out, resume=resume, data_root=data_root, download=download or None, device=device)

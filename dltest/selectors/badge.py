@@ -87,6 +87,7 @@ class BADGE(Selector):
     name = "badge"
     summary = "BADGE: k-means++ seeding on last-layer gradient embeddings (uncertain and diverse)"
     score_name = "gradient-embedding distance to the nearest earlier pick (first: its norm)"
+    needs_embeddings = True
 
     def __call__(self, candidates: Candidates, budget: int, generator: torch.Generator) -> Selection:
         if candidates.outputs.embeddings is None:

@@ -21,17 +21,18 @@ from dltest.attacks.kernels import deepfool_l2
 from dltest.errors import DltestError
 from dltest.progress import progress_bar
 from dltest.runtime import on_device
-from dltest.selectors.base import Candidates, Selection, Selector, rank, register
+from dltest.selectors.base import Candidates, ScoreSelector, register
 
 BATCH_SIZE = 256
 
 
 @register
-class DFAL(Selector):
+class DFAL(ScoreSelector):
     name = "dfal"
     summary = "DFAL: smallest DeepFool (L2) perturbation first, on a seeded random candidate subset"
     score_name = "DeepFool L2 norm"
     needs_model = True
+    highest = False
 
     def __init__(self, candidate_factor: float = 10, overshoot: float = 0.02, steps: int = 50):
         if not float(candidate_factor) >= 1:
@@ -49,7 +50,8 @@ class DFAL(Selector):
         m = min(max(budget, math.ceil(self.candidate_factor * budget)), n)
         return torch.randperm(n, generator=generator)[:m].sort().values
 
-    def __call__(self, candidates: Candidates, budget: int, generator: torch.Generator) -> Selection:
+    def scored(self, candidates: Candidates, budget: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """(the seeded candidate subset, the DeepFool norm of each)."""
         if candidates.model is None or candidates.data is None:
             raise DltestError("dfal needs the model and the pool's images")
         drawn = self.candidates(len(candidates), budget, generator)
@@ -61,6 +63,4 @@ class DFAL(Selector):
                 images = candidates.data.images(drawn[s : s + BATCH_SIZE], candidates.device)
                 parts.append(deepfool_l2(model, images, overshoot=self.overshoot, steps=self.steps).norms)
                 advance(len(images))
-        norms = torch.cat(parts)
-        order = rank(norms, budget, highest=False)
-        return Selection(drawn[order], norms[order])
+        return drawn, torch.cat(parts)

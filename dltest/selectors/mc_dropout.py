@@ -23,7 +23,7 @@ from torch import Tensor
 from dltest.errors import DltestError
 from dltest.inference import dropout_placement, mc_predictions
 from dltest.runtime import dropout_modules
-from dltest.selectors.base import Candidates, Selection, Selector, rank, register
+from dltest.selectors.base import Candidates, ScoreSelector, register
 from dltest.selectors.uncertainty import entropy
 
 
@@ -47,8 +47,9 @@ def dropout_entropy_from_samples(probs: Tensor) -> Tensor:
     return entropy(probs.double().mean(0))
 
 
-class _MCDropoutSelector(Selector):
+class _MCDropoutSelector(ScoreSelector):
     needs_model = True
+    needs_mc_samples = True
 
     def __init__(self, samples: int = 10, dropout: float = 0.1):
         if int(samples) != samples or samples < 1:
@@ -65,7 +66,7 @@ class _MCDropoutSelector(Selector):
     def options(self) -> dict[str, Any]:
         return {**super().options(), **self.used}
 
-    def __call__(self, candidates: Candidates, budget: int, generator: torch.Generator) -> Selection:
+    def scored(self, candidates: Candidates, budget: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         if candidates.model is None:
             raise DltestError("MC dropout needs the model")
         placement = dropout_placement(candidates.model)
@@ -73,8 +74,7 @@ class _MCDropoutSelector(Selector):
         used = (rates[0] if len(rates) == 1 else rates) if placement == "model" else self.dropout
         self.used = {"dropout": used, "dropout_placement": placement}
         scores = self.from_samples(mc_probabilities(candidates, self.samples, self.dropout, generator))
-        indices = rank(scores, budget, highest=True)
-        return Selection(indices, scores[indices])
+        return torch.arange(len(candidates)), scores
 
 
 @register
