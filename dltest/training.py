@@ -55,7 +55,7 @@ class TrainConfig:
         if self.batch_size < 1:
             raise DltestError(f"batch size must be >= 1, got {self.batch_size}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise DltestError(f"learning rate must be a positive number, got {self.lr}")
+            raise DltestError(f"learning rate must be a finite number > 0, got {self.lr}")
         if self.optimizer not in ("sgd", "adam"):
             raise DltestError(f"unknown optimizer {self.optimizer!r}; choose sgd or adam")
         if self.augment not in ("none", "crop", "crop-flip"):
