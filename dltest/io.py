@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from dltest.errors import DltestError
+from dltest.runtime import is_main
 
 
 def check_writable(path: str | os.PathLike) -> Path:
@@ -26,6 +27,14 @@ def check_writable(path: str | os.PathLike) -> Path:
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds."""
     path = check_writable(path)
+    if not is_main():  # under torchrun only rank 0 writes; the others write to a scratch file
+        fd, tmp = tempfile.mkstemp(suffix=".tmp")
+        os.close(fd)
+        try:
+            yield Path(tmp)
+        finally:
+            os.unlink(tmp)
+        return
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:

@@ -7,9 +7,10 @@ Every command's JSON starts with :func:`output_header`: ``command``, ``dltest_ve
 
 from __future__ import annotations
 
+import os
 import sys
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stdout
 from typing import Annotated, Any, Iterator, Optional
 
 from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError  # typer's vendored click
@@ -18,6 +19,7 @@ from typer.core import TyperGroup
 
 from dltest import __version__
 from dltest.errors import DltestError
+from dltest.runtime import distributed, is_main
 
 
 class _Group(TyperGroup):
@@ -25,7 +27,8 @@ class _Group(TyperGroup):
         try:
             return super().invoke(ctx)
         except DltestError as exc:
-            typer.echo(f"error: {exc.cli_message}", err=True)
+            if is_main() or "failed or left the run" in str(exc):  # other ranks' errors repeat rank 0's
+                typer.echo(f"error: {exc.cli_message}", err=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             typer.echo("interrupted", err=True)
@@ -100,6 +103,15 @@ def _root(
 
 
 def main() -> None:
-    """Console-script entry point."""
-    app(prog_name="dltest")
+    """Console-script entry point; under ``torchrun`` each process joins the group first, and
+    only rank 0 prints (the others' standard output goes nowhere)."""
+    with distributed():
+        if is_main():
+            app(prog_name="dltest")
+        else:
+            from dltest.progress import console
+
+            console.quiet = True
+            with open(os.devnull, "w") as devnull, redirect_stdout(devnull):
+                app(prog_name="dltest")
     sys.exit(0)
