@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import re
 from typing import Any, Iterator
 
 import torch
@@ -275,7 +276,8 @@ def shard_positions(n: int, block: int = 1) -> range:
 
 def _collective_failed(exc: BaseException) -> DltestError:
     line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return DltestError(f"rank {rank()} of {world_size()}: another rank failed or left the run ({line[:200]})")
+    line = re.sub(r"^\[[^\]]*\]\s*", "", line)  # gloo's "[.../pair.cc:561] " source location
+    return DltestError(f"rank {rank()} of {world_size()}: another rank failed or left the run ({line[:120]})")
 
 
 def gather(tensor: Tensor | None) -> Tensor:
