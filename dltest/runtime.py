@@ -280,16 +280,15 @@ def _collective_failed(exc: BaseException) -> DltestError:
     return DltestError(f"rank {rank()} of {world_size()}: another rank failed or left the run ({line[:120]})")
 
 
-def gather(tensor: Tensor | None) -> Tensor:
+def gather(tensor: Tensor | None) -> Tensor | None:
     """Every rank's ``tensor`` (its shard's rows; None for an empty shard) concatenated along
-    dimension 0 in rank order, i.e. pool order; every rank gets the whole result.
+    dimension 0 in rank order, i.e. pool order; every rank gets the whole result (None where
+    no rank has a tensor).
 
     Shards may differ in size: sizes are exchanged first, shorter ones are padded for the
     transfer and trimmed after. A rank that died makes this a one-line :class:`DltestError`.
     """
     if world_size() == 1:
-        if tensor is None:
-            raise ValueError("gather of nothing: no rank has any rows")
         return tensor
     mine = None if tensor is None else (tuple(tensor.shape), tensor.dtype, tensor.device.type)
     shapes: list[Any] = [None] * world_size()
@@ -297,7 +296,7 @@ def gather(tensor: Tensor | None) -> Tensor:
         dist.all_gather_object(shapes, mine)
         known = next((s for s in shapes if s is not None), None)
         if known is None:
-            raise ValueError("gather of nothing: no rank has any rows")
+            return None
         _, dtype, device_type = known
         rows = [s[0][0] if s is not None else 0 for s in shapes]
         trailing = known[0][1:]

@@ -117,9 +117,9 @@ def test_every_output_metric_and_mc_dropout_select_the_same_under_two_processes(
 
 
 def test_cli_select_json_is_byte_identical_apart_from_timing(pool_file, trained_lenet, tmp_path):
-    """bald on a TorchScript model: dropout on the input, T full passes sharded across ranks."""
+    """bald on a TorchScript model with its own dropout: T full passes sharded across ranks."""
     scripted = tmp_path / "lenet.ts"
-    torch.jit.save(torch.jit.script(trained_lenet), str(scripted))
+    torch.jit.save(torch.jit.script(torch.nn.Sequential(torch.nn.Dropout(0.2), trained_lenet).eval()), str(scripted))
     args = ["select", "--metric", "bald", "--budget", "5%", "--mc-samples", "3", "--dataset", str(pool_file),
             "--split", "all", "--model", str(scripted), "--seed", "7", "--csv"]
     one = dltest(*args, "one.csv", "--out", "one.json", cwd=tmp_path)
@@ -127,7 +127,7 @@ def test_cli_select_json_is_byte_identical_apart_from_timing(pool_file, trained_
     two = torchrun("-m", "dltest", *args, "two.csv", "--out", "two.json", cwd=tmp_path)
     assert two.returncode == 0, two.stderr[-3000:]
     assert without_timing(tmp_path / "two.json") == without_timing(tmp_path / "one.json")
-    assert json.loads((tmp_path / "two.json").read_text())["options"]["dropout_placement"] == "input"
+    assert json.loads((tmp_path / "two.json").read_text())["options"]["dropout_placement"] == "model"
     assert (tmp_path / "two.csv").read_bytes() == (tmp_path / "one.csv").read_bytes()
     assert two.stdout.count("wrote two.json") == 1  # only rank 0 prints
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lenet.ts", "one.csv", "one.json", "two.csv", "two.json"]

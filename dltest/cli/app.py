@@ -8,6 +8,7 @@ Every command's JSON starts with :func:`output_header`: ``command``, ``dltest_ve
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import warnings
 from contextlib import contextmanager, redirect_stdout
@@ -25,7 +26,11 @@ from dltest.runtime import distributed, is_main
 class _Group(TyperGroup):
     def invoke(self, ctx: typer.Context):
         try:
-            return super().invoke(ctx)
+            with warnings.catch_warnings():
+                # library deprecation notices (torch.jit, torchvision) must not bury dltest's one line
+                warnings.simplefilter("ignore", FutureWarning)
+                warnings.simplefilter("ignore", DeprecationWarning)
+                return super().invoke(ctx)
         except DltestError as exc:
             if is_main() or "failed or left the run" in str(exc):  # other ranks' errors repeat rank 0's
                 typer.echo(f"error: {exc.cli_message}", err=True)
@@ -57,6 +62,11 @@ def _one_line(exc: ClickException) -> str:
     if isinstance(exc, UsageError) and ctx is not None:
         message += f" (see '{ctx.command_path} --help')"
     return message
+
+
+def _interrupt(signum, _frame) -> None:
+    """SIGTERM / SIGHUP unwind like Ctrl-C, so half-written temporary files are removed."""
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 @contextmanager
@@ -105,6 +115,8 @@ def _root(
 def main() -> None:
     """Console-script entry point; under ``torchrun`` each process joins the group first, and
     only rank 0 prints (the others' standard output goes nowhere)."""
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _interrupt)
     with distributed():
         if is_main():
             app(prog_name="dltest")
