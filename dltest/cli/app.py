@@ -38,6 +38,12 @@ class _Group(TyperGroup):
         except KeyboardInterrupt:
             typer.echo("interrupted", err=True)
             raise typer.Exit(130) from None
+        except OSError as exc:  # a path the system refuses (name too long, permission, I/O): the user's input
+            name = str(exc.filename) if exc.filename is not None else ""
+            base = len(os.fsencode(os.path.basename(name)))
+            shown = f"{name[:60]}... (file name of {base} bytes)" if len(name) > 80 else name
+            typer.echo(f"error: {shown + ': ' if shown else ''}{exc.strerror or exc}", err=True)
+            raise typer.Exit(2) from None
 
     def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
         if not standalone_mode:
