@@ -11,7 +11,7 @@ import os
 import signal
 import sys
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stdout
 from typing import Annotated, Any, Iterator, Optional
 
 from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError  # typer's vendored click
@@ -20,6 +20,7 @@ from typer.core import TyperGroup
 
 from dltest import __version__
 from dltest.errors import DltestError
+from dltest.runtime import distributed, is_main
 
 
 class _Group(TyperGroup):
@@ -31,7 +32,8 @@ class _Group(TyperGroup):
                 warnings.simplefilter("ignore", DeprecationWarning)
                 return super().invoke(ctx)
         except DltestError as exc:
-            typer.echo(f"error: {exc.cli_message}", err=True)
+            if is_main() or "failed or left the run" in str(exc):  # other ranks' errors repeat rank 0's
+                typer.echo(f"error: {exc.cli_message}", err=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             typer.echo("interrupted", err=True)
@@ -117,8 +119,17 @@ def _root(
 
 
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point; under ``torchrun`` each process joins the group first, and
+    only rank 0 prints (the others' standard output goes nowhere)."""
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _interrupt)
-    app(prog_name="dltest")
+    with distributed():
+        if is_main():
+            app(prog_name="dltest")
+        else:
+            from dltest.progress import console
+
+            console.quiet = True
+            with open(os.devnull, "w") as devnull, redirect_stdout(devnull):
+                app(prog_name="dltest")
     sys.exit(0)
