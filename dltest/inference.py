@@ -19,7 +19,9 @@ from torch import Tensor, nn
 from dltest.data import ImageDataset
 from dltest.errors import DltestError
 from dltest.progress import console, progress_bar
-from dltest.runtime import dropout_modules, eval_mode, mc_dropout_mode, on_device, resolve_device, seeded
+from dltest.runtime import (
+    dropout_modules, eval_mode, gather, mc_dropout_mode, on_device, resolve_device, seeded, shard_positions,
+)
 
 # 256, not more: at 1024 a LeNet-5 pass over 60k images took 740k page faults (glibc hands the
 # large activations back to the OS after every batch) and ran 1.6x slower on the CPU; at 256
@@ -82,6 +84,9 @@ def infer(
 ) -> PoolOutputs:
     """Run ``model`` (in eval mode) once over ``data``; embeddings come from the same pass.
 
+    Under torchrun each rank runs its contiguous share of whole batches
+    (:func:`dltest.runtime.shard_positions`) and every rank gets all outputs back in pool order
+    (:func:`dltest.runtime.gather`): the same tensors, bit for bit, as one process computes.
     An outside model goes through :func:`adapt` (tuple/dict/``.logits`` outputs, probabilities).
     Non-finite outputs are a one-line error naming the first such input. The caller's model is
     left on its device and in its mode."""
@@ -91,11 +96,13 @@ def infer(
     model = adapt(model, data.images(slice(0, PROBE_SIZE)))
     split = embedding_head(model) if embeddings and not isinstance(model, ModelAdapter) else None
     n = len(data)
+    mine = shard_positions(n, block=batch_size)
     logits: Tensor | None = None
     feats: Tensor | None = None
-    with on_device(model, device), eval_mode(model), progress_bar("inference", total=n, enabled=progress) as advance:
-        for start in range(0, n, batch_size):
-            x = data.images(slice(start, start + batch_size), device)
+    with on_device(model, device), eval_mode(model), progress_bar("inference", total=len(mine), enabled=progress) as advance:
+        for start in range(mine.start, mine.stop, batch_size):
+            x = data.images(slice(start, min(start + batch_size, mine.stop)), device)
+            rows = slice(start - mine.start, start - mine.start + len(x))
             z = None
             if isinstance(model, ModelAdapter):
                 out, z = model.scores_and_embeddings(x) if embeddings else (model(x), None)
@@ -106,12 +113,13 @@ def infer(
                 out = model(x)
             if z is not None:
                 if feats is None:
-                    feats = torch.empty((n, z.shape[1]), dtype=torch.float32)
-                feats[start : start + len(x)] = z.float()
+                    feats = torch.empty((len(mine), z.shape[1]), dtype=torch.float32)
+                feats[rows] = z.float()
             if logits is None:
-                logits = torch.empty((n, out.shape[1]), dtype=torch.float32)
-            logits[start : start + len(x)] = out.float()
+                logits = torch.empty((len(mine), out.shape[1]), dtype=torch.float32)
+            logits[rows] = out.float()
             advance(len(x))
+    logits, feats = gather(logits), gather(feats)
     assert logits is not None
     bad = ~torch.isfinite(logits).all(dim=1)
     if bad.any():
@@ -551,23 +559,29 @@ def _head_samples(embeddings: Tensor, head: nn.Linear, samples: int, dropout: fl
 
 def _full_samples(model, data: ImageDataset | None, samples: int, generator: torch.Generator,
                   device: torch.device) -> Tensor:
-    """T full passes per batch, dropout drawn from a seed derived from ``generator``."""
+    """T full passes per batch of :data:`MC_BATCH` images; batch b draws its dropout from the seed
+    ``s + b`` (``s`` derived from ``generator``), so a batch's draws do not depend on which rank
+    runs it: under torchrun each rank runs its share of whole batches and the (T, n, C) samples,
+    gathered in pool order, are the ones a single process draws."""
     if data is None:
         raise DltestError("MC dropout through the whole model needs the images")
     n = len(data)
-    out: Tensor | None = None
-    with seeded(derived_seed(generator), device), torch.inference_mode():
-        for s in range(0, n, MC_BATCH):
-            rows = slice(s, min(s + MC_BATCH, n))
-            x = data.images(rows, device)
-            for t in range(samples):
-                p = torch.softmax(model(x).float(), dim=1).cpu()
-                if out is None:
-                    out = torch.empty((samples, n, p.shape[1]), dtype=torch.float32)
-                out[t, rows] = p
-    if out is None:
+    if n == 0:
         raise DltestError("cannot draw MC-dropout samples of an empty pool")
-    return out
+    base = derived_seed(generator)
+    mine = shard_positions(n, block=MC_BATCH)
+    out: Tensor | None = None  # (m, T, C): rows first, for the gather
+    with torch.inference_mode():
+        for s in range(mine.start, mine.stop, MC_BATCH):
+            x = data.images(slice(s, min(s + MC_BATCH, mine.stop)), device)
+            rows = slice(s - mine.start, s - mine.start + len(x))
+            with seeded(base + s // MC_BATCH, device):
+                for t in range(samples):
+                    p = torch.softmax(model(x).float(), dim=1).cpu()
+                    if out is None:
+                        out = torch.empty((len(mine), samples, p.shape[1]), dtype=torch.float32)
+                    out[rows, t] = p
+    return gather(out).transpose(0, 1).contiguous()
 
 
 def _last_linear(model: nn.Module) -> nn.Linear | None:

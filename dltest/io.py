@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from dltest.errors import DltestError
+from dltest.runtime import is_main
 
 
 NAME_MAX = 255  # bytes in one file name on Linux, macOS and Windows file systems
@@ -85,6 +86,14 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     ``OSError`` while writing (e.g. a full disk) is a one-line error and ``path`` is untouched.
     """
     path = check_writable(path, need_bytes=0)
+    if not is_main():  # under torchrun only rank 0 writes; the others write to a scratch file
+        fd, tmp = tempfile.mkstemp(suffix=_TMP_SUFFIX)
+        os.close(fd)
+        try:
+            yield Path(tmp)
+        finally:
+            os.unlink(tmp)
+        return
     # ".<name>.<random>.tmp" must itself fit in NAME_MAX bytes
     stem = os.fsencode(path.name)[: NAME_MAX - 20].decode(errors="ignore")
     fd, tmp = tempfile.mkstemp(prefix=f".{stem}.", suffix=_TMP_SUFFIX, dir=path.parent)

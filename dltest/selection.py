@@ -23,7 +23,7 @@ from dltest.errors import DltestError
 from dltest.inference import INFERENCE_BATCH, PROBE_SIZE, PoolOutputs, adapt, infer
 from dltest.io import read_json, write_json
 from dltest.selectors import REGISTRY, Candidates, get_selector
-from dltest.runtime import on_device, resolve_device
+from dltest.runtime import broadcast_object, is_main, on_device, resolve_device, single_process, world_size
 
 
 @dataclass
@@ -134,7 +134,14 @@ def select(
     generator = torch.Generator().manual_seed(seed)
     # the selectors that run the model again find it on ``device``; the caller's model stays put
     with on_device(model, device) if model is not None else contextlib.nullcontext():
-        chosen = selector(candidates, budget_int, generator)
+        if selector.needs_mc_samples or world_size() == 1:
+            # MC-dropout sampling is sharded across ranks: every rank takes part, with the same
+            # gathered samples and seed, so every rank computes the same selection
+            chosen = selector(candidates, budget_int, generator)
+        else:  # under torchrun the selector runs once, on rank 0, and the others receive its choice
+            with single_process():
+                chosen = selector(candidates, budget_int, generator) if is_main() else None
+            chosen = broadcast_object(chosen)
     indices = unlabeled[chosen.indices]
     if len(indices) != budget_int or len(torch.unique(indices)) != budget_int:
         raise RuntimeError(f"selector {metric} returned {len(indices)} positions for a budget of {budget_int}")

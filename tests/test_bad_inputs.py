@@ -255,6 +255,8 @@ CASES = [
     Case("normalize-malformed", with_model("bare", "--arch", f"{NETS}:ClientLeNet", "--normalize", "0.5"),
          "needs as many means as standard deviations"),
     Case("normalize-zero-std", sel("--normalize", "0.5,0"), "positive standard deviations"),
+    Case("normalize-a-zoo-model-twice", sel("--normalize", "0.5,0.5"), "normalises its inputs itself"),
+    Case("retrain-examples-oversized", retrain("--examples", lambda f, o: f.huge), "needs 730.2 GiB"),
     # outputs
     Case("out-device-file", lambda f, o: ["select", "-d", f.pool, "-m", f.model, "--out", "/dev/null"],
          "/dev/null: it is a device file"),
@@ -266,6 +268,11 @@ CASES = [
          "does not exist"),
     Case("out-name-over-255-bytes", lambda f, o: ["select", "-d", f.pool, "-m", f.model, "--out", o / ("é" * 130)],
          "its name is 260 bytes long (at most 255)"),
+    Case("model-name-over-255-bytes", lambda f, o: ["select", "-d", f.pool, "-m", o / ("m" * 300), "--out", o / "s.json"],
+         "(file name of 300 bytes): File name too long"),
+    Case("pool-name-over-255-bytes", lambda f, o: ["select", "-d", o / ("p" * 300 + ".npz"), "-m", f.model,
+                                                   "--out", o / "s.json"], "(file name of 304 bytes): File name too long"),
+    Case("selection-name-over-255-bytes", sel("--labeled", lambda f, o: o / ("s" * 300)), "File name too long"),
     Case("out-is-a-folder", lambda f, o: ["select", "-d", f.pool, "-m", f.model, "--out", o], "it is a folder"),
     Case("out-and-csv-the-same", sel("--csv", lambda f, o: o / "sel.json"), "--out and --csv are the same file"),
     Case("out-is-the-model", lambda f, o: ["select", "-d", f.pool, "-m", f.model, "--out", f.model],
@@ -302,6 +309,8 @@ CASES = [
     Case("retrain-examples-pixel-range", retrain("--examples", lambda f, o: f.adv_range), "must lie in [0, 1]"),
     Case("retrain-examples-labels", retrain("--examples", lambda f, o: f.adv_labels),
          "label 11 (y[0]) is out of range for the 10 class names"),
+    Case("retrain-resume-truncated-partial", retrain("--resume"), "it is empty, truncated or not a dltest partial",
+         setup=lambda f, o: (o / "r.pt.partial").write_bytes(f.model.read_bytes()[:4000])),
     Case("metrics-out-device-file", lambda f, o: ["metrics", "--out", "/dev/null"], "it is a device file"),
     Case("retrain-out-equals-report", retrain("--report", lambda f, o: o / "r.pt"), "are the same file"),
 ]
@@ -418,6 +427,21 @@ def test_grey_image_folders_load_as_one_channel(tmp_path, files):
                      "--out", tmp_path / f"{mode}.json")
         assert result.exit_code == 0, (mode, result.output)
     assert load_dataset(str(tmp_path / "L")).x.shape == (4, 1, 28, 28)
+
+
+def test_image_folder_with_train_and_test_subfolders(tmp_path, files):
+    from PIL import Image
+
+    x = load_dataset(str(files.pool)).x[:, 0].numpy()
+    for part, count in (("train", 6), ("test", 4)):
+        for i in range(count):
+            folder = tmp_path / part / "ab"[i % 2]
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(x[i]).save(folder / f"{i}.png")
+    train, pool = load_dataset(str(tmp_path), "train"), load_dataset(str(tmp_path))
+    assert train.x.shape == (6, 1, 28, 28) and pool.x.shape == (4, 1, 28, 28)
+    assert train.name == pool.name == str(tmp_path) and train.split == "train" and pool.split == "all"
+    assert len(load_dataset(str(tmp_path), "val")) + len(load_dataset(str(tmp_path), "holdout")) == 4
 
 
 def test_interrupted_writes_leave_no_temporary_file(tmp_path):

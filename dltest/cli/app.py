@@ -7,10 +7,11 @@ Every command's JSON starts with :func:`output_header`: ``command``, ``dltest_ve
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stdout
 from typing import Annotated, Any, Iterator, Optional
 
 from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError  # typer's vendored click
@@ -19,6 +20,7 @@ from typer.core import TyperGroup
 
 from dltest import __version__
 from dltest.errors import DltestError
+from dltest.runtime import distributed, is_main
 
 
 class _Group(TyperGroup):
@@ -30,11 +32,18 @@ class _Group(TyperGroup):
                 warnings.simplefilter("ignore", DeprecationWarning)
                 return super().invoke(ctx)
         except DltestError as exc:
-            typer.echo(f"error: {exc.cli_message}", err=True)
+            if is_main() or "failed or left the run" in str(exc):  # other ranks' errors repeat rank 0's
+                typer.echo(f"error: {exc.cli_message}", err=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             typer.echo("interrupted", err=True)
             raise typer.Exit(130) from None
+        except OSError as exc:  # a path the system refuses (name too long, permission, I/O): the user's input
+            name = str(exc.filename) if exc.filename is not None else ""
+            base = len(os.fsencode(os.path.basename(name)))
+            shown = f"{name[:60]}... (file name of {base} bytes)" if len(name) > 80 else name
+            typer.echo(f"error: {shown + ': ' if shown else ''}{exc.strerror or exc}", err=True)
+            raise typer.Exit(2) from None
 
     def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
         if not standalone_mode:
@@ -110,8 +119,17 @@ def _root(
 
 
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point; under ``torchrun`` each process joins the group first, and
+    only rank 0 prints (the others' standard output goes nowhere)."""
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _interrupt)
-    app(prog_name="dltest")
+    with distributed():
+        if is_main():
+            app(prog_name="dltest")
+        else:
+            from dltest.progress import console
+
+            console.quiet = True
+            with open(os.devnull, "w") as devnull, redirect_stdout(devnull):
+                app(prog_name="dltest")
     sys.exit(0)
