@@ -54,7 +54,8 @@ def machine() -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--methods", default="pgd,fgsm-rs,n-fgsm,trades")
+    parser.add_argument("--methods", default="pgd,fgsm-rs,n-fgsm,trades,pgd:5",
+                        help="comma-separated; NAME:K runs K inner steps of 2.5 eps / K (e.g. pgd:5)")
     parser.add_argument("--n", type=int, default=10000, help="training inputs (a seeded subset of MNIST train)")
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--warmup", type=float, default=2.0)
@@ -63,6 +64,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="bench-at-methods.json")
+    parser.add_argument("--baseline-json", help="merge the rows of an earlier run of this script (e.g. its pgd row)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -74,7 +76,9 @@ def main() -> None:
     config = TrainConfig(epochs=args.epochs, optimizer="adam", lr=5e-3, weight_decay=0.0, seed=args.seed)
     rows = {}
     for name in args.methods.split(","):
-        method = adversarial_training(name, "grey", warmup_epochs=args.warmup)
+        method_name, _, k = name.partition(":")
+        steps = {"steps": int(k), "alpha": 2.5 * 0.3 / int(k)} if k else {}
+        method = adversarial_training(method_name, "grey", warmup_epochs=args.warmup, **steps)
         result = train(copy.deepcopy(init), train_data, val, config, adversary=method, device="cpu", progress=False)
         report = evaluate_robustness(result.model, holdout, args.attacks.split(","), n=args.eval_n, seed=args.seed,
                                      device="cpu")
@@ -86,6 +90,8 @@ def main() -> None:
             "evaluation_seconds": report.seconds,
         }
         print(json.dumps({name: rows[name]}), flush=True)
+    if args.baseline_json:  # rows measured earlier in the same set-up (same n, epochs, seed, eval)
+        rows = {**json.loads(Path(args.baseline_json).read_text())["results"], **rows}
     if "pgd" in rows:
         base = rows["pgd"]
         for row in rows.values():

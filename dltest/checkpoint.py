@@ -204,13 +204,14 @@ def load_model(
     normalize: Any = None,
     num_classes: int | None = None,
     input_shape: tuple[int, ...] | None = None,
+    robust: bool = False,
 ) -> tuple[nn.Module, ModelInfo]:
     """Load a model in eval mode on the CPU.
 
     ``source`` is a dltest checkpoint, a TorchScript file, an ``.onnx`` file (run by onnxruntime,
     see :mod:`dltest.export`), a state_dict (with ``arch``: a zoo name or ``module:Class``, built
     with ``arch_kwargs``; a zoo model also needs ``input_shape``), or ``None`` for the bundled
-    model of ``dataset``. ``trust=True`` also accepts a pickled ``nn.Module``: that runs code from
+    model of ``dataset`` (``robust=True``: its adversarially trained one). ``trust=True`` also accepts a pickled ``nn.Module``: that runs code from
     the file, so only use it for files you made. ``normalize=(mean, std)`` is for models trained
     on normalised inputs: the model then comes wrapped in :class:`~dltest.inference.ModelAdapter`
     (every dltest function adapts other outside models itself).
@@ -220,7 +221,7 @@ def load_model(
     if source is None:
         if dataset is None:
             raise DltestError("no model given: pass --model FILE or a dataset with a bundled model")
-        source = pretrained_path(dataset)
+        source = pretrained_path(dataset, robust=robust)
     path = Path(source)
     if not path.is_file():
         raise DltestError(f"model file not found: {path}")
@@ -451,19 +452,23 @@ def _strip_prefix(weights: dict[str, torch.Tensor], prefix: str) -> dict[str, to
     return weights
 
 
-def pretrained_path(dataset: str) -> Path:
-    """The bundled checkpoint for ``dataset`` (``models/`` in the repository), named by its profile."""
-    name = PROFILES[dataset].pretrained if dataset in PROFILES else None
+def pretrained_path(dataset: str, robust: bool = False) -> Path:
+    """The bundled checkpoint for ``dataset`` (``models/`` in the repository), named by its profile;
+    ``robust=True``: the adversarially trained one."""
+    profile = PROFILES.get(dataset)
+    name = (profile.pretrained_robust if robust else profile.pretrained) if profile else None
     path = _bundled(name) if name else None
     if path is None:
-        available = ", ".join(pretrained_datasets()) or "none"
-        raise DltestError(f"no bundled model for dataset {dataset!r} (bundled: {available}); pass --model FILE")
+        kind = "adversarially trained model" if robust else "model"
+        available = ", ".join(pretrained_datasets(robust)) or "none"
+        raise DltestError(f"no bundled {kind} for dataset {dataset!r} (bundled: {available}); pass --model FILE")
     return path
 
 
-def pretrained_datasets() -> list[str]:
-    """The datasets whose profile names a bundled checkpoint that is installed."""
-    return sorted(name for name, p in PROFILES.items() if p.pretrained and _bundled(p.pretrained))
+def pretrained_datasets(robust: bool = False) -> list[str]:
+    """The datasets whose profile names a bundled (adversarially trained) checkpoint that is installed."""
+    names = {name: (p.pretrained_robust if robust else p.pretrained) for name, p in PROFILES.items()}
+    return sorted(name for name, file in names.items() if file and _bundled(file))
 
 
 def _bundled(name: str) -> Path | None:

@@ -81,6 +81,7 @@ class DatasetProfile:
     retrain_epochs: int = 10  # Section 8: 10 retraining epochs, 20 for SVHN
     schedule: ALSchedule | None = None
     pretrained: str | None = None  # file name of the bundled checkpoint (models/), if any
+    pretrained_robust: str | None = None  # the bundled adversarially trained checkpoint, if any
     builtin: bool = True
 
     @property
@@ -92,7 +93,8 @@ PROFILES: dict[str, DatasetProfile] = {
     p.name: p
     for p in (
         DatasetProfile("mnist", "lenet5", (0.1307,), (0.3081,), (1, 28, 28), 10, GREY,
-                       schedule=ALSchedule(5000, 200, 200), pretrained="lenet5-mnist.pt"),
+                       schedule=ALSchedule(5000, 200, 200), pretrained="lenet5-mnist.pt",
+                       pretrained_robust="lenet5-mnist-robust.pt"),
         DatasetProfile("fashion-mnist", "lenet5", (0.2860,), (0.3530,), (1, 28, 28), 10, GREY,
                        schedule=ALSchedule(6000, 200, 200), pretrained="lenet5-fashion-mnist.pt"),
         DatasetProfile("svhn", "vgg8", (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970), (3, 32, 32), 10, COLOUR,

@@ -200,3 +200,9 @@ def test_run_folder_has_the_figure(splits, tmp_path):
     pytest.importorskip("matplotlib")
     run(tiny(budget=220, at=None), splits, tmp_path / "run")
     assert (tmp_path / "run" / "figure.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_default_is_the_papers_pgd_and_steps_are_checked():
+    assert tiny(at="pgd").at == "pgd" and RobustALConfig(dataset="mnist").at == "pgd"
+    with pytest.raises(DltestError, match="single-step method and takes no steps"):
+        tiny(at="fgsm-rs", at_steps=3)

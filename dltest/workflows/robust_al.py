@@ -61,7 +61,8 @@ class RobustALConfig:
 
     ``budget`` is the final labeled-pool size, ``initial`` the random initial pool, ``per_stage``
     how many inputs each stage labels. ``at`` is the adversarial-training method (``None``:
-    standard active learning, the paper's Table 1). ``epochs`` per stage, the best kept by
+    standard active learning, the paper's Table 1), with ``at_steps`` inner steps of ``at_alpha``
+    (default: the method's preset). ``epochs`` per stage, the best kept by
     robust accuracy on ``val_n`` validation inputs under a ``check_steps``-step PGD.
     ``train_size`` limits the unlabeled pool to a seeded subset of the training data.
     """
@@ -74,8 +75,10 @@ class RobustALConfig:
     per_stage: int = 200
     epochs: int = 10
     initial_epochs: int = 30
-    at: str | None = "fgsm-rs"
+    at: str | None = "pgd"
     eps: float | None = None
+    at_steps: int | None = None
+    at_alpha: float | None = None
     warmup_epochs: float | None = None
     optimizer: str = "adam"
     lr: float = 5e-3
@@ -106,6 +109,8 @@ class RobustALConfig:
         if self.at is not None and self.at not in AT_METHODS:
             raise DltestError(f"unknown adversarial training method {self.at!r}; choose one of "
                               f"{', '.join(AT_METHODS)} (or none for standard active learning)")
+        if self.at is not None:  # the method's own checks (e.g. no steps for a single-step method)
+            _method(self, "grey")
         if self.train_size is not None and self.train_size < 1:
             raise DltestError(f"train_size must be >= 1, got {self.train_size}")
         if self.eval_n is not None and self.eval_n < 1:
@@ -273,7 +278,8 @@ def robust_active_learning(
 def _method(config: RobustALConfig, family: str) -> AdversarialTraining | None:
     if config.at is None:
         return None
-    return adversarial_training(config.at, family, eps=config.eps, warmup_epochs=config.warmup_epochs)
+    return adversarial_training(config.at, family, eps=config.eps, steps=config.at_steps, alpha=config.at_alpha,
+                                warmup_epochs=config.warmup_epochs)
 
 
 def _train_config(config: RobustALConfig, stage: int, augment: str, epochs: int | None = None) -> TrainConfig:
