@@ -206,3 +206,12 @@ def test_the_default_is_the_papers_pgd_and_steps_are_checked():
     assert tiny(at="pgd").at == "pgd" and RobustALConfig(dataset="mnist").at == "pgd"
     with pytest.raises(DltestError, match="single-step method and takes no steps"):
         tiny(at="fgsm-rs", at_steps=3)
+
+
+def test_preset_keeps_standard_active_learning_and_fills_the_schedule():
+    from dltest.workflows.robust_al import preset
+
+    assert preset("mnist", at=None).at is None  # --standard
+    config = preset("mnist", budget=None, metrics=("dre",))
+    assert (config.budget, config.initial, config.per_stage, config.stages) == (5000, 200, 200, 24)
+    assert (preset("fashion-mnist").budget, preset("fashion-mnist").stages) == (6000, 29)

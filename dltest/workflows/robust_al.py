@@ -147,12 +147,13 @@ class RobustALConfig:
 def preset(dataset: str, **overrides: Any) -> RobustALConfig:
     """The paper's Table 3 schedule for ``dataset`` (its profile's), with ``overrides``; data that
     is not built in has no schedule, so ``budget``, ``initial`` and ``per_stage`` must be given."""
-    values = {k: v for k, v in overrides.items() if v is not None}
+    schedule_keys = ("budget", "initial", "per_stage")
+    values = {k: v for k, v in overrides.items() if v is not None or k not in schedule_keys}  # at=None: standard AL
     profile = PROFILES.get(dataset.lower())
     if profile is not None and profile.schedule is not None:
         schedule = profile.schedule
         values = {"budget": schedule.budget, "initial": schedule.initial, "per_stage": schedule.per_stage, **values}
-    missing = [k for k in ("budget", "initial", "per_stage") if k not in values]
+    missing = [k for k in schedule_keys if k not in values]
     if missing:
         raise DltestError(f"{dataset} has no active-learning schedule of the paper's: give {', '.join(missing)}")
     return RobustALConfig(dataset=dataset, **values)
