@@ -5,7 +5,9 @@ a whole ``dltest.select`` (the one inference pass, the reference activations for
 metric, the bookkeeping) divided by the wall time of a bare forward pass of the same model over the
 same pool with the images already as floats, measured in the same run and bracketed as in
 ``bench_selection.py``: bare, s1, bare, s2, ..., each selection divided by the mean of the bare
-passes just before and after it; the headline is the median over ``--repeats`` rounds. The
+passes just before and after it; the headline is the median over ``--repeats`` rounds, in wall
+time and in this process's CPU time (one thread: CPU time is the work done, and varies far less
+than wall time on a machine shared with other jobs). "alone" is the metric on cached outputs. The
 reference of the surprise metrics is the training set itself, subsampled to 10,000 (the default).
 
 Part ``batchbald``: time and peak memory of ``select("batchbald")`` at T = 10 for the given
@@ -28,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from dltest import load_dataset, load_model, select
+from dltest import infer, load_dataset, load_model, select
 from dltest.data import to_float_images
 from dltest.inference import INFERENCE_BATCH
 from dltest.runtime import resolve_device
@@ -46,14 +48,21 @@ SPECS = {
 }
 
 
-def timed(spec: str, model, data, device) -> float:
+def timed(spec: str, model, data, device, outputs=None) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process) of one whole selection."""
     metric, options = SPECS[spec]
     extra = {"reference": data} if metric in ("dsa", "mdsa", "lsa") else {}
-    started = time.perf_counter()
-    select(metric, "4%", model=model, data=data, seed=0, device=device, **extra, **options)
+    started, cpu = time.perf_counter(), time.process_time()
+    select(metric, "4%", model=model, data=data, seed=0, device=device, outputs=outputs, **extra, **options)
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return time.perf_counter() - started
+    return time.perf_counter() - started, time.process_time() - cpu
+
+
+def bare(model, images, device) -> tuple[float, float]:
+    cpu = time.process_time()
+    wall = bare_forward(model, images, INFERENCE_BATCH, device)
+    return wall, time.process_time() - cpu
 
 
 def ratios(repeats: int) -> dict:
@@ -62,22 +71,33 @@ def ratios(repeats: int) -> dict:
     model, info = load_model(dataset="mnist")
     model = model.to(device).eval()
     images = to_float_images(data.x)
-    bare_forward(model, images, INFERENCE_BATCH, device)  # warm-up
-    bare, times, rat = [], {s: [] for s in SPECS}, {s: [] for s in SPECS}
+    bare(model, images, device)  # warm-up
+    walls, cpus = [], []
+    times = {s: [] for s in SPECS}
+    rat = {s: [] for s in SPECS}
+    cpu_rat = {s: [] for s in SPECS}
     for _ in range(repeats):
-        before = bare_forward(model, images, INFERENCE_BATCH, device)
-        bare.append(before)
+        before = bare(model, images, device)
+        walls.append(before[0]), cpus.append(before[1])
         for spec in SPECS:
             took = timed(spec, model, data, device)
-            after = bare_forward(model, images, INFERENCE_BATCH, device)
-            bare.append(after)
-            times[spec].append(took)
-            rat[spec].append(took / ((before + after) / 2))
+            after = bare(model, images, device)
+            walls.append(after[0]), cpus.append(after[1])
+            times[spec].append(took[0])
+            rat[spec].append(took[0] / ((before[0] + after[0]) / 2))
+            cpu_rat[spec].append(took[1] / ((before[1] + after[1]) / 2))
             before = after
-            print(f"{spec:<14} {took:7.2f} s  ratio {rat[spec][-1]:.2f}", flush=True)
-    results = {s: {"ratio": statistics.median(rat[s]), "bracketed_ratios": rat[s], "seconds": times[s]} for s in SPECS}
+            print(f"{spec:<14} {took[0]:7.2f} s  ratio {rat[spec][-1]:.2f}  CPU ratio {cpu_rat[spec][-1]:.2f}", flush=True)
+    outputs = infer(model, data, device=device)
+    alone = {}
+    for spec in ("badge", "ats", "entropy+power"):  # the metric alone, on the cached outputs (median of 3, CPU s)
+        alone[spec] = statistics.median(timed(spec, model, data, device, outputs)[1] for _ in range(3))
+    results = {s: {"ratio": statistics.median(rat[s]), "cpu_ratio": statistics.median(cpu_rat[s]),
+                   "bracketed_ratios": rat[s], "bracketed_cpu_ratios": cpu_rat[s], "seconds": times[s],
+                   "metric_alone_cpu_seconds": alone.get(s)} for s in SPECS}
     return {"part": "ratios", "pool": "mnist/train", "pool_size": len(data), "model": info.source, "budget": "4%",
-            "repeats": repeats, "bare_forward_seconds": bare, "selectors": results, "machine": machine()}
+            "repeats": repeats, "bare_forward_seconds": walls, "bare_forward_cpu_seconds": cpus,
+            "selectors": results, "machine": machine()}
 
 
 CHILD = """

@@ -22,8 +22,9 @@ The candidates are the ``candidate_factor`` x budget inputs of highest BALD (the
 only be picked after all of those), so the cost does not grow with the pool.
 
 Memory: the working tensors are the (candidates, T, C) samples and the per-chunk joint
-probabilities (chunk, M, C). ``max_memory_mb`` bounds them: the chunk of candidates scored at once
-is sized to fit, and a bound too small for even one candidate is an error that says what would fit.
+probabilities (chunk, M, C), chunk <= 256. ``max_memory_mb`` bounds them: the chunk of candidates
+scored at once is sized to fit, a bound too small for even one candidate is an error that says
+what would fit, and the plan (``planned_memory_mb``) is written into the selection's options.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def memory_plan(candidates: int, samples: int, classes: int, joint_samples: int,
         raise DltestError(f"batchbald needs at least {need:.1f} MB for {candidates} candidates, T={samples}, C={classes} "
                           f"and joint_samples={joint_samples}, above max_memory_mb={max_memory_mb:g}: raise "
                           "max_memory_mb, or lower joint_samples or candidate_factor")
-    chunk = min(chunk, candidates)
+    chunk = min(chunk, candidates, LAZY_CHUNK)
     return int(chunk), int(fixed + chunk * per_candidate)
 
 
