@@ -21,8 +21,8 @@ Cost: every step scores every candidate against every configuration, O(candidate
 The candidates are the ``candidate_factor`` x budget inputs of highest BALD (the rest could
 only be picked after all of those), so the cost does not grow with the pool.
 
-Memory: the working tensors are the (candidates, T, C) samples and the per-chunk joint
-probabilities (chunk, M, C), chunk <= 256. ``max_memory_mb`` bounds them: the chunk of candidates
+Memory: the working tensors are the (T, n, C) samples of the pool with their BALD scores, the
+(candidates, T, C) samples and the per-chunk joint probabilities (chunk, M, C), chunk <= 256. ``max_memory_mb`` bounds them: the chunk of candidates
 scored at once is sized to fit, a bound too small for even one candidate is an error that says
 what would fit, and the plan (``planned_memory_mb``) is written into the selection's options.
 """
@@ -42,21 +42,25 @@ from dltest.selectors.mc_dropout import bald_from_samples, mc_probabilities
 from dltest.selectors.uncertainty import entropy
 
 BYTES = 8  # float64
+POOL_BYTES = 24  # per sampled probability of the pool: float32 samples, their float64 copy, x log x
 TEMPORARIES = 3  # joint probabilities, their x log x, and the product: per candidate, per chunk
 LAZY_CHUNK = 256  # candidates re-scored at a time by the lazy greedy (fewer if the memory bound says so)
 
 
-def memory_plan(candidates: int, samples: int, classes: int, joint_samples: int, max_memory_mb: float) -> tuple[int, int]:
+def memory_plan(pool: int, candidates: int, samples: int, classes: int, joint_samples: int,
+                max_memory_mb: float) -> tuple[int, int]:
     """(chunk, bytes planned at most): how many candidates to score at once within the bound."""
     bound = int(max_memory_mb * 2**20)
-    fixed = BYTES * (2 * candidates * samples * classes  # the candidates' samples, and those still unpicked
-                     + 2 * joint_samples * samples  # configuration probabilities, and their next version
-                     + 4 * candidates)  # conditional entropies, scores, masks
+    fixed = POOL_BYTES * pool * samples * classes + BYTES * (  # the pool's samples and their BALD
+        2 * candidates * samples * classes  # the candidates' samples, and those re-scored
+        + 2 * joint_samples * samples  # configuration probabilities, and their next version
+        + 4 * candidates)  # conditional entropies, scores, masks
     per_candidate = TEMPORARIES * BYTES * joint_samples * classes
     chunk = (bound - fixed) // per_candidate
     if chunk < 1:
         need = (fixed + per_candidate) / 2**20
-        raise DltestError(f"batchbald needs at least {need:.1f} MB for {candidates} candidates, T={samples}, C={classes} "
+        raise DltestError(f"batchbald needs at least {need:.1f} MB for a pool of {pool}, {candidates} candidates, "
+                          f"T={samples}, C={classes} "
                           f"and joint_samples={joint_samples}, above max_memory_mb={max_memory_mb:g}: raise "
                           "max_memory_mb, or lower joint_samples or candidate_factor")
     chunk = min(chunk, candidates, LAZY_CHUNK)
@@ -187,7 +191,7 @@ class BatchBALD(Selector):
         n = len(candidates)
         m = min(n, max(budget, math.ceil(self.candidate_factor * budget)))
         classes = candidates.outputs.logits.shape[1]
-        chunk, planned = memory_plan(m, self.samples, classes, self.joint_samples, self.max_memory_mb)
+        chunk, planned = memory_plan(n, m, self.samples, classes, self.joint_samples, self.max_memory_mb)
         samples = mc_probabilities(candidates, self.samples, self.dropout, generator)  # (T, n, C)
         bald = bald_from_samples(samples)
         top = torch.sort(torch.argsort(bald, descending=True, stable=True)[:m]).values  # by position
