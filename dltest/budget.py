@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import math
 import re
+from fractions import Fraction
 
 from dltest.errors import DltestError
 
@@ -14,16 +14,17 @@ _COUNT = re.compile(r"^\s*\d+\s*$")
 def parse_budget(spec: str | int, pool_size: int) -> int:
     """The number of inputs a budget asks for: an integer count, or a percentage of the pool.
 
-    A percentage rounds half up; the result must lie in [1, pool_size].
+    A percentage rounds half up (exactly, in rational arithmetic: ``100%`` of any pool is the
+    pool); the result must lie in [1, pool_size].
     """
     text = str(spec)
     if _COUNT.match(text):
         budget = int(text)
     elif match := _PERCENT.match(text):
-        percent = float(match.group(1))
+        percent = Fraction(match.group(1))
         if not 0 < percent <= 100:
             raise DltestError(f"budget {text!r} is not a percentage in (0%, 100%]")
-        budget = math.floor(pool_size * percent / 100 + 0.5)
+        budget = int(pool_size * percent / 100 + Fraction(1, 2))  # floor of a positive rational
         if budget < 1:
             raise DltestError(f"budget {text!r} of a pool of {pool_size} selects no input; ask for more")
     else:

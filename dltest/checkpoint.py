@@ -8,12 +8,20 @@ trained). TorchScript files load too. A pickled ``nn.Module`` loads only with ``
 
 from __future__ import annotations
 
+import copy
+import hashlib
+import importlib
+import importlib.util
+import json
 import os
+import pickle
+import sys
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -22,16 +30,21 @@ from dltest.data import ImageDataset
 from dltest.errors import DltestError
 from dltest.io import atomic_path
 from dltest.profiles import PROFILES
-from dltest.zoo import Classifier, build_model
+from dltest.zoo import ARCHITECTURES, Classifier, build_model
 
 FORMAT = "dltest-checkpoint"
 VERSION = 1
 PRETRAINED_PACKAGE = "dltest.pretrained"
+STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model")  # where other tools nest a state_dict
 
 
 @dataclass
 class ModelInfo:
-    """What is known about a loaded model; ``source`` is the file or bundled name it came from."""
+    """What is known about a loaded model; ``source`` is the file or bundled name it came from.
+
+    ``kind`` is how it was stored (``dltest-checkpoint``, ``state_dict``, ``torchscript``,
+    ``pickled-module`` or ``object``); ``arch`` is a zoo name or ``module:Class``.
+    """
 
     source: str
     arch: str | None = None
@@ -39,10 +52,42 @@ class ModelInfo:
     input_shape: tuple[int, ...] | None = None
     num_classes: int | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    kind: str = "dltest-checkpoint"
+    arch_kwargs: dict[str, Any] = field(default_factory=dict)
+    normalize: tuple[tuple[float, ...], tuple[float, ...]] | None = None
+    digest: str | None = None
+
+    outputs: str = "logits"  # what the model outputs (logits, probabilities, log-probabilities); check_fits sets it
+    embeddings: str | None = None  # where its embeddings come from; check_fits sets it
+
+    def describe(self) -> dict[str, Any]:
+        """What an output JSON records about the model, how dltest reads its outputs included."""
+        return {
+            "source": self.source, "kind": self.kind, "arch": self.arch, "arch_kwargs": self.arch_kwargs or None,
+            "normalize": [list(v) for v in self.normalize] if self.normalize else None,
+            "outputs": self.outputs, "embeddings": self.embeddings, "digest": self.digest,
+        }
+
+
+def state_digest(state_dict: dict[str, torch.Tensor], header: dict[str, Any] | None = None) -> str:
+    """``sha256:<hex>`` of the tensors (names, dtypes, shapes and bytes, in name order) and of
+    ``header`` (the architecture fields a checkpoint rebuilds the model from)."""
+    h = hashlib.sha256()
+    h.update(json.dumps(header or {}, sort_keys=True, default=str).encode())
+    for name in sorted(state_dict):
+        t = state_dict[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return "sha256:" + h.hexdigest()
+
+
+def _digest_header(state: dict[str, Any]) -> dict[str, Any]:
+    keys = ("arch", "arch_kwargs", "input_shape", "num_classes", "mean", "std", "normalize")
+    return {k: state.get(k) for k in keys}
 
 
 def save_checkpoint(
-    model: Classifier,
+    model: nn.Module,
     path: str | os.PathLike,
     *,
     arch: str,
@@ -51,20 +96,33 @@ def save_checkpoint(
     num_classes: int,
     meta: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
+    arch_kwargs: dict[str, Any] | None = None,
 ) -> Path:
-    """Write a self-describing checkpoint atomically; ``extra`` holds resumable training state."""
+    """Write a self-describing checkpoint atomically, with a digest of its weights.
+
+    ``model`` is a zoo :class:`Classifier` (``arch`` a zoo name) or any module built by ``arch``
+    = ``module:Class`` with ``arch_kwargs`` (an adapter's normalisation is stored with it).
+    ``extra`` holds resumable training state.
+    """
+    from dltest.inference import ModelAdapter
+
+    normalize = model.normalization if isinstance(model, ModelAdapter) else None
+    inner = model.model if isinstance(model, ModelAdapter) else model
     state = {
         "format": FORMAT,
         "version": VERSION,
         "arch": arch,
+        "arch_kwargs": dict(arch_kwargs or {}),
         "dataset": dataset,
         "input_shape": list(input_shape),
         "num_classes": int(num_classes),
-        "mean": model.mean.flatten().tolist(),
-        "std": model.std.flatten().tolist(),
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "mean": inner.mean.flatten().tolist() if isinstance(inner, Classifier) else None,
+        "std": inner.std.flatten().tolist() if isinstance(inner, Classifier) else None,
+        "normalize": [list(v) for v in normalize] if normalize else None,
+        "state_dict": {k: v.detach().cpu() for k, v in inner.state_dict().items()},
         "meta": meta or {},
     }
+    state["digest"] = state_digest(state["state_dict"], _digest_header(state))
     if extra:
         state.update(extra)
     with atomic_path(path) as tmp:
@@ -72,15 +130,45 @@ def save_checkpoint(
     return Path(path)
 
 
+def save_model(model: nn.Module, path: str | os.PathLike, info: ModelInfo, *, dataset: str,
+               input_shape: tuple[int, ...], num_classes: int, meta: dict[str, Any] | None = None) -> Path:
+    """Save a (re)trained model in the form it came in: a dltest checkpoint for zoo and
+    ``--arch`` models, TorchScript for TorchScript models (normalisation stays outside, as given)."""
+    from dltest.inference import unwrap
+
+    inner = unwrap(model)
+    if info.arch and (isinstance(inner, Classifier) or ":" in info.arch):
+        return save_checkpoint(model, path, arch=info.arch, arch_kwargs=info.arch_kwargs, dataset=dataset,
+                               input_shape=input_shape, num_classes=num_classes, meta=meta)
+    try:
+        scripted = inner if isinstance(inner, torch.jit.ScriptModule) else torch.jit.script(inner)
+    except Exception as exc:  # noqa: BLE001 - any scripting failure is reported in one line
+        why = f"cannot save the retrained model as TorchScript ({_first_line(exc)}); load it as a state_dict with "
+        raise DltestError(why + "arch='module:Class' instead", cli=why + "--arch module:Class instead") from None
+    with atomic_path(path) as tmp:
+        torch.jit.save(scripted, str(tmp))
+    return Path(path)
+
+
+def copy_model(model: nn.Module) -> nn.Module:
+    """An independent copy whose parameters are leaves, as an optimizer needs.
+
+    ``copy.deepcopy`` of a TorchScript module clones its parameters under autograd, so the copies
+    are non-leaf tensors ("can't optimize a non-leaf Tensor"); copying under ``no_grad`` makes
+    leaves, and ``requires_grad`` is then set back as it was.
+    """
+    flags = [p.requires_grad for p in model.parameters()]
+    with torch.no_grad():
+        copied = copy.deepcopy(model)
+    for p, flag in zip(copied.parameters(), flags):
+        p.requires_grad_(flag)
+    return copied
+
+
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """The raw dict of a dltest checkpoint, read with ``weights_only=True``."""
     path = Path(path)
-    if not path.is_file():
-        raise DltestError(f"model file not found: {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # corrupt zip, truncated file, pickled objects refused
-        raise DltestError(f"cannot read {path} as a dltest checkpoint ({_first_line(exc)})") from None
+    state = _load_weights_only(path)
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise DltestError(
             f"{path} is not a dltest checkpoint (a bare state_dict or a foreign file); "
@@ -89,18 +177,46 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     return state
 
 
+def _load_weights_only(path: Path) -> Any:
+    if not path.is_file():
+        raise DltestError(f"model file not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "Unsupported global" in str(exc):  # a class to import: pickled objects, not plain weights
+            why = f"{path} holds pickled Python objects (e.g. a whole nn.Module): loading it runs code from the file; "
+            raise DltestError(
+                why + "pass trust=True only for a file you made, or save its state_dict and pass arch",
+                cli=why + "pass --trust-model only for a file you made, or save its state_dict and pass --arch",
+            ) from None
+        raise DltestError(f"cannot read {path} as a model file ({_first_line(exc)})") from None
+    except Exception as exc:  # corrupt zip, truncated file
+        raise DltestError(f"cannot read {path} as a model file ({_first_line(exc)})") from None
+
+
 def load_model(
     source: str | os.PathLike | None = None,
     *,
     dataset: str | None = None,
     trust: bool = False,
+    arch: str | None = None,
+    arch_kwargs: dict[str, Any] | str | None = None,
+    normalize: Any = None,
+    num_classes: int | None = None,
+    input_shape: tuple[int, ...] | None = None,
 ) -> tuple[nn.Module, ModelInfo]:
     """Load a model in eval mode on the CPU.
 
     ``source`` is a dltest checkpoint, a TorchScript file, an ``.onnx`` file (run by onnxruntime,
-    see :mod:`dltest.export`), or ``None`` for the bundled model of ``dataset``. ``trust=True`` also accepts a pickled ``nn.Module``: that runs code from the file,
-    so only use it for files you made.
+    see :mod:`dltest.export`), a state_dict (with ``arch``: a zoo name or ``module:Class``, built
+    with ``arch_kwargs``; a zoo model also needs ``input_shape``), or ``None`` for the bundled
+    model of ``dataset``. ``trust=True`` also accepts a pickled ``nn.Module``: that runs code from
+    the file, so only use it for files you made. ``normalize=(mean, std)`` is for models trained
+    on normalised inputs: the model then comes wrapped in :class:`~dltest.inference.ModelAdapter`
+    (every dltest function adapts other outside models itself).
     """
+    from dltest.inference import parse_normalize
+
     if source is None:
         if dataset is None:
             raise DltestError("no model given: pass --model FILE or a dataset with a bundled model")
@@ -108,20 +224,76 @@ def load_model(
     path = Path(source)
     if not path.is_file():
         raise DltestError(f"model file not found: {path}")
+    kwargs = parse_arch_kwargs(arch_kwargs)
+    if kwargs and not arch:
+        raise DltestError("arch_kwargs need arch", cli="--arch-kwargs needs --arch")
+    normalization = parse_normalize(normalize, input_shape[0] if input_shape else None)
     if path.suffix.lower() == ".onnx":
-        return _load_onnx(path)
+        if arch:
+            raise DltestError(f"{path} is an ONNX file: it carries its architecture; drop arch",
+                              cli=f"{path} is an ONNX file: it carries its architecture; drop --arch")
+        model, info = _load_onnx(path)
+        info.kind, info.normalize = "onnx", normalization
+        return _adapted(model, normalization), info
     if _is_torchscript(path):
+        if arch:
+            raise DltestError(f"{path} is a TorchScript file: it carries its architecture; drop arch",
+                              cli=f"{path} is a TorchScript file: it carries its architecture; drop --arch")
         try:
-            model = torch.jit.load(str(path), map_location="cpu")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch.jit.load's deprecation notice
+                model = torch.jit.load(str(path), map_location="cpu")
         except Exception as exc:
             raise DltestError(f"cannot read TorchScript file {path} ({_first_line(exc)})") from None
-        return model.eval(), ModelInfo(source=str(path))
+        info = ModelInfo(source=str(path), kind="torchscript", normalize=normalization)
+        return _adapted(model.eval(), normalization), info
     if trust:
-        obj = torch.load(path, map_location="cpu", weights_only=False)
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as exc:
+            raise DltestError(f"cannot read {path} as a model file ({_first_line(exc)})") from None
         if isinstance(obj, nn.Module):
-            return obj.eval(), ModelInfo(source=str(path))
-    state = read_checkpoint(path)
+            info = ModelInfo(source=str(path), kind="pickled-module", normalize=normalization)
+            return _adapted(obj.eval(), normalization), info
+    state = _load_weights_only(path)
+    if isinstance(state, dict) and state.get("format") == FORMAT:
+        if arch:
+            why = f"{path} is a dltest checkpoint: it names its architecture ({state.get('arch')}); drop "
+            raise DltestError(why + "arch", cli=why + "--arch")
+        return _from_checkpoint(state, path, normalization)
+    weights = _state_dict_in(state)
+    if weights is None:
+        why = f"{path} is not a model file dltest knows (a dltest checkpoint, a state_dict, a TorchScript file, or with "
+        raise DltestError(why + "trust=True a pickled nn.Module)", cli=why + "--trust-model a pickled nn.Module)")
+    if not arch:
+        zoo = ", ".join(ARCHITECTURES)
+        raise DltestError(f"{path} is a bare state_dict: pass its architecture as arch='module:Class' (with "
+                          f"arch_kwargs) or a zoo name ({zoo})",
+                          cli=f"{path} is a bare state_dict: pass its architecture with --arch module:Class "
+                          f"(and --arch-kwargs JSON) or a zoo name ({zoo})")
+    model = build_architecture(arch, kwargs, weights, input_shape, num_classes, path)
+    info = ModelInfo(source=str(path), arch=arch, input_shape=input_shape, num_classes=num_classes,
+                     kind="state_dict", arch_kwargs=kwargs, normalize=normalization, digest=state_digest(weights))
+    return _adapted(model, normalization), info
+
+
+def _adapted(model: nn.Module, normalization) -> nn.Module:
+    """The model as loaded, wrapped in a :class:`~dltest.inference.ModelAdapter` only when it needs
+    a normalisation in front (every entry point adapts outside models itself)."""
+    from dltest.inference import adapt
+
+    return adapt(model, normalize=normalization) if normalization is not None else model
+
+
+def _from_checkpoint(state: dict[str, Any], path: Path, normalization) -> tuple[nn.Module, ModelInfo]:
+    stored = state.get("digest")
+    if stored is not None and stored != state_digest(state.get("state_dict", {}), _digest_header(state)):
+        raise DltestError(f"{path}: the weights do not match the digest stored in the checkpoint (altered or "
+                          "corrupted after saving); use the original file or save the model again")
     model = model_from_checkpoint(state, path)
+    saved_norm = state.get("normalize")
+    if saved_norm and normalization is None:
+        normalization = (tuple(saved_norm[0]), tuple(saved_norm[1]))
     info = ModelInfo(
         source=str(path),
         arch=state["arch"],
@@ -129,8 +301,11 @@ def load_model(
         input_shape=tuple(state["input_shape"]),
         num_classes=int(state["num_classes"]),
         meta=dict(state.get("meta", {})),
+        arch_kwargs=dict(state.get("arch_kwargs") or {}),
+        normalize=normalization,
+        digest=stored,
     )
-    return model, info
+    return _adapted(model, normalization), info
 
 
 def _load_onnx(path: Path) -> tuple[nn.Module, ModelInfo]:
@@ -146,8 +321,12 @@ def _load_onnx(path: Path) -> tuple[nn.Module, ModelInfo]:
     )
 
 
-def model_from_checkpoint(state: dict[str, Any], path: str | os.PathLike = "checkpoint") -> Classifier:
-    """Rebuild the zoo model a checkpoint dict describes and load its weights."""
+def model_from_checkpoint(state: dict[str, Any], path: str | os.PathLike = "checkpoint") -> nn.Module:
+    """Rebuild the model a checkpoint dict describes (a zoo model or ``module:Class``) and load its weights."""
+    arch = state.get("arch")
+    if isinstance(arch, str) and ":" in arch:
+        return build_architecture(arch, dict(state.get("arch_kwargs") or {}), state["state_dict"],
+                                  tuple(state["input_shape"]), state.get("num_classes"), path)
     try:
         model = build_model(
             state["arch"], state["num_classes"], tuple(state["input_shape"]),
@@ -157,6 +336,115 @@ def model_from_checkpoint(state: dict[str, Any], path: str | os.PathLike = "chec
     except (KeyError, RuntimeError, TypeError) as exc:
         raise DltestError(f"{path}: checkpoint does not match its architecture ({_first_line(exc)})") from None
     return model.eval()
+
+
+# --- state_dict + architecture ---------------------------------------------------------------
+
+
+def parse_arch_kwargs(spec: dict[str, Any] | str | None, what: str = "arch_kwargs") -> dict[str, Any]:
+    """Keyword arguments of the architecture: a dict, or a JSON object (``--arch-kwargs``)."""
+    if spec is None:
+        return {}
+    if isinstance(spec, str):
+        from dltest.io import parse_json_text
+
+        spec = parse_json_text(spec, what)
+    if not isinstance(spec, dict):
+        raise DltestError(f"{what} must be a JSON object like {{\"num_classes\": 10}}, got {type(spec).__name__}")
+    return spec
+
+
+def resolve_arch(arch: str) -> Callable[..., nn.Module]:
+    """A zoo name, or ``package.module:ClassOrFactory`` / ``path/to/file.py:ClassOrFactory``.
+
+    A module name is imported with the working directory on the path (as uvicorn and hydra do);
+    importing it runs that module's code, which is the user's own.
+    """
+    if arch in ARCHITECTURES:
+        return ARCHITECTURES[arch]
+    module_name, sep, attr = arch.partition(":")
+    if not sep or not module_name or not attr:
+        raise DltestError(f"unknown architecture {arch!r}: give a zoo name ({', '.join(ARCHITECTURES)}) or "
+                          "module:Class (e.g. mypackage.nets:Net or nets.py:Net)")
+    try:
+        if module_name.endswith(".py"):
+            file = Path(module_name)
+            if not file.is_file():
+                raise _arch_error(arch, f"file {file} not found")
+            spec = importlib.util.spec_from_file_location(f"dltest_user_arch_{file.stem}", file)
+            module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+            spec.loader.exec_module(module)  # type: ignore[union-attr]
+        else:
+            cwd = os.getcwd()
+            added = cwd not in sys.path
+            if added:
+                sys.path.insert(0, cwd)
+            try:
+                module = importlib.import_module(module_name)
+            finally:
+                if added:
+                    sys.path.remove(cwd)
+    except DltestError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - ImportError, SyntaxError, errors in the user's module
+        raise _arch_error(arch, f"cannot import {module_name} ({type(exc).__name__}: {_first_line(exc)})") from None
+    target = getattr(module, attr, None)
+    if not callable(target):
+        raise _arch_error(arch, f"{module_name} has no class or function {attr!r}")
+    return target
+
+
+def build_architecture(arch: str, kwargs: dict[str, Any], weights: dict[str, torch.Tensor],
+                       input_shape: tuple[int, ...] | None, num_classes: int | None,
+                       path: str | os.PathLike) -> nn.Module:
+    """Build ``arch`` with ``kwargs`` and load ``weights`` into it (strictly), in eval mode."""
+    factory = resolve_arch(arch)
+    weights = _strip_prefix(weights, "module.")  # DataParallel / DDP checkpoints
+    try:
+        if arch in ARCHITECTURES:
+            if input_shape is None:
+                raise DltestError(f"zoo architecture {arch} needs the input shape: load it with the data "
+                                  "(the CLI does) or pass input_shape")
+            head = weights.get("head.weight")
+            classes = num_classes or (int(head.shape[0]) if head is not None else 10)
+            model = build_model(arch, classes, input_shape, **kwargs)
+        else:
+            model = factory(**kwargs)
+            if not isinstance(model, nn.Module):
+                raise _arch_error(arch, f"returned {type(model).__name__}, not an nn.Module")
+            if input_shape is not None and any(isinstance(p, nn.parameter.UninitializedParameter) for p in model.parameters()):
+                with torch.no_grad():
+                    model.eval()(torch.zeros(1, *input_shape))  # materialise lazy layers
+        model.load_state_dict(weights)
+    except DltestError:
+        raise
+    except TypeError as exc:
+        why = f"cannot be built with {kwargs or 'no arguments'} ({_first_line(exc)}); pass its arguments with "
+        raise DltestError(f"arch {arch!r} {why}arch_kwargs", cli=f"--arch {arch} {why}--arch-kwargs JSON") from None
+    except (KeyError, RuntimeError, ValueError) as exc:
+        raise DltestError(f"{path} does not fit architecture {arch} ({_first_line(exc)})") from None
+    return model.eval()
+
+
+def _arch_error(arch: str, problem: str) -> DltestError:
+    return DltestError(f"arch {arch!r}: {problem}", cli=f"--arch {arch}: {problem}")
+
+
+def _state_dict_in(obj: Any) -> dict[str, torch.Tensor] | None:
+    """The state_dict in a loaded file: the dict itself, or one nested under a usual key."""
+    if isinstance(obj, dict) and obj and all(isinstance(k, str) for k in obj):
+        if all(isinstance(v, torch.Tensor) for v in obj.values()):
+            return obj
+        for key in STATE_DICT_KEYS:
+            if key in obj:
+                return _state_dict_in(obj[key])
+    return None
+
+
+def _strip_prefix(weights: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    if weights and all(k.startswith(prefix) for k in weights):
+        return {k[len(prefix):]: v for k, v in weights.items()}
+    return weights
 
 
 def pretrained_path(dataset: str) -> Path:
@@ -183,26 +471,48 @@ def _bundled(name: str) -> Path | None:
     return path if path.is_file() else None
 
 
-def check_fits(model: nn.Module, data: ImageDataset, info: ModelInfo | None = None) -> None:
-    """Fail with one line when ``model`` cannot classify ``data`` (input shape or class count)."""
+def check_fits(model: nn.Module, data: ImageDataset, info: ModelInfo | None = None) -> nn.Module:
+    """Fail with one line when ``model`` cannot classify ``data`` (input shape, class count,
+    non-finite outputs); return it ready for dltest (outside models adapted and inspected on a
+    probe of ``data``: output kind, embeddings)."""
+    from dltest.data import BUILTINS
+    from dltest.inference import PROBE_SIZE, ModelAdapter, adapt, embedding_head, output_kind
+
     name = info.source if info else "model"
     if info and info.input_shape and tuple(info.input_shape) != tuple(data.input_shape):
         raise DltestError(
             f"{name} takes inputs of shape {tuple(info.input_shape)}, but {data.name} has {tuple(data.input_shape)}"
         )
-    probe = data.images(slice(0, 2))
+    if len(data) == 0:
+        raise DltestError(f"{data.name} holds no inputs")
+    probe = data.images(slice(0, PROBE_SIZE))
     try:
+        device = next(iter(model.parameters()), probe).device
+        model = adapt(model, probe.to(device))
         with torch.inference_mode():
-            out = model.eval()(probe.to(next(iter(model.parameters()), probe).device))
+            out = model.eval()(probe.to(device))
+    except DltestError:
+        raise
     except Exception as exc:
         raise DltestError(f"{name} cannot take {data.name} inputs of shape {tuple(data.input_shape)} ({_first_line(exc)})") from None
     if out.ndim != 2:
-        raise DltestError(f"{name} must output (batch, classes) logits, got shape {tuple(out.shape)}")
-    from dltest.data import BUILTINS
-
+        raise DltestError(f"{name} must output (batch, classes) scores, got shape {tuple(out.shape)}")
+    if not torch.isfinite(out).all():
+        why = (f"{name} gives NaN or infinite outputs on the first {len(probe)} inputs of {data.name}; check its "
+               "weights and the input range it expects ")
+        raise DltestError(why + "(normalize=)", cli=why + "(--normalize)")
     exact = data.name in BUILTINS  # a user file may lack some classes in its labels
     if out.shape[1] < data.num_classes or (exact and out.shape[1] != data.num_classes):
         raise DltestError(f"{name} outputs {out.shape[1]} classes, but {data.name} has {data.num_classes}")
+    if info is not None:
+        info.outputs = output_kind(model)
+        info.embeddings = (model.embedding_source if isinstance(model, ModelAdapter)
+                           else "embed/head" if embedding_head(model) else None)
+    if info is not None and info.num_classes is None:
+        info.num_classes = int(out.shape[1])
+    if info is not None and info.input_shape is None:
+        info.input_shape = tuple(data.input_shape)
+    return model
 
 
 def _is_torchscript(path: Path) -> bool:

@@ -1,37 +1,113 @@
-"""Atomic writes: a file is written whole or not at all."""
+"""Safe files: outputs checked before the work, written whole or not at all; JSON read with limits."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import stat
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
 from dltest.errors import DltestError
+from dltest.runtime import is_main
 
 
-def check_writable(path: str | os.PathLike) -> Path:
-    """Fail early, before any work, when ``path`` cannot be written (its folder is missing)."""
+NAME_MAX = 255  # bytes in one file name on Linux, macOS and Windows file systems
+MIN_FREE_BYTES = 16 * 2**20  # an output needs at least this much free disk before the work starts
+_TMP_SUFFIX = ".tmp"
+
+
+def check_writable(path: str | os.PathLike, *, need_bytes: int = MIN_FREE_BYTES) -> Path:
+    """Fail early, before any work, when ``path`` cannot be written: a missing, read-only or full
+    folder, a name too long, or something other than a regular file in the way (a folder, a
+    device file, a named pipe, a socket: never replaced)."""
     path = Path(path)
-    if not path.parent.is_dir():
-        raise DltestError(f"cannot write {path}: folder {path.parent} does not exist")
-    if path.is_dir():
+    name_bytes = len(os.fsencode(path.name))
+    if not path.name or path.name in (".", ".."):
+        raise DltestError(f"cannot write {path}: not a file name")
+    if name_bytes > NAME_MAX:
+        raise DltestError(f"cannot write {str(path)[:60]}...: its name is {name_bytes} bytes long (at most {NAME_MAX})")
+    folder = path.parent
+    try:
+        if not folder.is_dir():
+            raise DltestError(f"cannot write {path}: folder {folder} does not exist")
+        mode = path.lstat().st_mode if os.path.lexists(path) else None
+    except OSError as exc:
+        raise DltestError(f"cannot write {path}: {exc.strerror or exc}") from None
+    if mode is not None and stat.S_ISDIR(mode):
         raise DltestError(f"cannot write {path}: it is a folder")
+    if mode is not None and not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
+        kind = ("a named pipe" if stat.S_ISFIFO(mode) else "a device file" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+                else "a socket" if stat.S_ISSOCK(mode) else "not a regular file")
+        raise DltestError(f"cannot write {path}: it is {kind}; dltest only writes regular files")
+    try:  # the real test: read-only mounts, permissions and ACLs all show here
+        fd, probe = tempfile.mkstemp(prefix=".dltest-write-test.", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise DltestError(f"cannot write {path}: folder {folder} is not writable ({exc.strerror or exc})") from None
+    free = shutil.disk_usage(folder).free
+    if free < need_bytes:
+        raise DltestError(f"cannot write {path}: {free / 2**20:.1f} MiB free on its disk, "
+                          f"{need_bytes / 2**20:.0f} MiB needed; free some space first")
     return path
+
+
+def check_outputs(outputs: dict[str, str | os.PathLike | None],
+                  inputs: dict[str, str | os.PathLike | None] | None = None) -> None:
+    """Check every output of one command (``{"--out": path, ...}``, None for unused ones) before
+    the work: each writable, no two the same file, none of them one of the ``inputs``."""
+    seen: dict[str, str] = {}
+    for flag, path in outputs.items():
+        if path is None:
+            continue
+        check_writable(path)
+        key = os.path.realpath(path)
+        if key in seen:
+            raise DltestError(f"{seen[key]} and {flag} are the same file {path}; give them different paths")
+        seen[key] = flag
+    for flag, path in (inputs or {}).items():
+        if path is None or not os.path.exists(path):
+            continue
+        key = os.path.realpath(path)
+        if key in seen:
+            raise DltestError(f"{seen[key]} {path} is also the input {flag}: writing it would destroy the input; "
+                              "choose another output path")
 
 
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds."""
-    path = check_writable(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.
+
+    The temporary file is removed whatever happens (an error, Ctrl-C, SIGTERM in the CLI); an
+    ``OSError`` while writing (e.g. a full disk) is a one-line error and ``path`` is untouched.
+    """
+    path = check_writable(path, need_bytes=0)
+    if not is_main():  # under torchrun only rank 0 writes; the others write to a scratch file
+        fd, tmp = tempfile.mkstemp(suffix=_TMP_SUFFIX)
+        os.close(fd)
+        try:
+            yield Path(tmp)
+        finally:
+            os.unlink(tmp)
+        return
+    # ".<name>.<random>.tmp" must itself fit in NAME_MAX bytes
+    stem = os.fsencode(path.name)[: NAME_MAX - 20].decode(errors="ignore")
+    fd, tmp = tempfile.mkstemp(prefix=f".{stem}.", suffix=_TMP_SUFFIX, dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
         os.replace(tmp, path)
+    except OSError as exc:
+        raise DltestError(f"cannot write {path}: {exc.strerror or exc}; nothing was written") from None
+    except RuntimeError as exc:  # torch.save reports a failed write as RuntimeError
+        if "write" not in str(exc).lower():
+            raise
+        raise DltestError(f"cannot write {path}: {str(exc).splitlines()[0]}; nothing was written") from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -56,9 +132,10 @@ def read_json(path: str | os.PathLike) -> Any:
     if not path.is_file():
         raise DltestError(f"file not found: {path}")
     try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DltestError(f"{path} is not a valid JSON file ({exc})") from None
+        text = path.read_text()
+    except (UnicodeDecodeError, OSError) as exc:
+        raise DltestError(f"cannot read {path} as a JSON file ({_first_line(str(exc))})") from None
+    return parse_json_text(text, str(path))
 
 
 def _jsonable(value: Any) -> Any:
@@ -67,3 +144,38 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     raise TypeError(f"not JSON serializable: {type(value).__name__}")
+
+
+MAX_JSON_DEPTH = 64  # selection files and --arch-kwargs are shallow; deeper is a malformed or hostile file
+
+
+def parse_json_text(text: str, what: str) -> Any:
+    """Parse JSON text with a one-line error for malformed or absurdly nested input."""
+    depth = max_depth = 0
+    in_string = escaped = False
+    for ch in text:  # bracket depth outside strings, before json.loads recurses into it
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+            continue
+        if ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            max_depth = max(max_depth, depth)
+        elif ch in "]}":
+            depth -= 1
+    if max_depth > MAX_JSON_DEPTH:
+        raise DltestError(f"{what} is nested {max_depth} levels deep (at most {MAX_JSON_DEPTH} allowed)")
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise DltestError(f"{what} is not valid JSON ({_first_line(str(exc))})") from None
+
+
+def _first_line(text: str) -> str:
+    return text.strip().splitlines()[0] if text.strip() else "empty"

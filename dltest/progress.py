@@ -16,6 +16,8 @@ from typing import Callable, Iterator
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from dltest.runtime import is_main
+
 console = Console(stderr=True)
 PLAIN_INTERVAL = float(os.environ.get("DLTEST_PROGRESS_INTERVAL", "30"))  # seconds between plain lines
 
@@ -23,7 +25,7 @@ PLAIN_INTERVAL = float(os.environ.get("DLTEST_PROGRESS_INTERVAL", "30"))  # seco
 @contextmanager
 def progress_bar(description: str, total: int, enabled: bool = True) -> Iterator[Callable[[int], None]]:
     """Yield ``advance(k)``; a bar on a terminal, periodic plain lines on stderr otherwise."""
-    if not enabled:
+    if not enabled or not is_main():  # under torchrun only rank 0 shows progress
         yield lambda k=1: None
         return
     if not console.is_terminal:

@@ -33,6 +33,7 @@ from dltest.attacks import AttackSpec, attack_preset, takes
 from dltest.data import ImageDataset
 from dltest.analysis.intervals import mcnemar_exact
 from dltest.errors import DltestError
+from dltest.inference import PROBE_SIZE, adapt
 from dltest.progress import progress_bar
 from dltest.runtime import eval_mode, on_device, resolve_device, seeded
 
@@ -231,6 +232,7 @@ def evaluate_robustness(
     if len(subset) == 0:
         raise DltestError(f"{data.name}/{data.split} is empty: nothing to evaluate")
     num_classes = data.num_classes
+    model = adapt(model, subset.images(slice(0, PROBE_SIZE)))  # outside models: logits for every attack
     with on_device(model, device):
         notes = check_model(model, subset.images(slice(0, min(len(subset), 16)), device))
         if refuse_randomised and RANDOMISED in notes:

@@ -4,15 +4,23 @@ Everything that changes global or caller-owned state is a context manager that r
 exit, also on an exception: :func:`eval_mode` and :func:`mc_dropout_mode` (module modes),
 :func:`on_device` (where the caller's model lives), :func:`seeded` (torch's global RNG),
 :func:`autocast` (CUDA mixed precision) and :func:`native_cpu_backward` (oneDNN on/off).
+
+It also owns the process group: :func:`distributed` joins the one ``torchrun`` describes, and
+:func:`rank`, :func:`world_size`, :func:`is_main`, :func:`shard_positions`, :func:`gather` and
+:func:`broadcast_object` are all the rest of dltest knows of torch.distributed (selectors never
+import it). Outside a process group they answer as a single process would.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
-from typing import Iterator
+import re
+from typing import Any, Iterator
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from dltest.errors import DltestError
@@ -187,3 +195,130 @@ def native_cpu_backward(enabled: bool = True) -> Iterator[None]:
 def native_input_grad_pays(images: Tensor) -> bool:
     """Whether :func:`native_cpu_backward` speeds up input gradients: CPU tensors of 1-channel images."""
     return images.device.type == "cpu" and images.ndim == 4 and images.shape[1] == 1
+
+
+# --- processes: rank, world size, shard, gather ----------------------------------------------------
+
+DIST_TIMEOUT_ENV = "DLTEST_DIST_TIMEOUT"  # seconds a collective waits for the other ranks (default 1800)
+_alone = 0  # depth of single_process() blocks
+
+
+@contextlib.contextmanager
+def distributed() -> Iterator[None]:
+    """Inside the block, this process is one rank of the group ``torchrun`` started.
+
+    Reads torchrun's environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``,
+    ``MASTER_PORT``); with ``WORLD_SIZE`` unset or 1, or a group already joined, it does nothing.
+    The backend is gloo for CPU tensors and NCCL for CUDA ones (``cpu:gloo,cuda:nccl`` when there
+    is a GPU; each rank then uses GPU ``LOCAL_RANK``). The group is left on exit.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        yield
+        return
+    backend = "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        backend = "cpu:gloo,cuda:nccl"
+    timeout = datetime.timedelta(seconds=float(os.environ.get(DIST_TIMEOUT_ENV, "1800")))
+    dist.init_process_group(backend, timeout=timeout)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _grouped() -> bool:
+    return _alone == 0 and dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    """This process's rank (0 alone, or inside :func:`single_process`)."""
+    return dist.get_rank() if _grouped() else 0
+
+
+def world_size() -> int:
+    """How many processes share the work (1 alone, or inside :func:`single_process`)."""
+    return dist.get_world_size() if _grouped() else 1
+
+
+def is_main() -> bool:
+    """Whether this is rank 0, the one process that writes outputs, logs and progress.
+
+    Not affected by :func:`single_process`: rank 0 stays rank 0."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+@contextlib.contextmanager
+def single_process() -> Iterator[None]:
+    """Inside the block, this process works alone: :func:`shard_positions` gives it every position
+    and :func:`gather` returns its input. For work that one rank does (a selector on rank 0)."""
+    global _alone
+    _alone += 1
+    try:
+        yield
+    finally:
+        _alone -= 1
+
+
+def shard_positions(n: int, block: int = 1) -> range:
+    """This rank's contiguous share of positions ``0..n-1``, in whole blocks of ``block``.
+
+    No padding and no duplicates (unlike ``DistributedSampler``, which pads with repeats that
+    would corrupt scores): rank r gets blocks ``[r B / W, (r + 1) B / W)`` of the ``B`` blocks,
+    so the shards, concatenated in rank order, are the pool in order. With ``block`` the batch
+    size, every batch is the batch a single process would run: the outputs are bit-identical.
+    """
+    blocks = -(-n // block) if n > 0 else 0
+    size, r = world_size(), rank()
+    first, last = r * blocks // size, (r + 1) * blocks // size
+    return range(min(first * block, n), min(last * block, n))
+
+
+def _collective_failed(exc: BaseException) -> DltestError:
+    line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    line = re.sub(r"^\[[^\]]*\]\s*", "", line)  # gloo's "[.../pair.cc:561] " source location
+    return DltestError(f"rank {rank()} of {world_size()}: another rank failed or left the run ({line[:120]})")
+
+
+def gather(tensor: Tensor | None) -> Tensor | None:
+    """Every rank's ``tensor`` (its shard's rows; None for an empty shard) concatenated along
+    dimension 0 in rank order, i.e. pool order; every rank gets the whole result (None where
+    no rank has a tensor).
+
+    Shards may differ in size: sizes are exchanged first, shorter ones are padded for the
+    transfer and trimmed after. A rank that died makes this a one-line :class:`DltestError`.
+    """
+    if world_size() == 1:
+        return tensor
+    mine = None if tensor is None else (tuple(tensor.shape), tensor.dtype, tensor.device.type)
+    shapes: list[Any] = [None] * world_size()
+    try:
+        dist.all_gather_object(shapes, mine)
+        known = next((s for s in shapes if s is not None), None)
+        if known is None:
+            return None
+        _, dtype, device_type = known
+        rows = [s[0][0] if s is not None else 0 for s in shapes]
+        trailing = known[0][1:]
+        device = tensor.device if tensor is not None else (
+            torch.device("cuda", torch.cuda.current_device()) if device_type == "cuda" else torch.device("cpu"))
+        padded = torch.zeros((max(rows), *trailing), dtype=dtype, device=device)
+        if tensor is not None and len(tensor):
+            padded[: len(tensor)] = tensor
+        parts = [torch.empty_like(padded) for _ in rows]
+        dist.all_gather(parts, padded)
+    except RuntimeError as exc:  # DistBackendError and gloo's connection errors
+        raise _collective_failed(exc) from None
+    return torch.cat([part[:k] for part, k in zip(parts, rows)])
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank (pickled; for small results such as a selection)."""
+    if world_size() == 1:
+        return obj
+    box = [obj if rank() == 0 else None]
+    try:
+        dist.broadcast_object_list(box, src=0)
+    except RuntimeError as exc:
+        raise _collective_failed(exc) from None
+    return box[0]

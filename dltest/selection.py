@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections import Counter
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
@@ -19,10 +20,10 @@ from dltest import __version__
 from dltest.budget import parse_budget
 from dltest.data import ImageDataset
 from dltest.errors import DltestError
-from dltest.inference import INFERENCE_BATCH, PoolOutputs, infer
+from dltest.inference import INFERENCE_BATCH, PROBE_SIZE, PoolOutputs, adapt, infer
 from dltest.io import read_json, write_json
 from dltest.selectors import REGISTRY, Candidates, get_selector
-from dltest.runtime import on_device, resolve_device
+from dltest.runtime import broadcast_object, is_main, on_device, resolve_device, single_process, world_size
 
 
 @dataclass
@@ -51,6 +52,7 @@ class SelectionResult:
     seconds: float = 0.0
     dltest_version: str = __version__
     command: str = "dltest select"
+    model_info: dict[str, Any] | None = None  # how the model was loaded and read (ModelInfo.describe)
 
     def to_dict(self) -> dict[str, Any]:
         fields = asdict(self)
@@ -94,6 +96,8 @@ def select(
     selector = get_selector(metric, **options)
     started = time.perf_counter()
     device = resolve_device(device)
+    if model is not None and data is not None and len(data):
+        model = adapt(model, data.images(slice(0, PROBE_SIZE)))  # outside models: one adapter for every selector
     if outputs is None:
         if model is None or data is None:
             raise DltestError("select needs either model and data, or precomputed outputs")
@@ -130,7 +134,14 @@ def select(
     generator = torch.Generator().manual_seed(seed)
     # the selectors that run the model again find it on ``device``; the caller's model stays put
     with on_device(model, device) if model is not None else contextlib.nullcontext():
-        chosen = selector(candidates, budget_int, generator)
+        if selector.needs_mc_samples or world_size() == 1:
+            # MC-dropout sampling is sharded across ranks: every rank takes part, with the same
+            # gathered samples and seed, so every rank computes the same selection
+            chosen = selector(candidates, budget_int, generator)
+        else:  # under torchrun the selector runs once, on rank 0, and the others receive its choice
+            with single_process():
+                chosen = selector(candidates, budget_int, generator) if is_main() else None
+            chosen = broadcast_object(chosen)
     indices = unlabeled[chosen.indices]
     if len(indices) != budget_int or len(torch.unique(indices)) != budget_int:
         raise RuntimeError(f"selector {metric} returned {len(indices)} positions for a budget of {budget_int}")
@@ -152,7 +163,7 @@ def select(
         model=model_name,
         labeled=len(labeled_t),
         predicted_counts=_counts(preds, classes),
-        label_counts=_counts(data.y[indices], classes) if data is not None else {},
+        label_counts=_counts(data.y[indices], classes) if data is not None and data.labeled else {},
         seconds=round(time.perf_counter() - started, 4),
     )
 
@@ -164,8 +175,11 @@ def load_selection(path: str, data: ImageDataset | None = None) -> SelectionResu
     if not isinstance(raw, dict) or "indices" not in raw:
         raise DltestError(f"{path} is not a dltest selection file (no 'indices')")
     indices = raw["indices"]
-    if not isinstance(indices, list) or not all(isinstance(i, int) for i in indices):
-        raise DltestError(f"{path}: 'indices' must be a list of integers")
+    if not isinstance(indices, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in indices):
+        raise DltestError(f"{path}: 'indices' must be a list of integers (not booleans, floats or strings)")
+    if len(set(indices)) != len(indices):
+        repeated = Counter(indices).most_common(1)[0][0]
+        raise DltestError(f"{path}: 'indices' repeats an input ({repeated}); a selection holds each input once")
     defaults = {"metric": "unknown", "budget": len(indices), "budget_spec": str(len(indices)),
                 "pool_size": len(data) if data is not None else 0, "seed": None}
     result = SelectionResult(**{**defaults, **{k: v for k, v in raw.items() if k in known}})

@@ -12,7 +12,7 @@ import copy
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dltest.data import ImageDataset
+from dltest.data import ImageDataset, fingerprint
 from dltest.errors import DltestError
 from dltest.io import atomic_path
 from dltest.profiles import PROFILES
@@ -53,8 +53,8 @@ class TrainConfig:
             raise DltestError(f"epochs must be >= 1, got {self.epochs}")
         if self.batch_size < 1:
             raise DltestError(f"batch size must be >= 1, got {self.batch_size}")
-        if not self.lr > 0:
-            raise DltestError(f"learning rate must be > 0, got {self.lr}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise DltestError(f"learning rate must be a finite number > 0, got {self.lr}")
         if self.augment not in ("none", "crop", "crop-flip"):
             raise DltestError(f"unknown augmentation {self.augment!r}; choose none, crop or crop-flip")
 
@@ -112,10 +112,12 @@ def train(
     )
     start_epoch, history = 0, []
     best_state, best_epoch, best_score = copy.deepcopy(model.state_dict()), -1, -1.0
+    job = _job(train_data, val_data, adversary, val_adversary) if state_path else None
     if resume and state_path and Path(state_path).is_file():
-        state = torch.load(state_path, map_location=device, weights_only=True)
-        if state.get("config") != asdict(config):
-            raise DltestError(f"{state_path} was written with other settings; remove it or rerun them")
+        state = _load_partial(state_path, device)
+        if state.get("config") != asdict(config) or state.get("job") != job:
+            raise DltestError(f"{state_path} was written by a run with other settings or data (dataset, training "
+                              "size, selection, attack or hyper-parameters differ); remove it or rerun those settings")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -159,7 +161,8 @@ def train(
         if score > best_score:
             best_state, best_epoch, best_score = copy.deepcopy(model.state_dict()), epoch, score
         if state_path:
-            _save_state(state_path, model, optimizer, scheduler, epoch, history, best_state, best_epoch, best_score, config)
+            _save_state(state_path, model, optimizer, scheduler, epoch, history, best_state, best_epoch, best_score, config,
+                        job)
     model.load_state_dict(best_state)
     model.eval()
     return TrainResult(model, best_epoch, best_score, history, time.perf_counter() - started)
@@ -237,7 +240,32 @@ def augment(x: Tensor, kind: str) -> Tensor:
     return out
 
 
-def _save_state(path, model, optimizer, scheduler, epoch, history, best_state, best_epoch, best_score, config) -> None:
+def _job(train_data: ImageDataset, val_data: ImageDataset | None, adversary, val_adversary) -> dict[str, Any]:
+    """What a resumable state must have been written for, besides the config: the same data
+    (fingerprints) and the same adversaries."""
+    def describe(adv) -> str | None:
+        return None if adv is None else repr(adv) if is_dataclass(adv) else getattr(adv, "__qualname__", type(adv).__name__)
+
+    return {"train": fingerprint(train_data), "val": fingerprint(val_data) if val_data is not None else None,
+            "adversary": describe(adversary), "val_adversary": describe(val_adversary)}
+
+
+def _load_partial(path, device) -> dict[str, Any]:
+    """A resumable state, or a one-line error when it is empty, truncated or not one."""
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - empty, truncated or foreign file
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DltestError(f"cannot resume from {path}: it is empty, truncated or not a dltest partial ({reason}); "
+                          "remove it to start over") from None
+    keys = {"model", "optimizer", "scheduler", "epoch", "history", "best_model", "best_epoch", "best_score"}
+    if not isinstance(state, dict) or not keys <= set(state):
+        raise DltestError(f"cannot resume from {path}: not a dltest partial training state; remove it to start over")
+    return state
+
+
+def _save_state(path, model, optimizer, scheduler, epoch, history, best_state, best_epoch, best_score, config,
+                job=None) -> None:
     state = {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -248,6 +276,7 @@ def _save_state(path, model, optimizer, scheduler, epoch, history, best_state, b
         "best_epoch": best_epoch,
         "best_score": best_score,
         "config": asdict(config),
+        "job": job,
     }
     with atomic_path(path) as tmp:
         torch.save(state, tmp)

@@ -59,7 +59,7 @@ def test_bias_of_a_run_prints_the_logged_bias(tmp_path, runs):
     result = run("analyze", "bias", runs[1], "--out", out)
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
-    assert report["command"] == "analyze bias" and report["kind"] == "run" and report["seed"] == 1
+    assert report["command"] == "dltest analyze bias" and report["kind"] == "run" and report["seed"] == 1
     assert report["dltest_version"] and report["dataset"] == "mnist"
     assert len(report["records"]) == 4 * 4
     dre3 = next(r for r in report["records"] if r["metric"] == "dre" and r["stage"] == 3)
@@ -74,7 +74,7 @@ def test_correlation_is_minus_one_for_a_perfect_relation(tmp_path, runs):
     result = run("analyze", "correlation", *runs, "--out", out)
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
-    assert report["command"] == "analyze correlation" and report["seed"] == [0, 1, 2]
+    assert report["command"] == "dltest analyze correlation" and report["seed"] == [0, 1, 2]
     cells = {(c["stage"], c["characteristic"], c["attack"]): c for c in report["correlations"]}
     for stage in (1, 2, 3):
         assert cells[(stage, "entropy", "pgd")]["r"] == pytest.approx(-1.0)
@@ -95,7 +95,7 @@ def test_compare_tests_pairs_over_seeds_stages_and_attacks(tmp_path, runs):
     result = run("analyze", "compare", *runs, "--metrics", "random,entropy,dre", "--out", out)
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
-    assert report["command"] == "analyze compare" and report["alpha"] == 0.05 and report["seed"] == [0, 1, 2]
+    assert report["command"] == "dltest analyze compare" and report["alpha"] == 0.05 and report["seed"] == [0, 1, 2]
     first, second = report["comparisons"]
     assert (first["metric_a"], first["metric_b"], second["metric_b"]) == ("random", "entropy", "dre")
     assert first["pairs"] == 3 * 3 * 2  # seeds x stages (stage 0 left out) x attacks

@@ -49,19 +49,17 @@ def test_help_shows_defaults_and_plain_boolean_flags():
 def test_library_errors_name_parameters_and_the_cli_names_flags(trained_lenet, small_file, tmp_path):
     import torch
 
+    from dltest.checkpoint import load_model
     from dltest.errors import DltestError
-    from dltest.selection import select
 
-    scripted = torch.jit.script(trained_lenet)
-    path = tmp_path / "scripted.pt"
-    torch.jit.save(scripted, str(path))
-    data = small_file
+    path = tmp_path / "weights.pt"  # a bare state_dict: its architecture must be named
+    torch.save(trained_lenet.state_dict(), path)
     with pytest.raises(DltestError) as err:
-        select("egl", 3, model=scripted, data=data, device="cpu")
-    assert "variant='last-layer'" in str(err.value) and "--" not in str(err.value)
-    result = CliRunner().invoke(app, ["select", "-d", str(data.name), "-m", str(path), "--metric", "egl", "--budget", "3",
+        load_model(path)
+    assert "arch='module:Class'" in str(err.value) and "--" not in str(err.value)
+    result = CliRunner().invoke(app, ["select", "-d", str(small_file.name), "-m", str(path), "--budget", "3",
                                       "--out", str(tmp_path / "s.json")])
-    assert result.exit_code == 2 and "--egl-variant last-layer" in result.stderr and "variant='" not in result.stderr
+    assert result.exit_code == 2 and "--arch module:Class" in result.stderr and "arch='" not in result.stderr
     assert not (tmp_path / "s.json").exists()
 
 

@@ -107,9 +107,9 @@ def test_npz_file_uint8_and_float(tmp_path):
 @pytest.mark.parametrize(
     "arrays, message",
     [
-        ({"x": np.zeros((3, 4, 4))}, "must hold arrays 'x' and 'y'"),
+        ({"images": np.zeros((3, 4, 4))}, "must hold an array 'x'"),
         ({"x": np.full((2, 4, 4), 2.0), "y": np.array([0, 1])}, "must lie in \\[0, 1\\]"),
-        ({"x": np.zeros((2, 4, 4), np.uint8), "y": np.array([0])}, "y must be 2 integer labels"),
+        ({"x": np.zeros((2, 4, 4), np.uint8), "y": np.array([0])}, "y must hold 2 labels, one per image"),
         ({"x": np.zeros((2, 4), np.uint8), "y": np.array([0, 1])}, "x must have shape"),
     ],
 )

@@ -35,17 +35,13 @@ class Run:
         return list(dict.fromkeys(r["metric"] for r in self.records))
 
 
-def is_run_folder(path: str | os.PathLike) -> bool:
-    return Path(path).is_dir() and (Path(path) / "log.jsonl").is_file()
-
-
 def load_run(path: str | os.PathLike) -> Run:
     """Read a robust-al run folder, with a one-line error naming what is missing or malformed."""
     folder = Path(path)
     if not folder.is_dir():
         raise DltestError(f"{folder} is not a run folder (no such folder)")
     config = _read_object(folder / "config.json")
-    if config.get("command") != "robust-al":
+    if config.get("command") not in ("robust-al", "dltest robust-al"):
         raise DltestError(f"{folder}/config.json is not from dltest robust-al (command {config.get('command')!r})")
     log = folder / "log.jsonl"
     if not log.is_file():

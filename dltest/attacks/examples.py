@@ -19,9 +19,10 @@ from torch import Tensor, nn
 
 from dltest import __version__
 from dltest.attacks.presets import AttackSpec
-from dltest.data import ImageDataset, to_float_images
+from dltest.data import ImageDataset, check_examples, to_float_images
 from dltest.errors import DltestError
-from dltest.io import atomic_path
+from dltest.inference import PROBE_SIZE, adapt
+from dltest.io import atomic_path, parse_json_text
 from dltest.progress import progress_bar
 from dltest.runtime import eval_mode, on_device, resolve_device, seeded
 
@@ -92,7 +93,10 @@ def load_adversarial(path: str | os.PathLike, data: ImageDataset | None = None) 
         raise
     except Exception as exc:
         raise DltestError(f"cannot read {path} as an .npz file ({exc})") from None
-    meta = json.loads(str(arrays.pop("meta")))
+    meta = parse_json_text(str(arrays.pop("meta")), f"{path}: meta")
+    if not isinstance(meta, dict):
+        raise DltestError(f"{path}: meta must be a JSON object")
+    check_examples(arrays, path, data.classes if data is not None else None)
     x = torch.from_numpy(arrays["x"]).permute(0, 3, 1, 2).contiguous().float()
     y = torch.from_numpy(arrays["y"]).long()
     n = len(y)
@@ -138,6 +142,7 @@ def generate_adversarial(
     xs, clean, advp = [], [], []
     with on_device(model, device), eval_mode(model), seeded(seed, device), \
             progress_bar(f"attack {attack.label}", len(positions), progress) as advance:
+        model = adapt(model, data.images(positions[:PROBE_SIZE], device))  # outside models: logits for the attack
         atk = attack.build(model, data.num_classes)
         for chunk in positions.split(batch_size):
             x = data.images(chunk, device)

@@ -92,7 +92,7 @@ def correlation_command(
     out = check_writable(out)
     loaded = load_runs(runs)
     correlations = bias_robustness_correlations(all_records(loaded), _names(attacks, "--attacks"))
-    report = {**_header("analyze correlation", loaded), "correlations": [vars(c) for c in correlations]}
+    report = {**_header("dltest analyze correlation", loaded), "correlations": [vars(c) for c in correlations]}
     if not no_plot:
         from dltest.analysis.plots import correlation_heatmap
 
@@ -137,7 +137,7 @@ def compare_command(
     names = _names(metrics, "--metrics") or _two_metrics(loaded)
     out = check_writable(out or Path(f"compare-{'-'.join(names)}.json"))
     comparisons = compare_functions(all_records(loaded), names, _names(attacks, "--attacks"), alpha)
-    report = {**_header("analyze compare", loaded), "alpha": alpha, "attacks": _names(attacks, "--attacks"),
+    report = {**_header("dltest analyze compare", loaded), "alpha": alpha, "attacks": _names(attacks, "--attacks"),
               "comparisons": [c.to_dict() for c in comparisons]}
     console = _console()
     table = Table(title=f"Wilcoxon signed-rank, robust accuracy paired by (seed, stage, attack), alpha {alpha:g}")
@@ -190,7 +190,7 @@ def _selection_bias(path: Path, model, dataset, split, labeled, bins, data_root,
     if selection.labeled and labeled is None:
         note = (f"the selection left {selection.labeled} labeled inputs out of its pool; they count in the pool "
                 f"here (pass --labeled to leave them out)")
-    return {"command": "analyze bias", "dltest_version": __version__, "seed": selection.seed, "source": str(path),
+    return {"command": "dltest analyze bias", "dltest_version": __version__, "seed": selection.seed, "source": str(path),
             "kind": "selection", "metric": selection.metric, "dataset": data.name, "split": data.split,
             "model": info.source, "pool_size": len(pool), "selected": len(chosen), "bins": bins, "bias": bias,
             "note": note}
@@ -217,7 +217,7 @@ def _run_bias(run: Run) -> dict[str, Any]:
              "bias": r.get("bias")} for r in run.records]
     if not any(row["bias"] for row in rows):
         raise DltestError(f"{run.path}/log.jsonl records no bias at any stage (stage 0 has none: it selects nothing)")
-    return {"command": "analyze bias", "dltest_version": __version__, "seed": run.config.get("seed"),
+    return {"command": "dltest analyze bias", "dltest_version": __version__, "seed": run.config.get("seed"),
             "source": str(run.path), "kind": "run", "dataset": run.config.get("dataset"), "records": rows}
 
 

@@ -7,9 +7,11 @@ Every command's JSON starts with :func:`output_header`: ``command``, ``dltest_ve
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stdout
 from typing import Annotated, Any, Iterator, Optional
 
 from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError  # typer's vendored click
@@ -18,18 +20,30 @@ from typer.core import TyperGroup
 
 from dltest import __version__
 from dltest.errors import DltestError
+from dltest.runtime import distributed, is_main
 
 
 class _Group(TyperGroup):
     def invoke(self, ctx: typer.Context):
         try:
-            return super().invoke(ctx)
+            with warnings.catch_warnings():
+                # library deprecation notices (torch.jit, torchvision) must not bury dltest's one line
+                warnings.simplefilter("ignore", FutureWarning)
+                warnings.simplefilter("ignore", DeprecationWarning)
+                return super().invoke(ctx)
         except DltestError as exc:
-            typer.echo(f"error: {exc.cli_message}", err=True)
+            if is_main() or "failed or left the run" in str(exc):  # other ranks' errors repeat rank 0's
+                typer.echo(f"error: {exc.cli_message}", err=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             typer.echo("interrupted", err=True)
             raise typer.Exit(130) from None
+        except OSError as exc:  # a path the system refuses (name too long, permission, I/O): the user's input
+            name = str(exc.filename) if exc.filename is not None else ""
+            base = len(os.fsencode(os.path.basename(name)))
+            shown = f"{name[:60]}... (file name of {base} bytes)" if len(name) > 80 else name
+            typer.echo(f"error: {shown + ': ' if shown else ''}{exc.strerror or exc}", err=True)
+            raise typer.Exit(2) from None
 
     def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
         if not standalone_mode:
@@ -54,6 +68,11 @@ def _one_line(exc: ClickException) -> str:
     if isinstance(exc, UsageError) and ctx is not None:
         message += f" (see '{ctx.command_path} --help')"
     return message
+
+
+def _interrupt(signum, _frame) -> None:
+    """SIGTERM / SIGHUP unwind like Ctrl-C, so half-written temporary files are removed."""
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 @contextmanager
@@ -100,6 +119,17 @@ def _root(
 
 
 def main() -> None:
-    """Console-script entry point."""
-    app(prog_name="dltest")
+    """Console-script entry point; under ``torchrun`` each process joins the group first, and
+    only rank 0 prints (the others' standard output goes nowhere)."""
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _interrupt)
+    with distributed():
+        if is_main():
+            app(prog_name="dltest")
+        else:
+            from dltest.progress import console
+
+            console.quiet = True
+            with open(os.devnull, "w") as devnull, redirect_stdout(devnull):
+                app(prog_name="dltest")
     sys.exit(0)

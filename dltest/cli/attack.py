@@ -12,11 +12,12 @@ from rich.table import Table
 from dltest.attacks import PURPOSES, attack_preset, check_attack_name, generate_adversarial, parse_eps
 from dltest.cli.app import app, output_header
 from dltest.cli.options import (
+    Arch, ArchKwargs, Normalize,
     Alpha, AttackBatch, DataRoot, Dataset, Device, Download, Eps, ModelPath, Queries, Seed, Steps, TrustModel,
     load_data_and_model,
 )
 from dltest.errors import DltestError
-from dltest.io import check_writable, read_json, write_json
+from dltest.io import check_outputs, read_json, write_json
 from dltest.runtime import resolve_device
 from dltest.selection import load_selection
 
@@ -41,6 +42,9 @@ def attack_command(
     download: Download = False,
     device: Device = None,
     trust_model: TrustModel = False,
+    arch: Arch = None,
+    arch_kwargs: ArchKwargs = None,
+    normalize: Normalize = None,
 ) -> None:
     """Generate adversarial examples from selected inputs, for `dltest retrain` or your own use."""
     check_attack_name(attack)
@@ -50,12 +54,13 @@ def attack_command(
     resolve_device(device)  # a bogus device fails before anything is loaded
     if out.suffix != ".npz":
         raise DltestError(f"--out must end in .npz, got {out}")
-    check_writable(out)
-    report = check_writable(report or out.with_suffix(".json"))
+    report = report or out.with_suffix(".json")
+    check_outputs({"--out": out, "--report": report}, {"--model": model, "--dataset": dataset, "--selection": selection})
     if split is None:
         raw = read_json(selection) if selection else {}
         split = raw.get("split") if isinstance(raw, dict) and raw.get("split") else "val"
-    data, net, info = load_data_and_model(dataset, split, model, data_root, download, trust_model)
+    data, net, info = load_data_and_model(dataset, split, model, data_root, download, trust_model,
+                                          arch, arch_kwargs, normalize)
     spec = attack_preset(attack, data.name, purpose, channels=data.input_shape[0], eps=eps_value, steps=steps,
                          alpha=alpha, queries=queries, seed=seed)
     chosen = load_selection(str(selection), data) if selection else None
@@ -68,7 +73,7 @@ def attack_command(
     adv_acc = float((examples.adv_pred == examples.y).float().mean())
     write_json(report, {
         **output_header("attack", seed), "out": str(out), "dataset": data.name, "split": data.split,
-        "model": info.source, "selection": str(selection) if selection else None, "n": len(examples),
+        "model": info.source, "model_info": info.describe(), "selection": str(selection) if selection else None, "n": len(examples),
         "attack": spec.to_dict(), "batch_size": batch_size, "clean_accuracy": clean_acc, "robust_accuracy": adv_acc,
         "success_rate": examples.success_rate,
     })

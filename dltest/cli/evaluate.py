@@ -12,11 +12,12 @@ from rich.table import Table
 from dltest.attacks import parse_attack_list, parse_eps
 from dltest.cli.app import app, output_header, robustness_warnings_as_lines
 from dltest.cli.options import (
+    Arch, ArchKwargs, Normalize,
     Alpha, AttackBatch, DataRoot, Dataset, Device, Download, Eps, ModelPath, Queries, Seed, Steps, TrustModel,
     load_data_and_model,
 )
 from dltest.checkpoint import ModelInfo
-from dltest.io import check_writable, write_json
+from dltest.io import check_outputs, write_json
 from dltest.runtime import resolve_device
 from dltest.robustness import RobustnessReport, evaluate_robustness
 
@@ -39,13 +40,17 @@ def evaluate_command(
     download: Download = False,
     device: Device = None,
     trust_model: TrustModel = False,
+    arch: Arch = None,
+    arch_kwargs: ArchKwargs = None,
+    normalize: Normalize = None,
 ) -> None:
     """Clean accuracy and robust accuracy under attacks (model in eval mode, RobustBench's rules)."""
     names = parse_attack_list(attacks)  # bad names and eps fail before any loading
     eps_value = parse_eps(eps)
     resolve_device(device)
-    check_writable(out)
-    data, net, info = load_data_and_model(dataset, split, model, data_root, download, trust_model)
+    check_outputs({"--out": out}, {"--model": model, "--dataset": dataset})
+    data, net, info = load_data_and_model(dataset, split, model, data_root, download, trust_model,
+                                          arch, arch_kwargs, normalize)
     with robustness_warnings_as_lines():
         report = evaluate_robustness(
             net, data, names, n=n, seed=seed, batch_size=batch_size, device=device, progress=True,
@@ -57,7 +62,8 @@ def evaluate_command(
 
 
 def evaluation_json(report: RobustnessReport, info: ModelInfo) -> dict[str, Any]:
-    return {**output_header("evaluate", report.seed), "model": info.source, "model_arch": info.arch, **report.to_dict()}
+    return {**output_header("evaluate", report.seed), "model": info.source, "model_arch": info.arch,
+            "model_info": info.describe(), **report.to_dict()}
 
 
 def print_report(report: RobustnessReport, title: str) -> None:

@@ -6,10 +6,19 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from typer._click.globals import get_current_context
 from torch import nn
 
-from dltest.checkpoint import ModelInfo, check_fits, load_model
-from dltest.data import ImageDataset, load_dataset
+from dltest.checkpoint import ModelInfo, check_fits, load_model, parse_arch_kwargs
+from dltest.data import BUILTINS, ImageDataset, fit_channels, load_dataset
+from dltest.errors import DltestError
+from dltest.inference import parse_normalize
+from dltest.progress import console
+
+
+def notice(message: str) -> None:
+    """One line on stderr, never wrapped."""
+    console.print(f"notice: {message}", soft_wrap=True, markup=False, highlight=False)
 
 Dataset = Annotated[str, typer.Option("--dataset", "-d", help="mnist, fashion-mnist, cifar10, svhn, an .npz file or an image folder.")]
 Split = Annotated[str, typer.Option(help="train, test, val or holdout (the test set's halves); all/val/holdout for files.")]
@@ -19,16 +28,45 @@ Download = Annotated[bool, typer.Option("--download", help="Allow downloading a 
 Device = Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1, ... (default: cuda when available).")]
 Seed = Annotated[int, typer.Option(help="Random seed; written into the output.")]
 TrustModel = Annotated[bool, typer.Option("--trust-model", help="Also load pickled nn.Module files (runs code from the file: only for files you trust).")]
+Arch = Annotated[Optional[str], typer.Option("--arch", help="Architecture of a state_dict --model: module:Class, file.py:Class or a zoo name (lenet5, vgg8, vgg16, resnet18, preactresnet18).")]
+ArchKwargs = Annotated[Optional[str], typer.Option("--arch-kwargs", help='Keyword arguments of --arch as a JSON object, e.g. \'{"num_classes": 10}\'.')]
+Normalize = Annotated[Optional[str], typer.Option("--normalize", help="For a model that expects normalised inputs: MEAN,STD, per channel M1,M2,M3,S1,S2,S3, or imagenet. Inputs and eps stay in [0, 1].")]
 BatchSize = Annotated[int, typer.Option(min=1, help="Inference batch size.")]
 
 
 def load_data_and_model(
-    dataset: str, split: str, model: Path | None, data_root: Path | None, download: bool, trust: bool = False
+    dataset: str, split: str, model: Path | None, data_root: Path | None, download: bool, trust: bool = False,
+    arch: str | None = None, arch_kwargs: str | None = None, normalize: str | None = None,
+    need_labels: bool = True,
 ) -> tuple[ImageDataset, nn.Module, ModelInfo]:
-    """The pool and the model, checked to fit each other."""
+    """The pool and the model (outside models adapted: outputs, normalisation, embeddings),
+    checked to fit each other; a notice says how an outside model's outputs are read.
+
+    ``need_labels=False``: an unlabeled pool is fine (``dltest select``).
+    Grey images stored as RGB (or grey images for a colour model) get the model's channel count.
+    """
+    if (arch or arch_kwargs) and model is None:
+        raise DltestError("--arch and --arch-kwargs describe a state_dict given with --model FILE")
+    parse_arch_kwargs(arch_kwargs, "--arch-kwargs")  # malformed JSON fails before any loading
+    parse_normalize(normalize)
     data = load_dataset(dataset, split, root=data_root, download=download or None)
-    net, info = load_model(model, dataset=None if model else data.name, trust=trust)
-    check_fits(net, data, info)
+    if need_labels:
+        ctx = get_current_context(silent=True)
+        data.require_labels(f"'{ctx.command_path}'" if ctx else "this command")
+    net, info = load_model(model, dataset=None if model else data.name, trust=trust, arch=arch,
+                           arch_kwargs=arch_kwargs, normalize=normalize, input_shape=data.input_shape)
+    user_file = data.name not in BUILTINS
+    if user_file and info.input_shape and tuple(info.input_shape[1:]) == data.input_shape[1:]:
+        data = fit_channels(data, info.input_shape[0])
+    try:
+        net = check_fits(net, data, info)
+    except DltestError:
+        other = fit_channels(data, 4 - data.input_shape[0]) if user_file else data  # 1 <-> 3 channels, losing nothing
+        if other is data or info.input_shape:
+            raise
+        net, data = check_fits(net, other, info), other
+    if info.outputs != "logits":
+        notice(f"{info.source} outputs {info.outputs}: dltest reads them as such (softmax is not applied again)")
     return data, net, info
 
 

@@ -14,11 +14,12 @@ from dltest.attacks import attack_preset, check_attack_name, load_adversarial, p
 from dltest.budget import parse_budget
 from dltest.cli.app import app, robustness_warnings_as_lines
 from dltest.cli.options import (
+    Arch, ArchKwargs, Normalize,
     Alpha, DataRoot, Dataset, Device, Download, Eps, ModelPath, Queries, Seed, Steps, TrustModel,
     load_data_and_model,
 )
 from dltest.errors import DltestError
-from dltest.io import check_writable, write_json
+from dltest.io import check_outputs, write_json
 from dltest.runtime import resolve_device
 from dltest.selection import load_selection
 from dltest.selectors import get_selector
@@ -49,7 +50,7 @@ def retrain_command(
     epochs: Annotated[Optional[int], typer.Option(help="Retraining epochs (default: 10, 20 for SVHN).")] = None,
     lr: Annotated[float, typer.Option(help="Peak learning rate (SGD, one-cycle).")] = RETRAIN_LR,
     batch_size: Annotated[int, typer.Option(min=1, help="Training and attack batch size.")] = 128,
-    train_size: Annotated[Optional[int], typer.Option(help="Retrain on a seeded random subset of the training split of this size.")] = None,
+    train_size: Annotated[Optional[int], typer.Option(min=1, help="Retrain on a seeded random subset of the training split of this size.")] = None,
     seed: Seed = 0,
     out: Annotated[Path, typer.Option(help="Checkpoint of the retrained model.")] = Path("retrained.pt"),
     report: Annotated[Optional[Path], typer.Option(help="JSON report (default: <out>.json).")] = None,
@@ -58,6 +59,9 @@ def retrain_command(
     download: Download = False,
     device: Device = None,
     trust_model: TrustModel = False,
+    arch: Arch = None,
+    arch_kwargs: ArchKwargs = None,
+    normalize: Normalize = None,
 ) -> None:
     """Retrain a model on the training data plus adversarial examples of selected inputs."""
     # Every setting is checked before anything is trained or written.
@@ -73,10 +77,12 @@ def retrain_command(
     resolve_device(device)
     eval_names = parse_attack_list(eval_attacks)
     eval_eps_value = parse_eps(eval_eps)
-    check_writable(out)
-    report = check_writable(report or out.with_suffix(".json"))
+    report = report or out.with_suffix(".json")
+    check_outputs({"--out": out, "--report": report, "the partial state": Path(f"{out}.partial")},
+                  {"--model": model, "--dataset": dataset, "--selection": selection, "--examples": examples})
 
-    pool, net, info = load_data_and_model(dataset, pool_split, model, data_root, download, trust_model)
+    pool, net, info = load_data_and_model(dataset, pool_split, model, data_root, download, trust_model,
+                                          arch, arch_kwargs, normalize)
     config = retrain_config(pool.name, pool.input_shape[0], epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
     spec = attack_preset(attack, pool.name, "train", channels=pool.input_shape[0], eps=eps_value, steps=steps,
                          alpha=alpha, queries=queries, seed=seed)
@@ -100,7 +106,8 @@ def retrain_command(
             examples=ready, device=device, batch_size=batch_size, progress=True, state_path=f"{out}.partial",
             resume=resume,
         )
-    result.settings.update({"model": info.source, "selection_file": str(selection) if selection else None,
+    result.settings.update({"model": info.source, "model_info": info.describe(),
+                            "selection_file": str(selection) if selection else None,
                             "examples_file": str(examples) if examples else None})
     result.save(out, info)
     Path(f"{out}.partial").unlink(missing_ok=True)

@@ -13,12 +13,13 @@ from rich.table import Table
 
 from dltest.cli.app import app
 from dltest.cli.options import (
+    Arch, ArchKwargs, Normalize,
     BatchSize, DataRoot, Dataset, Device, Download, ModelPath, Seed, Split, TrustModel, load_data_and_model,
 )
 from dltest.budget import parse_budget
 from dltest.data import load_dataset
 from dltest.inference import INFERENCE_BATCH
-from dltest.io import atomic_path, check_writable
+from dltest.io import atomic_path, check_outputs
 from dltest.runtime import resolve_device
 from dltest.selection import SelectionResult, load_selection, select
 from dltest.errors import DltestError
@@ -41,6 +42,9 @@ def select_command(
     device: Device = None,
     batch_size: BatchSize = INFERENCE_BATCH,
     trust_model: TrustModel = False,
+    arch: Arch = None,
+    arch_kwargs: ArchKwargs = None,
+    normalize: Normalize = None,
     sampling: Annotated[Optional[str], typer.Option("--sampling", help="Any score-based metric: draw the batch at random with probabilities from the scores (power, softmax or rank; Kirsch et al. 2023) instead of taking the top scores.", show_default=False)] = None,
     temperature: Annotated[Optional[float], typer.Option("--temperature", help="With --sampling: T > 0; small T approaches the top scores, large T a uniform draw [default: 1].", show_default=False)] = None,
     reference_split: Annotated[Optional[str], typer.Option("--reference-split", help="dsa, lsa, mdsa: the split of the dataset the model was trained on (train).", show_default=False)] = None,
@@ -95,10 +99,11 @@ def select_command(
         raise DltestError(f"metric {metric!r} compares with the data the model was trained on: pass --reference-split "
                           "train (or --reference FILE)")
     resolve_device(device)  # a bogus device fails before anything is loaded
-    out = check_writable(out or Path(f"selection-{metric}-{budget.strip().replace('%', 'pct')}.json"))
-    if csv_path:
-        check_writable(csv_path)
-    data, net, info = load_data_and_model(dataset, split, model, data_root, download, trust_model)
+    out = out or Path(f"selection-{metric}-{budget.strip().replace('%', 'pct')}.json")
+    check_outputs({"--out": out, "--csv": csv_path}, {"--model": model, "--dataset": dataset, "--labeled": labeled,
+                                                        "--reference": reference})
+    data, net, info = load_data_and_model(dataset, split, model, data_root, download, trust_model,
+                                          arch, arch_kwargs, normalize, need_labels=False)
     labeled_indices = load_selection(str(labeled), data).indices if labeled else None
     reference_data = None
     if reference is not None:
@@ -109,6 +114,7 @@ def select_command(
         metric, budget, model=net, data=data, seed=seed, labeled=labeled_indices, device=device,
         batch_size=batch_size, progress=True, model_name=info.source, reference=reference_data, **options,
     )
+    result.model_info = info.describe()
     result.save(str(out))
     if csv_path:
         _write_csv(csv_path, result)

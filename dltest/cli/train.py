@@ -16,7 +16,7 @@ from dltest.attacks import attack_preset, parse_eps
 from dltest.cli.options import Alpha, DataRoot, Dataset, Device, Download, Eps, Seed, Steps
 from dltest.data import load_dataset
 from dltest.errors import DltestError
-from dltest.io import check_writable, write_json
+from dltest.io import check_outputs, write_json
 from dltest.training import DEFAULT_AUGMENT, TrainConfig, accuracy, train
 from dltest.zoo import ARCHITECTURES, default_arch, model_for_dataset
 
@@ -29,7 +29,7 @@ def train_command(
     batch_size: Annotated[int, typer.Option(min=1)] = 128,
     lr: Annotated[float, typer.Option(help="Peak learning rate (SGD, one-cycle schedule).")] = 0.05,
     augment: Annotated[Optional[str], typer.Option(help="none, crop or crop-flip (default: per dataset).")] = None,
-    train_size: Annotated[Optional[int], typer.Option(help="Train on a seeded random subset of this size.")] = None,
+    train_size: Annotated[Optional[int], typer.Option(min=1, help="Train on a seeded random subset of this size.")] = None,
     seed: Seed = 0,
     out: Annotated[Path, typer.Option(help="Checkpoint to write.")] = Path("model.pt"),
     report: Annotated[Optional[Path], typer.Option("--report", help="JSON report (default: <out>.json).")] = None,
@@ -46,8 +46,8 @@ def train_command(
     eps_value = parse_eps(eps)
     if not adversarial and (eps is not None or steps is not None or alpha is not None):
         raise DltestError("--eps, --steps and --alpha set the PGD of adversarial training: add --adversarial")
-    check_writable(out)
-    report = check_writable(report or out.with_suffix(".json"))
+    report = report or out.with_suffix(".json")
+    check_outputs({"--out": out, "--report": report, "the partial state": Path(f"{out}.partial")}, {"--dataset": dataset})
     config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
                          augment=augment or DEFAULT_AUGMENT.get(dataset, "none"))
     train_data = load_dataset(dataset, "train", root=data_root, download=download or None)

@@ -43,10 +43,6 @@ def egl_from_squared_norms(probs: Tensor, squared: Tensor) -> Tensor:
 
 def egl_exact(model: nn.Module, images: Tensor, chunk: int | None = None) -> Tensor:
     """Exact EGL of a batch of images (n, ...) on the model's device, in eval mode; returns (n,) float64."""
-    if isinstance(model, torch.jit.ScriptModule):
-        why = ("exact egl needs per-sample parameter gradients, which TorchScript models do not support; load "
-               "the model as a dltest checkpoint, or use ")
-        raise DltestError(why + "variant='last-layer'", cli=why + "--egl-variant last-layer")
     named = dict(model.named_parameters())
     trainable = {k: v.detach() for k, v in named.items() if v.requires_grad}
     if not trainable:
@@ -58,7 +54,14 @@ def egl_exact(model: nn.Module, images: Tensor, chunk: int | None = None) -> Ten
         out = functional_call(model, (params, frozen, buffers), (x.unsqueeze(0),))[0]
         return out, out
 
+    # torch.func cannot swap the parameters of TorchScript modules: their per-sample Jacobians
+    # come from one batched backward pass instead (exact in eval mode, where inputs don't interact).
+    scripted = any(isinstance(m, torch.jit.ScriptModule) for m in model.modules())
     per_sample = vmap(jacrev(logits, has_aux=True), in_dims=(None, 0))
+
+    def jacobians(x: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+        return _batched_backward_jacobians(model, x) if scripted else per_sample(trainable, x)
+
     n_params = sum(v.numel() for v in trainable.values())
     scores = []
     with eval_mode(model):
@@ -66,7 +69,7 @@ def egl_exact(model: nn.Module, images: Tensor, chunk: int | None = None) -> Ten
             c = model(images[:1]).shape[1]
         chunk = chunk or max(1, JACOBIAN_FLOATS // (c * n_params))
         for s in range(0, len(images), chunk):
-            jac, out = per_sample(trainable, images[s : s + chunk])
+            jac, out = jacobians(images[s : s + chunk])
             probs = torch.softmax(out.detach().double(), dim=1)
             residual = label_residuals(probs)  # (B, C labels, C classes)
             squared = torch.zeros(probs.shape, dtype=torch.float64, device=probs.device)
@@ -75,6 +78,20 @@ def egl_exact(model: nn.Module, images: Tensor, chunk: int | None = None) -> Ten
                 squared += g.pow(2).sum(dim=2)
             scores.append(egl_from_squared_norms(probs, squared).cpu())
     return torch.cat(scores)
+
+
+def _batched_backward_jacobians(model: nn.Module, images: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+    """Per-sample Jacobians {name: (B, C, *shape)} of the logits w.r.t. the trainable parameters,
+    from one forward pass and one backward pass batched over the B*C one-hot output gradients."""
+    params = {k: v for k, v in model.named_parameters() if v.requires_grad}
+    with torch.enable_grad():
+        out = model(images.detach())
+        b, c = out.shape
+        one_hot = torch.eye(b * c, dtype=out.dtype, device=out.device).view(b * c, b, c)
+        grads = torch.autograd.grad(out, list(params.values()), one_hot, is_grads_batched=True, allow_unused=True)
+    jac = {name: (g if g is not None else torch.zeros((b * c, *p.shape), device=p.device)).view(b, c, *p.shape)
+           for (name, p), g in zip(params.items(), grads)}
+    return jac, out.detach()
 
 
 def egl_last_layer(embeddings: Tensor, logits: Tensor, head: nn.Linear, chunk: int = 8192) -> Tensor:

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from dltest.data import ImageDataset
 from dltest.errors import DltestError
-from dltest.inference import INFERENCE_BATCH, embedding_head
+from dltest.inference import INFERENCE_BATCH, ModelAdapter, embedding_head, unwrap
 from dltest.progress import console
 from dltest.runtime import eval_mode, on_device
 from dltest.selectors.base import Candidates, ScoreSelector, register
@@ -61,7 +61,7 @@ def _layer_hook(model: nn.Module, layer: str) -> tuple[nn.Module, bool]:
             raise DltestError("the model has no final linear layer to take penultimate activations from; "
                               "name a layer with the 'layer' option")
         return linears[-1], True
-    modules = dict(model.named_modules())
+    modules = dict(unwrap(model).named_modules())  # the user's names, not the adapter's
     if layer not in modules or layer == "":
         named = ", ".join(name for name in modules if name) or "none"
         raise DltestError(f"layer {layer!r} is not a module of the model (its modules: {named})")
@@ -72,8 +72,17 @@ def _layer_hook(model: nn.Module, layer: str) -> tuple[nn.Module, bool]:
 def layer_activations(model: nn.Module, data: ImageDataset, layer: str = PENULTIMATE,
                       device: torch.device | str = "cpu", batch_size: int = INFERENCE_BATCH) -> tuple[Tensor, Tensor]:
     """(activations (n, D) float32 on the CPU, predicted classes (n,)) of ``data`` at ``layer``:
-    the module's output, or for ``penultimate`` the input of the final linear layer."""
+    the module's output, or for ``penultimate`` the input of the final linear layer (for an
+    outside model, its embeddings as :class:`~dltest.inference.ModelAdapter` finds them)."""
+    if layer == PENULTIMATE and isinstance(model, ModelAdapter) and model.embedding_kind is not None:
+        with on_device(model, device), eval_mode(model):
+            pairs = [model.scores_and_embeddings(data.images(slice(s, s + batch_size), device))
+                     for s in range(0, len(data), batch_size)]
+        return torch.cat([z.float().cpu() for _, z in pairs]), torch.cat([out.argmax(1).cpu() for out, _ in pairs])
     module, take_input = _layer_hook(model, layer)
+    if isinstance(module, torch.jit.ScriptModule):
+        raise DltestError(f"layer {layer!r} is inside a TorchScript model, where no hook can read it; use the "
+                          "penultimate layer of a model with embeddings, or load the state_dict with its architecture")
     captured: list[Tensor] = []
 
     def hook(_m: nn.Module, args: tuple, output: Any = None) -> None:

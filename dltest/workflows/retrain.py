@@ -9,7 +9,6 @@ The caller's model is left as it was (device, mode, weights): a copy is retraine
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import time
@@ -23,8 +22,9 @@ from torch import nn
 
 from dltest import __version__
 from dltest.attacks import AdversarialExamples, AttackSpec, attack_preset, generate_adversarial, with_examples
-from dltest.checkpoint import ModelInfo, save_checkpoint
+from dltest.checkpoint import ModelInfo, copy_model, save_model
 from dltest.data import ImageDataset, load_dataset
+from dltest.inference import PROBE_SIZE, adapt
 from dltest.errors import DltestError
 from dltest.io import atomic_path
 from dltest.profiles import dataset_profile
@@ -94,21 +94,16 @@ class RetrainResult:
 
     def save(self, path: str | os.PathLike, source: ModelInfo) -> Path:
         """Write the retrained model, atomically: a dltest checkpoint when ``source`` (the model it
-        was retrained from) names a zoo architecture, else TorchScript; the report goes into its
+        was retrained from) names a zoo or ``module:Class`` architecture, else TorchScript (see
+        :func:`~dltest.checkpoint.save_model`); the report goes into its
         metadata (plain types only, so it loads with ``weights_only=True``)."""
         report = self.to_dict()
         meta = {"command": "dltest retrain", "retrained_from": source.source, "before": report["before"],
                 "after": report["after"], "settings": report["settings"]}
         meta = json.loads(json.dumps(meta, default=str))
-        model = self.model.cpu()
-        if source.arch:
-            return save_checkpoint(model, path, arch=source.arch, dataset=self.settings["dataset"],
-                                   input_shape=tuple(self.settings["input_shape"]),
-                                   num_classes=source.num_classes or self.settings["num_classes"], meta=meta)
-        scripted = model if isinstance(model, torch.jit.ScriptModule) else torch.jit.script(model)
-        with atomic_path(path) as tmp:
-            torch.jit.save(scripted, str(tmp))
-        return Path(path)
+        return save_model(self.model.cpu(), path, source, dataset=self.settings["dataset"],
+                          input_shape=tuple(self.settings["input_shape"]),
+                          num_classes=source.num_classes or self.settings["num_classes"], meta=meta)
 
 
 def retrain_data(dataset: str, train_size: int | None = None, seed: int = 0, *,
@@ -164,6 +159,7 @@ def retrain(
     attack = attack or attack_preset("pgd", pool.name, "train", channels=pool.input_shape[0], seed=seed)
     config = config or retrain_config(pool.name, pool.input_shape[0], seed=seed)
     evaluate = dict(n=eval_n, seed=seed, batch_size=batch_size, device=device, progress=progress)
+    model = adapt(model, pool.images(slice(0, PROBE_SIZE)))  # outside models: one adapter for every step
     with on_device(model, device), eval_mode(model):
         before = evaluate_robustness(model, holdout, eval_attacks, **evaluate)
         if examples is None:
@@ -174,7 +170,7 @@ def retrain(
                                             batch_size=batch_size, device=device, progress=progress)
         elif examples.dataset != pool.name:
             raise DltestError(f"adversarial examples of {examples.dataset!r} cannot retrain a {pool.name!r} model")
-        retrained = copy.deepcopy(model)
+        retrained = copy_model(model)  # copy.deepcopy makes a TorchScript model's parameters non-leaf
 
     val = pool.sample(val_n, seed)
     val_pgd = val_attack or attack_preset("pgd", pool.name, "train", channels=pool.input_shape[0], eps=attack.eps)
