@@ -290,6 +290,10 @@ def _from_checkpoint(state: dict[str, Any], path: Path, normalization) -> tuple[
     if stored is not None and stored != state_digest(state.get("state_dict", {}), _digest_header(state)):
         raise DltestError(f"{path}: the weights do not match the digest stored in the checkpoint (altered or "
                           "corrupted after saving); use the original file or save the model again")
+    if normalization is not None and ":" not in str(state.get("arch")):
+        why = (f"{path} is a zoo model that normalises its inputs itself (mean {state.get('mean')}, std "
+               f"{state.get('std')}); drop ")
+        raise DltestError(why + "normalize", cli=why + "--normalize")
     model = model_from_checkpoint(state, path)
     saved_norm = state.get("normalize")
     if saved_norm and normalization is None:

@@ -311,6 +311,27 @@ def _nbytes(shape: tuple[int, ...], dtype: np.dtype) -> int:
     return int(np.prod(shape, dtype=object)) * dtype.itemsize
 
 
+def check_npz_sizes(path: Path, headers: dict[str, tuple[tuple[int, ...], np.dtype]] | None = None,
+                    keys: tuple[str, ...] | None = None) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Refuse, on the headers alone, arrays of Python objects and arrays larger than
+    :func:`max_array_bytes` (checked before any of them is read); returns the headers."""
+    try:
+        headers = headers if headers is not None else _npz_headers(path)
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+        raise DltestError(f"cannot read {path} as an .npz file ({_first_line(exc)})") from None
+    limit = max_array_bytes()
+    for key in keys if keys is not None else tuple(headers):
+        if key in headers:
+            shape, dtype = headers[key]
+            if dtype.hasobject:
+                raise DltestError(f"{path}: array {key!r} holds Python objects; save plain numeric arrays")
+            if _nbytes(shape, dtype) > limit:
+                raise DltestError(f"{path}: array {key!r} of shape {shape} ({dtype}) needs "
+                                  f"{_nbytes(shape, dtype) / 2**30:.1f} GiB, more than the {limit / 2**30:.1f} GiB "
+                                  "allowed (DLTEST_MAX_BYTES); split it into smaller files")
+    return headers
+
+
 def load_npz(path: str | os.PathLike, part: str = "test") -> ImageDataset:
     """An ``.npz`` of images ``x`` and integer labels ``y`` (optional: without them the pool can
     only be selected from), optional ``classes`` names; ``part="train"`` reads ``x_train`` and
@@ -338,16 +359,7 @@ def load_npz(path: str | os.PathLike, part: str = "test") -> ImageDataset:
         if x_key not in headers:
             raise DltestError(f"{path} must hold an array 'x' (images) and usually 'y' (labels); "
                               f"it has {', '.join(headers) or 'no arrays'}")
-    limit = max_array_bytes()
-    for key in (x_key, y_key, "classes"):
-        if key in headers:
-            shape, dtype = headers[key]
-            if dtype.hasobject:
-                raise DltestError(f"{path}: array {key!r} holds Python objects; save plain numeric arrays")
-            if _nbytes(shape, dtype) > limit:
-                raise DltestError(f"{path}: array {key!r} of shape {shape} ({dtype}) needs "
-                                  f"{_nbytes(shape, dtype) / 2**30:.1f} GiB, more than the {limit / 2**30:.1f} GiB "
-                                  "allowed (DLTEST_MAX_BYTES); split it into smaller files")
+    check_npz_sizes(path, headers, (x_key, y_key, "classes"))
     x_shape, x_dtype = headers[x_key]
     n = x_shape[0] if x_shape else 0
     if len(x_shape) not in (3, 4):

@@ -255,6 +255,8 @@ CASES = [
     Case("normalize-malformed", with_model("bare", "--arch", f"{NETS}:ClientLeNet", "--normalize", "0.5"),
          "needs as many means as standard deviations"),
     Case("normalize-zero-std", sel("--normalize", "0.5,0"), "positive standard deviations"),
+    Case("normalize-a-zoo-model-twice", sel("--normalize", "0.5,0.5"), "normalises its inputs itself"),
+    Case("retrain-examples-oversized", retrain("--examples", lambda f, o: f.huge), "needs 730.2 GiB"),
     # outputs
     Case("out-device-file", lambda f, o: ["select", "-d", f.pool, "-m", f.model, "--out", "/dev/null"],
          "/dev/null: it is a device file"),

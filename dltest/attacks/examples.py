@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from dltest import __version__
 from dltest.attacks.presets import AttackSpec
-from dltest.data import ImageDataset, check_examples, to_float_images
+from dltest.data import ImageDataset, check_examples, check_npz_sizes, to_float_images
 from dltest.errors import DltestError
 from dltest.inference import PROBE_SIZE, adapt
 from dltest.io import atomic_path, parse_json_text
@@ -83,6 +83,7 @@ def load_adversarial(path: str | os.PathLike, data: ImageDataset | None = None) 
     path = Path(path)
     if not path.is_file():
         raise DltestError(f"adversarial examples file not found: {path}")
+    check_npz_sizes(path)  # sizes on the headers, before any array is read
     try:
         with np.load(path, allow_pickle=False) as f:
             missing = {"x", "y", "indices", "meta"} - set(f.files)
