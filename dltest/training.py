@@ -1,8 +1,10 @@
-"""The one trainer: standard training, and adversarial training when given an adversary.
+"""The one trainer: standard training, and adversarial training (PGD, FGSM-RS, N-FGSM, TRADES).
 
-The best epoch is chosen on the validation data (clean accuracy, or robust accuracy under the
-adversary when training adversarially). Every epoch is checkpointed to ``<out>.partial`` so an
-interrupted run resumes where it stopped; the finished model is written to ``out`` atomically.
+The best epoch is chosen on the validation data (clean accuracy, or robust accuracy under a
+PGD check when training adversarially). A fall of that robust accuracy to less than half its
+best after the eps warm-up is *catastrophic overfitting* (Wong et al. 2020; single-step
+methods are prone to it): training stops there and keeps the best epoch. Every epoch is
+checkpointed to ``state_path`` so an interrupted run resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -20,18 +22,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dltest.adversarial_training import AdversarialTraining
+from dltest.attacks import PGDAdversary
 from dltest.data import ImageDataset, fingerprint
 from dltest.errors import DltestError
 from dltest.io import atomic_path
-from dltest.profiles import PROFILES
 from dltest.progress import progress_bar
-from dltest.settings import default_device
+from dltest.runtime import resolve_device, seeded
 
 # An adversary maps (model, images in [0, 1], labels) to perturbed images, model in eval mode.
 Adversary = Callable[[nn.Module, Tensor, Tensor], Tensor]
-
-# Augmentation per dataset (SPEC: selection scores never see augmentation; training may).
-DEFAULT_AUGMENT = {name: profile.augment for name, profile in PROFILES.items()}
 
 
 @dataclass
@@ -41,6 +41,7 @@ class TrainConfig:
     epochs: int = 20
     batch_size: int = 128
     lr: float = 0.05
+    optimizer: str = "sgd"  # "sgd" (Nesterov momentum) or "adam"
     momentum: float = 0.9
     weight_decay: float = 5e-4
     augment: str = "none"  # "none", "crop", "crop-flip"
@@ -55,6 +56,8 @@ class TrainConfig:
             raise DltestError(f"batch size must be >= 1, got {self.batch_size}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise DltestError(f"learning rate must be a finite number > 0, got {self.lr}")
+        if self.optimizer not in ("sgd", "adam"):
+            raise DltestError(f"unknown optimizer {self.optimizer!r}; choose sgd or adam")
         if self.augment not in ("none", "crop", "crop-flip"):
             raise DltestError(f"unknown augmentation {self.augment!r}; choose none, crop or crop-flip")
 
@@ -68,10 +71,17 @@ class TrainResult:
     best_score: float
     history: list[dict[str, float]] = field(default_factory=list)
     seconds: float = 0.0
+    stopped_early: str | None = None  # why training stopped before its last epoch
+
+    @property
+    def seconds_per_epoch(self) -> float:
+        """Mean time of an epoch's training steps (validation excluded)."""
+        times = [r["seconds"] for r in self.history if "seconds" in r]
+        return sum(times) / len(times) if times else float("nan")
 
     def summary(self) -> dict[str, Any]:
         return {"best_epoch": self.best_epoch, "best_score": self.best_score, "history": self.history,
-                "seconds": round(self.seconds, 2)}
+                "seconds": round(self.seconds, 2), "stopped_early": self.stopped_early}
 
 
 def train(
@@ -80,76 +90,102 @@ def train(
     val_data: ImageDataset | None = None,
     config: TrainConfig | None = None,
     *,
-    adversary: Adversary | None = None,
+    adversary: AdversarialTraining | Adversary | None = None,
     val_adversary: Adversary | None = None,
     device: str | torch.device | None = None,
     state_path: str | os.PathLike | None = None,
     resume: bool = False,
     progress: bool = True,
 ) -> TrainResult:
-    """Train ``model`` on ``train_data``; return it with the weights of its best validation epoch.
+    """Train ``model`` in place on ``train_data``; return it with its best validation epoch's weights.
 
-    With ``adversary``, each batch is replaced by its adversarial version (Madry et al.: the
-    perturbed inputs are used even where the attack fails) and the best epoch is chosen by
-    robust accuracy under ``val_adversary`` (default: ``adversary``). ``state_path`` is where
-    per-epoch state is kept for ``resume``.
+    ``adversary`` is an :class:`AdversarialTraining` method (PGD, FGSM-RS, N-FGSM, TRADES, with
+    an eps warm-up), or any ``(model, images, labels) -> images`` callable whose outputs replace
+    the clean batch (Madry et al.: used even where the attack fails). When training
+    adversarially the best epoch is the one with the highest robust accuracy on ``val_data``
+    under ``val_adversary`` (default: a 10-step PGD at the training eps), and a collapse of that
+    figure stops training (catastrophic overfitting). ``state_path`` keeps per-epoch state for
+    ``resume``. torch's global random state is restored on return.
 
-    On CUDA, ``config.amp`` runs the forward passes (the adversary's too) under autocast and
-    ``config.channels_last`` uses the channels_last memory format; on the CPU both are off.
+    On CUDA, ``config.amp`` runs the forward passes under autocast and ``config.channels_last``
+    uses the channels_last memory format; on the CPU both are off.
     """
     config = config or TrainConfig()
-    device = default_device(device)
-    torch.manual_seed(config.seed)
+    method = adversary if isinstance(adversary, AdversarialTraining) else None
+    if adversary is not None and val_adversary is None:
+        val_adversary = robust_check(method.eps if method else getattr(adversary, "eps", None))
+    device = resolve_device(device)
+    with seeded(config.seed, device):
+        return _train(model, train_data, val_data, config, adversary, method, val_adversary, device, state_path,
+                      resume, progress)
+
+
+def robust_check(eps: float | None, steps: int = 10) -> Adversary | None:
+    """The per-epoch robustness check: PGD with ``steps`` steps of 2.5 eps / steps from a random start."""
+    if eps is None:
+        return None
+    return PGDAdversary(eps=eps, alpha=2.5 * eps / steps, steps=steps)
+
+
+def _train(model, train_data, val_data, config, adversary, method, val_adversary, device, state_path, resume,
+           progress) -> TrainResult:
     model = model.to(device)
     fast = _CudaSpeedups(config, device)
     model = fast.prepare_model(model)
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, nesterov=True
-    )
+    optimizer = _optimizer(model, config)
     steps_per_epoch = math.ceil(len(train_data) / config.batch_size)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=config.lr, epochs=config.epochs, steps_per_epoch=steps_per_epoch, pct_start=0.15
     )
-    start_epoch, history = 0, []
+    settings = _settings(config, adversary, train_data, val_data, val_adversary)
+    start_epoch, history, stopped = 0, [], None
     best_state, best_epoch, best_score = copy.deepcopy(model.state_dict()), -1, -1.0
-    job = _job(train_data, val_data, adversary, val_adversary) if state_path else None
     if resume and state_path and Path(state_path).is_file():
         state = _load_partial(state_path, device)
-        if state.get("config") != asdict(config) or state.get("job") != job:
+        if state.get("config") != settings:
             raise DltestError(f"{state_path} was written by a run with other settings or data (dataset, training "
                               "size, selection, attack or hyper-parameters differ); remove it or rerun those settings")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        start_epoch, history = state["epoch"] + 1, state["history"]
+        start_epoch, history, stopped = state["epoch"] + 1, state["history"], state.get("stopped")
         best_state, best_epoch, best_score = state["best_model"], state["best_epoch"], state["best_score"]
 
     started = time.perf_counter()
-    val_adversary = val_adversary or adversary
+    warmup = method.warmup_epochs if method else 0.0
     for epoch in range(start_epoch, config.epochs):
-        torch.manual_seed(config.seed * 1000 + epoch)  # dropout etc.: same stream when resumed
+        if stopped:
+            break
+        torch.manual_seed(config.seed * 1000 + epoch)  # dropout, random starts: same stream when resumed
         order = torch.randperm(len(train_data), generator=torch.Generator().manual_seed(config.seed * 1000 + epoch))
         loss_sum, correct, seen = 0.0, 0, 0
+        epoch_started = time.perf_counter()
         with progress_bar(f"epoch {epoch + 1}/{config.epochs}", total=len(order), enabled=progress) as advance:
-            for batch in order.split(config.batch_size):
+            for step, batch in enumerate(order.split(config.batch_size)):
                 x = fast.prepare_input(augment(train_data.images(batch, device), config.augment))
                 y = train_data.y[batch].to(device)
-                if adversary is not None:
-                    model.eval()
-                    with fast.autocast():
-                        x = adversary(model, x, y).detach()
-                model.train()
                 with fast.autocast():
-                    logits = model(x)
-                    loss = F.cross_entropy(logits.float(), y)
+                    if method is not None:
+                        eps = method.eps_at(epoch + (step + 1) / steps_per_epoch)
+                        loss, logits = method.loss(model, x, y, eps)
+                    else:
+                        if adversary is not None:
+                            model.eval()
+                            x = adversary(model, x, y).detach()
+                        model.train()
+                        logits = model(x)
+                        loss = F.cross_entropy(logits.float(), y)
                 optimizer.zero_grad(set_to_none=True)
                 fast.backward_and_step(loss, optimizer)
                 scheduler.step()
                 loss_sum += float(loss.detach()) * len(y)
-                correct += int((logits.argmax(1) == y).sum())
+                correct += int((logits.detach().argmax(1) == y).sum())
                 seen += len(y)
                 advance(len(y))
-        record = {"epoch": epoch, "loss": loss_sum / seen, "train_accuracy": correct / seen}
+        record = {"epoch": epoch, "loss": loss_sum / seen, "train_accuracy": correct / seen,
+                  "seconds": round(time.perf_counter() - epoch_started, 3)}
+        if method is not None:
+            record["eps"] = method.eps_at(epoch + 1)
         score = record["train_accuracy"]
         if val_data is not None:
             record["val_accuracy"] = accuracy(model, val_data, device=device)
@@ -158,14 +194,54 @@ def train(
                 record["val_robust_accuracy"] = accuracy(model, val_data, device=device, adversary=val_adversary)
                 score = record["val_robust_accuracy"]
         history.append(record)
-        if score > best_score:
+        warmed_up = epoch + 1 >= warmup
+        if val_data is not None and adversary is not None and val_adversary is not None and warmed_up \
+                and best_score > 0.2 and score < 0.5 * best_score:
+            stopped = (f"catastrophic overfitting at epoch {epoch + 1}: robust accuracy fell to "
+                       f"{100 * score:.1f}% from {100 * best_score:.1f}%; kept epoch {best_epoch + 1}")
+        elif score > best_score or (adversary is not None and not warmed_up):
+            # during the eps warm-up the latest epoch is the best: earlier ones saw a smaller eps
             best_state, best_epoch, best_score = copy.deepcopy(model.state_dict()), epoch, score
         if state_path:
-            _save_state(state_path, model, optimizer, scheduler, epoch, history, best_state, best_epoch, best_score, config,
-                        job)
+            _save_state(state_path, model, optimizer, scheduler, epoch, history, best_state, best_epoch, best_score,
+                        settings, stopped)
     model.load_state_dict(best_state)
     model.eval()
-    return TrainResult(model, best_epoch, best_score, history, time.perf_counter() - started)
+    return TrainResult(model, best_epoch, best_score, history, time.perf_counter() - started, stopped)
+
+
+def _optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    if config.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                           weight_decay=config.weight_decay, nesterov=True)
+
+
+def _settings(config: TrainConfig, adversary, train_data: ImageDataset, val_data: ImageDataset | None,
+              val_adversary) -> dict[str, Any]:
+    """What a resumed run must share with the run that wrote the state: the hyper-parameters, the
+    data (fingerprints) and the adversaries."""
+    def describe(adv) -> Any:
+        if isinstance(adv, AdversarialTraining):
+            return adv.to_dict()
+        return None if adv is None else repr(adv) if is_dataclass(adv) else getattr(adv, "__qualname__", type(adv).__name__)
+
+    return {**asdict(config), "adversarial": describe(adversary), "val_adversary": describe(val_adversary),
+            "train": fingerprint(train_data), "val": fingerprint(val_data) if val_data is not None else None}
+
+
+def _load_partial(path, device) -> dict[str, Any]:
+    """A resumable state, or a one-line error when it is empty, truncated or not one."""
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - empty, truncated or foreign file
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DltestError(f"cannot resume from {path}: it is empty, truncated or not a dltest partial ({reason}); "
+                          "remove it to start over") from None
+    keys = {"model", "optimizer", "scheduler", "epoch", "history", "best_model", "best_epoch", "best_score"}
+    if not isinstance(state, dict) or not keys <= set(state):
+        raise DltestError(f"cannot resume from {path}: not a dltest partial training state; remove it to start over")
+    return state
 
 
 def accuracy(
@@ -177,7 +253,7 @@ def accuracy(
     adversary: Adversary | None = None,
 ) -> float:
     """Share of ``data`` classified correctly, model in eval mode; under ``adversary`` if given."""
-    device = default_device(device)
+    device = resolve_device(device)
     model.eval()
     correct = 0
     for x, y in data.batches(batch_size, device):
@@ -240,32 +316,8 @@ def augment(x: Tensor, kind: str) -> Tensor:
     return out
 
 
-def _job(train_data: ImageDataset, val_data: ImageDataset | None, adversary, val_adversary) -> dict[str, Any]:
-    """What a resumable state must have been written for, besides the config: the same data
-    (fingerprints) and the same adversaries."""
-    def describe(adv) -> str | None:
-        return None if adv is None else repr(adv) if is_dataclass(adv) else getattr(adv, "__qualname__", type(adv).__name__)
-
-    return {"train": fingerprint(train_data), "val": fingerprint(val_data) if val_data is not None else None,
-            "adversary": describe(adversary), "val_adversary": describe(val_adversary)}
-
-
-def _load_partial(path, device) -> dict[str, Any]:
-    """A resumable state, or a one-line error when it is empty, truncated or not one."""
-    try:
-        state = torch.load(path, map_location=device, weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - empty, truncated or foreign file
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DltestError(f"cannot resume from {path}: it is empty, truncated or not a dltest partial ({reason}); "
-                          "remove it to start over") from None
-    keys = {"model", "optimizer", "scheduler", "epoch", "history", "best_model", "best_epoch", "best_score"}
-    if not isinstance(state, dict) or not keys <= set(state):
-        raise DltestError(f"cannot resume from {path}: not a dltest partial training state; remove it to start over")
-    return state
-
-
-def _save_state(path, model, optimizer, scheduler, epoch, history, best_state, best_epoch, best_score, config,
-                job=None) -> None:
+def _save_state(path, model, optimizer, scheduler, epoch, history, best_state, best_epoch, best_score, settings,
+                stopped) -> None:
     state = {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -275,8 +327,8 @@ def _save_state(path, model, optimizer, scheduler, epoch, history, best_state, b
         "best_model": best_state,
         "best_epoch": best_epoch,
         "best_score": best_score,
-        "config": asdict(config),
-        "job": job,
+        "config": settings,
+        "stopped": stopped,
     }
     with atomic_path(path) as tmp:
         torch.save(state, tmp)

@@ -29,7 +29,7 @@ def write_run(folder: Path, seed: int, stages: int = 3, metrics=METRICS) -> Path
     """A robust-al run folder: per metric i, entropy bias 0.1 i (+ 0.01 seed) and PGD robustness
     0.7 - 0.5 * bias, so bias and robustness correlate perfectly (r = -1) at every stage."""
     folder.mkdir(parents=True)
-    config = {"command": "robust-al", "dltest_version": "0.1.0", "dataset": "mnist", "arch": "lenet5",
+    config = {"command": "dltest robust-al", "dltest_version": "0.1.0", "dataset": "mnist", "arch": "lenet5",
               "metrics": list(metrics), "seed": seed, "budget": 200 + 50 * stages, "initial": 200, "per_stage": 50,
               "epochs": 1, "at": "pgd", "eval_attacks": ["pgd", "square"], "eval_n": 100}
     (folder / "config.json").write_text(json.dumps(config))
@@ -45,7 +45,7 @@ def write_run(folder: Path, seed: int, stages: int = 3, metrics=METRICS) -> Path
                           "seconds": {"select": 0.1, "train": 1.0, "evaluate": 0.5}})
         final[metric] = {"labeled": 200 + 50 * stages, "clean_accuracy": 0.95, "robust_accuracy": lines[-1]["robust_accuracy"]}
     (folder / "log.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
-    (folder / "summary.json").write_text(json.dumps({"command": "robust-al", "seed": seed, "final": final}))
+    (folder / "summary.json").write_text(json.dumps({"command": "dltest robust-al", "seed": seed, "final": final}))
     return folder
 
 

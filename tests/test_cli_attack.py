@@ -185,6 +185,6 @@ def test_train_adversarial(tmp_path):
     assert data["best_score"] == data["history"][0]["val_robust_accuracy"]
     assert 0 <= data["holdout_robust_accuracy"] <= data["holdout_accuracy"]
     _, info = load_model(out)
-    assert info.meta["adversarial"]["purpose"] == "train"
+    assert info.meta["adversarial"]["method"] == "pgd"
     line = error_line(run("train", "--eps", "0.1", "--out", tmp_path / "x.pt"))
-    assert line == "error: --eps, --steps and --alpha set the PGD of adversarial training: add --adversarial"
+    assert line == "error: --eps, --steps, --alpha, --warmup-epochs and --beta set adversarial training: add --at METHOD"

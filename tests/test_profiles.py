@@ -9,7 +9,6 @@ import pytest
 from dltest.data import BUILTINS
 from dltest.errors import DltestError
 from dltest.profiles import COLOUR, GREY, PROFILES, dataset_profile, generic_profile
-from dltest.training import DEFAULT_AUGMENT
 from dltest.zoo import ARCHITECTURES, default_arch, model_for_dataset
 
 
@@ -29,7 +28,6 @@ def test_profiles_hold_the_papers_numbers():
     assert COLOUR.pgd("train").alpha == 2 / 255 and GREY.eps == 0.3
     assert (svhn.retrain_epochs, mnist.retrain_epochs) == (20, 10)
     assert (cifar.augment, svhn.augment, mnist.augment) == ("crop-flip", "crop", "none")
-    assert DEFAULT_AUGMENT["cifar10"] == "crop-flip" and DEFAULT_AUGMENT["mnist"] == "none"
     # SPEC §4, Table 3: budget, initial, per stage -> stages
     table = {"mnist": (5000, 200, 200, 24), "fashion-mnist": (6000, 200, 200, 29),
              "svhn": (10000, 1000, 500, 18), "cifar10": (25000, 1000, 500, 48)}

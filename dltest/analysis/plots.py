@@ -1,5 +1,5 @@
 """Figures of the analyses, as PNG files: the bias-robustness correlation heat map (the paper's
-Figure 3) and the bias of each function per stage.
+Figure 3), the bias of each function per stage, and accuracy and robustness per stage (Figure 2).
 
 matplotlib is an optional extra (``pip install 'dltest[plots]'``); it is imported only when a
 figure is drawn, with a one-line error when it is missing.
@@ -94,6 +94,33 @@ def bias_by_stage(records: Iterable[dict[str, Any]], path: str | os.PathLike, ti
         ax.set_ylim(0, 1)
     axes[0][0].set_ylabel("bias (JSD, base 2)")
     axes[0][-1].legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return _save(fig, plt, path)
+
+
+def accuracy_by_stage(records: Iterable[dict[str, Any]], path: str | os.PathLike, title: str | None = None) -> Path:
+    """Clean accuracy and robust accuracy per attack against the labeled-pool size, one line per
+    function (the paper's Figure 2); ``records`` are robust-al log records of one run."""
+    by_metric: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for record in records:
+        by_metric[record["metric"]].append(record)
+    if not by_metric:
+        raise DltestError("no stage records to plot")
+    attacks = list(dict.fromkeys(a for rs in by_metric.values() for r in rs for a in r["robust_accuracy"]))
+    panels = ["clean"] + attacks
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False, layout="constrained")
+    for ax, panel in zip(axes[0], panels):
+        for metric, rs in by_metric.items():
+            ys = [100 * (r["clean_accuracy"] if panel == "clean" else r["robust_accuracy"].get(panel, float("nan")))
+                  for r in rs]
+            ax.plot([r["labeled"] for r in rs], ys, marker=".", label=metric)
+        ax.set_title("clean accuracy" if panel == "clean" else f"robust accuracy ({panel})", fontsize=9)
+        ax.set_xlabel("labeled inputs")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("%")
+    axes[0][0].legend(fontsize=7)
     if title:
         fig.suptitle(title, fontsize=10)
     return _save(fig, plt, path)

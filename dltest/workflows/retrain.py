@@ -26,7 +26,6 @@ from dltest.checkpoint import ModelInfo, copy_model, save_model
 from dltest.data import ImageDataset, load_dataset
 from dltest.inference import PROBE_SIZE, adapt
 from dltest.errors import DltestError
-from dltest.io import atomic_path
 from dltest.profiles import dataset_profile
 from dltest.robustness import RobustnessReport, evaluate_robustness
 from dltest.runtime import eval_mode, on_device, resolve_device, seeded

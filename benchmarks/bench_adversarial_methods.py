@@ -1,0 +1,102 @@
+"""Benchmark the adversarial-training methods (issue 8): time per epoch and AutoAttack robustness.
+
+Every method trains the same LeNet-5 (same initial weights) on the same MNIST training inputs
+for the same epochs, with dltest's trainer and its defaults for grey images (Adam, one-cycle
+peak 5e-3, eps 0.3 ramped up over ``--warmup`` epochs, best epoch by a 10-step PGD check on
+1000 val inputs). Then each model is evaluated on the same seeded holdout inputs with PGD-50
+and the standard AutoAttack (APGD-CE, APGD-T, FAB-T with 100 steps, Square 5000 queries).
+
+Reported per method: seconds per training epoch (the mean over the epochs, robustness checks
+excluded), that time divided by PGD-40's in the same run, clean accuracy, PGD-50 and
+AutoAttack robust accuracy. Goal: a fast mode at <= 1/8 of PGD-40's time per epoch that loses
+<= 3 AutoAttack points.
+
+    DLTEST_DATA=../shared/datasets OMP_NUM_THREADS=1 python benchmarks/bench_adversarial_methods.py \
+        --n 10000 --epochs 8 --eval-n 500 --out bench-at-methods.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from dltest.adversarial_training import adversarial_training  # noqa: E402
+from dltest.data import load_dataset  # noqa: E402
+from dltest.robustness import evaluate_robustness  # noqa: E402
+from dltest.training import TrainConfig, train  # noqa: E402
+from dltest.zoo import model_for_dataset  # noqa: E402
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version(), "device": "cpu",
+            "load_average_at_start": os.getloadavg()[0]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--methods", default="pgd,fgsm-rs,n-fgsm,trades")
+    parser.add_argument("--n", type=int, default=10000, help="training inputs (a seeded subset of MNIST train)")
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--warmup", type=float, default=2.0)
+    parser.add_argument("--eval-n", type=int, default=500)
+    parser.add_argument("--attacks", default="pgd,autoattack")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="bench-at-methods.json")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    train_data = load_dataset("mnist", "train").sample(args.n, args.seed)
+    val = load_dataset("mnist", "val").sample(1000, args.seed)
+    holdout = load_dataset("mnist", "holdout")
+    torch.manual_seed(args.seed)
+    init = model_for_dataset("mnist")
+    config = TrainConfig(epochs=args.epochs, optimizer="adam", lr=5e-3, weight_decay=0.0, seed=args.seed)
+    rows = {}
+    for name in args.methods.split(","):
+        method = adversarial_training(name, "grey", warmup_epochs=args.warmup)
+        result = train(copy.deepcopy(init), train_data, val, config, adversary=method, device="cpu", progress=False)
+        report = evaluate_robustness(result.model, holdout, args.attacks.split(","), n=args.eval_n, seed=args.seed,
+                                     device="cpu")
+        rows[name] = {
+            "method": method.to_dict(), "gradient_evaluations_per_batch": method.gradient_evaluations,
+            "seconds_per_epoch": result.seconds_per_epoch, "best_epoch": result.best_epoch,
+            "stopped_early": result.stopped_early, "clean_accuracy": report.clean_accuracy,
+            "robust_accuracy": {o.attack: o.robust_accuracy for o in report.attacks},
+            "evaluation_seconds": report.seconds,
+        }
+        print(json.dumps({name: rows[name]}), flush=True)
+    if "pgd" in rows:
+        base = rows["pgd"]
+        for row in rows.values():
+            row["time_vs_pgd"] = row["seconds_per_epoch"] / base["seconds_per_epoch"]
+            row["autoattack_points_vs_pgd"] = (
+                100 * (row["robust_accuracy"].get("autoattack", float("nan"))
+                       - base["robust_accuracy"].get("autoattack", float("nan"))))
+    out = {"benchmark": "adversarial training methods", "machine": machine(), "args": vars(args), "results": rows}
+    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,202 @@
+"""Robust active learning: stages, the run folder, resume, standard vs adversarial, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from dltest.cli import app
+from dltest.data import load_dataset
+from dltest.errors import DltestError
+from dltest.workflows.robust_al import RobustALConfig, read_log, robust_active_learning
+
+
+@pytest.fixture(scope="module")
+def splits(mnist_train_slice):
+    val = load_dataset("mnist", "val").subset(torch.arange(300))
+    holdout = load_dataset("mnist", "holdout").subset(torch.arange(300))
+    return mnist_train_slice.subset(torch.arange(3000)), val, holdout
+
+
+def tiny(**overrides) -> RobustALConfig:
+    settings = dict(dataset="mnist", metrics=("entropy",), budget=260, initial=200, per_stage=20, epochs=1,
+                    initial_epochs=3, at="fgsm-rs", eval_n=100, val_n=100, check_steps=2, seed=0)
+    settings.update(overrides)
+    return RobustALConfig(**settings)
+
+
+def run(config, splits, folder=None, **kwargs):
+    train, val, holdout = splits
+    return robust_active_learning(config, train_data=train, val_data=val, holdout=holdout, run_dir=folder,
+                                  device="cpu", **kwargs)
+
+
+def test_three_stages_grow_the_pool_and_the_files_agree(splits, tmp_path):
+    config = tiny(metrics=("entropy", "random"))
+    result = run(config, splits, tmp_path / "run")
+    assert config.stages == 3
+    for metric in ("entropy", "random"):
+        records = result.records[metric]
+        assert [r.stage for r in records] == [0, 1, 2, 3]
+        assert [r.labeled for r in records] == [200, 220, 240, 260]
+        chosen = [i for r in records for i in r.selected]
+        assert len(chosen) == 60 and len(set(chosen)) == 60
+        assert all(len(r.selected) == 20 for r in records[1:])
+        assert records[0].bias is None and set(records[1].bias) == {"entropy", "gini", "lc", "margin", "label"}
+        assert all(0 <= v <= 1 for r in records[1:] for v in r.bias.values())
+    # one initial model, shared: stage 0 is identical across metrics
+    e0, r0 = result.records["entropy"][0], result.records["random"][0]
+    assert (e0.clean_accuracy, e0.robust_accuracy) == (r0.clean_accuracy, r0.robust_accuracy)
+    # the entropy selection is more biased towards high entropy than the random one
+    assert result.records["entropy"][1].bias["entropy"] > result.records["random"][1].bias["entropy"]
+
+    folder = tmp_path / "run"
+    log = read_log(folder)
+    assert len(log) == 8 and [r.metric for r in log] == ["entropy"] * 4 + ["random"] * 4
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["command"] == "dltest robust-al" and summary["seed"] == 0
+    for metric in ("entropy", "random"):
+        last = [r for r in log if r.metric == metric][-1]
+        assert summary["final"][metric]["labeled"] == 260
+        assert summary["final"][metric]["clean_accuracy"] == last.clean_accuracy
+        assert summary["final"][metric]["robust_accuracy"] == last.robust_accuracy
+        assert (folder / f"{metric}.pt").is_file()
+    config_file = json.loads((folder / "config.json").read_text())
+    assert config_file["metrics"] == ["entropy", "random"] and config_file["at"] == "fgsm-rs"
+
+
+class Killed(Exception):
+    pass
+
+
+def test_resume_after_a_kill_reproduces_the_uninterrupted_run(splits, tmp_path):
+    config = tiny()
+    whole = run(config, splits, tmp_path / "whole")
+
+    def die_after_stage_2(record):
+        if record.stage == 2:
+            raise Killed
+
+    with pytest.raises(Killed):
+        run(config, splits, tmp_path / "cut", on_stage=die_after_stage_2)
+    assert not (tmp_path / "cut" / "summary.json").exists()
+    with pytest.raises(DltestError, match="already holds a run"):
+        run(config, splits, tmp_path / "cut")
+    resumed = run(config, splits, tmp_path / "cut", resume=True)
+    strip = lambda rs: [(r.stage, r.labeled, r.selected, r.clean_accuracy, r.robust_accuracy, r.bias) for r in rs]
+    assert strip(resumed.records["entropy"]) == strip(whole.records["entropy"])
+    assert (tmp_path / "cut" / "log.jsonl").read_text().count("\n") == 4
+    with pytest.raises(DltestError, match=r"other settings \(budget\)"):
+        run(tiny(budget=280), splits, tmp_path / "cut", resume=True)
+
+
+def test_standard_and_robust_runs_differ_only_in_training(splits):
+    robust = run(tiny(budget=240), splits).records["entropy"]
+    standard = run(tiny(budget=240, at=None), splits).records["entropy"]
+    same = lambda r: (r.labeled, r.clean_accuracy, r.robust_accuracy, r.best_epoch)
+    assert same(robust[0]) == same(standard[0])  # the same initial model and figures
+    assert robust[1].selected == standard[1].selected  # stage 1 selects with that initial model
+    assert robust[1].robust_accuracy != standard[1].robust_accuracy
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(budget=150), "must exceed the initial labeled pool"),
+    (dict(per_stage=0), "per_stage must be >= 1"),
+    (dict(at="free"), "unknown adversarial training method 'free'"),
+    (dict(metrics=("nope",)), "unknown metric 'nope'"),
+    (dict(metrics=("dre", "dre")), "name a metric twice"),
+])
+def test_bad_settings_are_refused(overrides, message):
+    with pytest.raises(DltestError, match=message):
+        tiny(**overrides)
+
+
+def test_budget_larger_than_the_pool_is_refused(splits):
+    with pytest.raises(DltestError, match="exceeds the training pool of 3000"):
+        run(tiny(budget=4000), splits)
+
+
+def cli(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--budget", "100"], "budget (100) must exceed the initial labeled pool (200)"),
+    (["--per-stage", "0"], "per_stage must be >= 1, got 0"),
+    (["--budget", "70000"], "budget (70000) exceeds the training pool of 60000 inputs"),
+    (["--at", "free"], "unknown adversarial training method 'free'"),
+    (["--arch", "vgg16"], "cannot take"),
+])
+def test_cli_bad_input_is_one_line_and_writes_nothing(tmp_path, args, message):
+    out = tmp_path / "run"
+    result = cli("robust-al", "--out", out, *args)
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert lines[-1].startswith("error: ") and message in lines[-1]
+    assert "Traceback" not in result.output
+    assert not (out / "log.jsonl").exists()
+
+
+def test_cli_runs_and_resumes(tmp_path):
+    out = tmp_path / "run"
+    args = ["robust-al", "--metric", "margin,random", "--budget", "240", "--initial", "200", "--per-stage", "20",
+            "--epochs", "1", "--initial-epochs", "2", "--eval-n", "50", "--val-n", "50", "--train-size", "2000",
+            "--out", out]
+    result = cli(*args)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["final"]) == {"margin", "random"}
+    assert all(f["labeled"] == 240 for f in summary["final"].values())
+    log = read_log(out)
+    assert max(i for r in log for i in r.selected) >= 2000  # positions in the training split, not the subset
+    assert "margin stage 2: 240 labeled" in result.output
+    analysis = cli("analyze", "bias", out, "--out", tmp_path / "bias.json")  # the analyses read the run folder
+    assert analysis.exit_code == 0, analysis.output
+    assert "margin" in (tmp_path / "bias.json").read_text()
+    again = cli(*args)
+    assert again.exit_code == 2 and "already holds a run" in again.output
+    resumed = cli(*args, "--resume")  # nothing left to do: the same summary
+    assert resumed.exit_code == 0, resumed.output
+    assert json.loads((out / "summary.json").read_text())["final"] == summary["final"]
+
+
+def test_sigkill_then_resume_gives_the_uninterrupted_log(tmp_path):
+    """A real SIGKILL of the command mid-run; --resume ends with the log of a run never killed."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    args = ["robust-al", "--metric", "entropy", "--budget", "280", "--initial", "200", "--per-stage", "20",
+            "--epochs", "1", "--initial-epochs", "2", "--eval-n", "50", "--val-n", "50", "--train-size", "2000"]
+    command = [sys.executable, "-c", "from dltest.cli import main; main()"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    whole = subprocess.run([*command, *args, "--out", str(tmp_path / "whole")], env=env, capture_output=True,
+                           text=True, timeout=600)
+    assert whole.returncode == 0, whole.stderr
+    cut = tmp_path / "cut"
+    process = subprocess.Popen([*command, *args, "--out", str(cut)], env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    state = cut / "state" / "entropy.pt"
+    deadline = time.monotonic() + 300
+    while not state.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (cut / "summary.json").exists()
+    resumed = subprocess.run([*command, *args, "--out", str(cut), "--resume"], env=env, capture_output=True,
+                             text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    figures = lambda rs: [(r.stage, r.labeled, r.selected, r.clean_accuracy, r.robust_accuracy, r.bias) for r in rs]
+    assert figures(read_log(cut)) == figures(read_log(tmp_path / "whole"))
+    assert not list(cut.rglob("*.tmp"))
+
+
+def test_run_folder_has_the_figure(splits, tmp_path):
+    pytest.importorskip("matplotlib")
+    run(tiny(budget=220, at=None), splits, tmp_path / "run")
+    assert (tmp_path / "run" / "figure.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
