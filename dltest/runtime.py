@@ -312,6 +312,17 @@ def gather(tensor: Tensor | None) -> Tensor | None:
     return torch.cat([part[:k] for part, k in zip(parts, rows)])
 
 
+def data_parallel(model: nn.Module, device: torch.device | str) -> nn.Module:
+    """``model`` wrapped in DistributedDataParallel when there are several ranks, else itself.
+
+    DDP broadcasts rank 0's weights and buffers, then averages gradients across ranks in
+    ``backward``; the wrapper shares the model's parameters, so ``model`` stays the one to save."""
+    if world_size() == 1:
+        return model
+    device = torch.device(device)
+    return nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+
+
 def broadcast_object(obj: Any) -> Any:
     """Rank 0's ``obj`` on every rank (pickled; for small results such as a selection)."""
     if world_size() == 1:

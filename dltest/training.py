@@ -28,7 +28,7 @@ from dltest.data import ImageDataset, fingerprint
 from dltest.errors import DltestError
 from dltest.io import atomic_path
 from dltest.progress import progress_bar
-from dltest.runtime import resolve_device, seeded
+from dltest.runtime import data_parallel, gather, rank, resolve_device, seeded, shard_positions, world_size
 
 # An adversary maps (model, images in [0, 1], labels) to perturbed images, model in eval mode.
 Adversary = Callable[[nn.Module, Tensor, Tensor], Tensor]
@@ -109,6 +109,14 @@ def train(
 
     On CUDA, ``config.amp`` runs the forward passes under autocast and ``config.channels_last``
     uses the channels_last memory format; on the CPU both are off.
+
+    Under torchrun (:func:`dltest.runtime.distributed`) the model trains with
+    DistributedDataParallel: every global batch (same order on every rank) is augmented as a
+    whole from a seed of its own and split into contiguous rank shares; the loss is scaled so
+    that DDP's averaged gradient is the gradient of the global batch's mean loss. What still
+    depends on the rank count: float summation order, dropout masks and attack random starts
+    (each rank draws its own), BatchNorm statistics (per rank share, rank 0's kept) and the
+    final global batches smaller than the rank count (skipped). See docs/distributed.md.
     """
     config = config or TrainConfig()
     method = adversary if isinstance(adversary, AdversarialTraining) else None
@@ -153,35 +161,52 @@ def _train(model, train_data, val_data, config, adversary, method, val_adversary
 
     started = time.perf_counter()
     warmup = method.warmup_epochs if method else 0.0
+    ranks = world_size()
+    net = data_parallel(model, device)  # ``model`` itself where there is one process
     for epoch in range(start_epoch, config.epochs):
         if stopped:
             break
-        torch.manual_seed(config.seed * 1000 + epoch)  # dropout, random starts: same stream when resumed
+        torch.manual_seed(config.seed * 1000 + epoch + 7919 * rank())  # dropout, random starts: same stream when resumed
         order = torch.randperm(len(train_data), generator=torch.Generator().manual_seed(config.seed * 1000 + epoch))
         loss_sum, correct, seen = 0.0, 0, 0
         epoch_started = time.perf_counter()
         with progress_bar(f"epoch {epoch + 1}/{config.epochs}", total=len(order), enabled=progress) as advance:
             for step, batch in enumerate(order.split(config.batch_size)):
-                x = fast.prepare_input(augment(train_data.images(batch, device), config.augment))
+                global_size = len(batch)
+                if ranks == 1:
+                    x = augment(train_data.images(batch, device), config.augment)
+                elif global_size < ranks:  # a rank would have nothing to run
+                    continue
+                else:
+                    with seeded(config.seed * 1000003 + epoch * 100003 + step, device):  # same draws for any rank count
+                        x = augment(train_data.images(batch, device), config.augment)
+                    mine = shard_positions(global_size)
+                    x, batch = x[mine.start:mine.stop], batch[mine.start:mine.stop]
+                x = fast.prepare_input(x)
                 y = train_data.y[batch].to(device)
                 with fast.autocast():
                     if method is not None:
                         eps = method.eps_at(epoch + (step + 1) / steps_per_epoch)
-                        loss, logits = method.loss(model, x, y, eps)
+                        loss, logits = method.loss(net, x, y, eps)
                     else:
                         if adversary is not None:
                             model.eval()
                             x = adversary(model, x, y).detach()
                         model.train()
-                        logits = model(x)
+                        logits = net(x)
                         loss = F.cross_entropy(logits.float(), y)
+                    if ranks > 1:  # this share's mean x its size x ranks / global batch: DDP's average is the global mean
+                        loss = loss * (len(y) * ranks / global_size)
                 optimizer.zero_grad(set_to_none=True)
                 fast.backward_and_step(loss, optimizer)
                 scheduler.step()
-                loss_sum += float(loss.detach()) * len(y)
+                loss_sum += float(loss.detach()) * global_size / ranks
                 correct += int((logits.detach().argmax(1) == y).sum())
                 seen += len(y)
                 advance(len(y))
+        if ranks > 1:  # the epoch's totals over all ranks
+            loss_sum, correct, seen = gather(torch.tensor([[loss_sum, correct, seen]], dtype=torch.float64)).sum(0).tolist()
+            correct, seen = int(correct), int(seen)
         record = {"epoch": epoch, "loss": loss_sum / seen, "train_accuracy": correct / seen,
                   "seconds": round(time.perf_counter() - epoch_started, 3)}
         if method is not None:

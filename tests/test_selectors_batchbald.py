@@ -77,7 +77,7 @@ def test_batchbald_is_seeded_and_its_memory_bound_is_enforced(trained_lenet, mni
     assert a.indices == b.indices and a.scores == b.scores and a.indices != c.indices
     assert len(set(a.indices)) == 12 and a.scores == sorted(a.scores)  # mutual information grows with the batch
     assert a.options["candidates"] == 120 and a.options["planned_memory_mb"] <= 1024
-    chunk, planned = memory_plan(120, 10, 10, 200, max_memory_mb=1)
+    chunk, planned = memory_plan(200, 120, 10, 10, 200, max_memory_mb=1)
     assert planned <= 2**20 and 1 <= chunk < 120
     small = select("batchbald", 12, model=trained_lenet, data=data, seed=4, joint_samples=200, max_memory_mb=1)
     assert small.indices == a.indices  # chunked to fit, same result

@@ -87,3 +87,14 @@ def test_stochastic_acquisition_and_the_high_entropy_bias_on_mnist(mnist_test):
     assert dre < 0.01
     assert dre < rank_ < power < 0.75 * top
     assert bias("entropy", sampling="softmax") < 0.05
+
+
+def test_sampling_over_metrics_that_run_the_model(trained_lenet, mnist_test):
+    pool = mnist_test.subset(torch.arange(60))
+    for metric, options in (("bald", {}), ("dfal", {"candidate_factor": 4})):
+        a = select(metric, 6, model=trained_lenet, data=pool, seed=1, sampling="rank", **options)
+        b = select(metric, 6, model=trained_lenet, data=pool, seed=1, sampling="rank", **options)
+        top = select(metric, 6, model=trained_lenet, data=pool, seed=1, **options)
+        assert a.indices == b.indices and len(set(a.indices)) == 6 and a.options["sampling"] == "rank"
+        cold = select(metric, 6, model=trained_lenet, data=pool, seed=1, sampling="softmax", temperature=1e-9, **options)
+        assert cold.indices == top.indices  # a cold draw is the ranking (dfal: on the same candidates)

@@ -21,9 +21,10 @@ Cost: every step scores every candidate against every configuration, O(candidate
 The candidates are the ``candidate_factor`` x budget inputs of highest BALD (the rest could
 only be picked after all of those), so the cost does not grow with the pool.
 
-Memory: the working tensors are the (candidates, T, C) samples and the per-chunk joint
-probabilities (chunk, M, C). ``max_memory_mb`` bounds them: the chunk of candidates scored at once
-is sized to fit, and a bound too small for even one candidate is an error that says what would fit.
+Memory: the working tensors are the (T, n, C) samples of the pool with their BALD scores, the
+(candidates, T, C) samples and the per-chunk joint probabilities (chunk, M, C), chunk <= 256. ``max_memory_mb`` bounds them: the chunk of candidates
+scored at once is sized to fit, a bound too small for even one candidate is an error that says
+what would fit, and the plan (``planned_memory_mb``) is written into the selection's options.
 """
 
 from __future__ import annotations
@@ -41,23 +42,28 @@ from dltest.selectors.mc_dropout import bald_from_samples, mc_probabilities
 from dltest.selectors.uncertainty import entropy
 
 BYTES = 8  # float64
+POOL_BYTES = 24  # per sampled probability of the pool: float32 samples, their float64 copy, x log x
 TEMPORARIES = 3  # joint probabilities, their x log x, and the product: per candidate, per chunk
+LAZY_CHUNK = 256  # candidates re-scored at a time by the lazy greedy (fewer if the memory bound says so)
 
 
-def memory_plan(candidates: int, samples: int, classes: int, joint_samples: int, max_memory_mb: float) -> tuple[int, int]:
+def memory_plan(pool: int, candidates: int, samples: int, classes: int, joint_samples: int,
+                max_memory_mb: float) -> tuple[int, int]:
     """(chunk, bytes planned at most): how many candidates to score at once within the bound."""
     bound = int(max_memory_mb * 2**20)
-    fixed = BYTES * (2 * candidates * samples * classes  # the candidates' samples, and those still unpicked
-                     + 2 * joint_samples * samples  # configuration probabilities, and their next version
-                     + 4 * candidates)  # conditional entropies, scores, masks
+    fixed = POOL_BYTES * pool * samples * classes + BYTES * (  # the pool's samples and their BALD
+        2 * candidates * samples * classes  # the candidates' samples, and those re-scored
+        + 2 * joint_samples * samples  # configuration probabilities, and their next version
+        + 4 * candidates)  # conditional entropies, scores, masks
     per_candidate = TEMPORARIES * BYTES * joint_samples * classes
     chunk = (bound - fixed) // per_candidate
     if chunk < 1:
         need = (fixed + per_candidate) / 2**20
-        raise DltestError(f"batchbald needs at least {need:.1f} MB for {candidates} candidates, T={samples}, C={classes} "
+        raise DltestError(f"batchbald needs at least {need:.1f} MB for a pool of {pool}, {candidates} candidates, "
+                          f"T={samples}, C={classes} "
                           f"and joint_samples={joint_samples}, above max_memory_mb={max_memory_mb:g}: raise "
                           "max_memory_mb, or lower joint_samples or candidate_factor")
-    chunk = min(chunk, candidates)
+    chunk = min(chunk, candidates, LAZY_CHUNK)
     return int(chunk), int(fixed + chunk * per_candidate)
 
 
@@ -66,31 +72,43 @@ def joint_entropies(configs: Tensor, log_scale: Tensor | None, probs: Tensor, ch
 
     ``configs`` (M, T) holds p_t(configuration m) of the batch's label configurations. With
     ``log_scale`` None they are all C^k configurations (exact); otherwise M samples, each row
-    rescaled by exp(-log_scale[m]) (importance-sampled estimate).
+    rescaled by exp(-log_scale[m]) (importance-sampled estimate). One matrix product per chunk:
+    (M, T) x (T, chunk * C).
     """
     m, t = configs.shape
-    out = torch.empty(len(probs), dtype=torch.float64, device=probs.device)
-    q = configs.mean(dim=1)  # p(configuration m), up to its scale
-    for s in range(0, len(probs), chunk):
-        joint = torch.einsum("mt,jtc->jmc", configs, probs[s : s + chunk]) / t  # (chunk, M, C)
-        plogp = torch.special.xlogy(joint, joint)
+    n, _, c = probs.shape
+    out = torch.empty(n, dtype=torch.float64, device=probs.device)
+    q = configs.mean(dim=1, keepdim=True)  # p(configuration m), up to its scale
+    for s in range(0, n, chunk):
+        part = probs[s : s + chunk]
+        joint = (configs @ part.permute(1, 0, 2).reshape(t, -1)) / t  # (M, chunk * C)
+        plogp = torch.special.xlogy(joint, joint).view(m, len(part), c).sum(dim=2)  # (M, chunk)
         if log_scale is None:
-            out[s : s + chunk] = -plogp.sum(dim=(1, 2))
+            out[s : s + chunk] = -plogp.sum(dim=0)
         else:
-            out[s : s + chunk] = -((plogp.sum(dim=2) / q).sum(dim=1) + log_scale.sum()) / m
+            out[s : s + chunk] = -((plogp / q).sum(dim=0) + log_scale.sum()) / m
     return out
 
 
 def batchbald(probs: Tensor, budget: int, generator: torch.Generator, joint_samples: int = 1000,
               chunk: int | None = None, progress: bool = False) -> tuple[Tensor, Tensor]:
     """(picks, scores): greedy BatchBALD over ``probs`` (n, T, C) MC-dropout samples; ``scores[k]`` is
-    the mutual information of the first k + 1 picks (nats)."""
+    the mutual information of the first k + 1 picks (nats).
+
+    Lazy greedy (Minoux): a candidate's gain can only shrink as the batch grows (the mutual
+    information is submodular, Kirsch et al. 2019), so each step re-scores candidates in the order of
+    their last gain, a chunk at a time, and stops as soon as the best fresh gain beats the stale gain
+    of every candidate not re-scored. With the exact joint entropy this is the plain greedy; with
+    sampled configurations, candidates whose last estimate is already below the best are not
+    re-estimated.
+    """
     probs = probs.double()
     n, t, c = probs.shape
     if budget > n:
         raise DltestError(f"batchbald budget {budget} exceeds the {n} candidates")
-    chunk = chunk or n
+    chunk = min(chunk or n, LAZY_CHUNK)
     cond = entropy(probs).mean(dim=1)  # E_t H(y_j | w_t), (n,)
+    bound = entropy(probs.mean(dim=1)) - cond  # the first gain of every candidate: its BALD score
     configs = torch.ones((1, t), dtype=torch.float64, device=probs.device)
     log_scale: Tensor | None = None  # None: exact enumeration
     owner = torch.empty(0, dtype=torch.long)  # the sample t each drawn configuration is drawn under
@@ -101,10 +119,18 @@ def batchbald(probs: Tensor, budget: int, generator: torch.Generator, joint_samp
     with progress_bar("batchbald", total=budget, enabled=progress) as advance:
         for k in range(budget):
             rows = torch.nonzero(alive).flatten()
-            gain = joint_entropies(configs, log_scale, probs[rows], chunk) - cond[rows]
-            best = int(torch.argmax(gain))  # first maximum: the lower position
-            j = int(rows[best])
-            picks[k], scores[k] = j, float(gain[best]) - batch_cond
+            order = rows[torch.argsort(bound[rows], descending=True, stable=True)]  # ties: lower position first
+            best_gain, j = -math.inf, -1
+            for s in range(0, len(order), chunk):
+                fresh = order[s : s + chunk]
+                gain = joint_entropies(configs, log_scale, probs[fresh], chunk) - cond[fresh]
+                bound[fresh] = gain
+                top = float(gain.max())
+                if top > best_gain or (top == best_gain and int(fresh[gain == top].min()) < j):
+                    best_gain, j = top, int(fresh[gain == top].min())
+                if s + chunk >= len(order) or best_gain > float(bound[order[s + chunk]]):
+                    break
+            picks[k], scores[k] = j, best_gain - batch_cond
             batch_cond += float(cond[j])
             alive[j] = False
             advance(1)
@@ -165,7 +191,7 @@ class BatchBALD(Selector):
         n = len(candidates)
         m = min(n, max(budget, math.ceil(self.candidate_factor * budget)))
         classes = candidates.outputs.logits.shape[1]
-        chunk, planned = memory_plan(m, self.samples, classes, self.joint_samples, self.max_memory_mb)
+        chunk, planned = memory_plan(n, m, self.samples, classes, self.joint_samples, self.max_memory_mb)
         samples = mc_probabilities(candidates, self.samples, self.dropout, generator)  # (T, n, C)
         bald = bald_from_samples(samples)
         top = torch.sort(torch.argsort(bald, descending=True, stable=True)[:m]).values  # by position
