@@ -67,7 +67,7 @@ class Size:
     schedule: tuple[int, int, int] | None
     epochs: int
     initial_epochs: int
-    at: str | None  # None: robust-al's default method
+    at: str  # the adversarial-training method of the robust runs
     eval_attacks: tuple[str, ...]
     final_attacks: tuple[str, ...]
     eval_n: int | None
@@ -94,13 +94,13 @@ SIZES = {
                  retrain_train_size=None, retrain_eval_n=None),
     # A first look on a CPU: MNIST, 5 stages of 200, the functions the paper's shape is about.
     "quick": Size("quick", ("mnist",), ("random", "entropy", "deepgini", "lc", "mcp", "dre"), (0, 1, 2),
-                  (1200, 200, 200), epochs=3, initial_epochs=10, at=None, eval_attacks=("pgd",), final_attacks=(),
+                  (1200, 200, 200), epochs=3, initial_epochs=10, at="pgd", eval_attacks=("pgd",), final_attacks=(),
                   eval_n=500, val_n=300, train_size=None, standard_metrics=("random", "deepgini", "dre"),
                   standard_seeds=(0,), retrain_metrics=("random", "deepgini", "dre"), retrain_budgets=("1%", "4%"),
                   retrain_seeds=(0,), retrain_epochs=2, retrain_train_size=10000, retrain_eval_n=500),
     # The smallest size that runs every part (the test).
     "smoke": Size("smoke", ("mnist",), ("random", "deepgini", "dre"), (0,), (60, 20, 20), epochs=1, initial_epochs=1,
-                  at=None, eval_attacks=("pgd",), final_attacks=(), eval_n=40, val_n=40, train_size=1000,
+                  at="fgsm-rs", eval_attacks=("pgd",), final_attacks=(), eval_n=40, val_n=40, train_size=1000,
                   standard_metrics=("random", "dre"), standard_seeds=(0,), retrain_metrics=("random", "dre"),
                   retrain_budgets=("1%",), retrain_seeds=(0,), retrain_epochs=1, retrain_train_size=500,
                   retrain_eval_n=40),
@@ -110,13 +110,11 @@ SIZES = {
 def robust_al_config(size: Size, dataset: str, seed: int, standard: bool):
     overrides: dict[str, Any] = dict(
         metrics=size.standard_metrics if standard else size.metrics, epochs=size.epochs,
-        initial_epochs=size.initial_epochs, at=size.at, eval_attacks=size.eval_attacks,
+        initial_epochs=size.initial_epochs, at=None if standard else size.at, eval_attacks=size.eval_attacks,
         final_attacks=size.final_attacks, eval_n=size.eval_n, val_n=size.val_n, train_size=size.train_size, seed=seed)
     if size.schedule:
         overrides.update(budget=size.schedule[0], initial=size.schedule[1], per_stage=size.schedule[2])
-    config = preset(dataset, **overrides)
-    # preset() ignores None overrides, so standard training (at=None) is set on the config itself
-    return dataclasses.replace(config, at=None) if standard else config
+    return preset(dataset, **overrides)
 
 
 def run_active_learning(size: Size, dataset: str, seed: int, standard: bool, runs: Path, device) -> Path:
