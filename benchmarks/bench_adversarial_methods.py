@@ -21,9 +21,7 @@ import argparse
 import copy
 import json
 import os
-import platform
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,19 +35,7 @@ from dltest.robustness import evaluate_robustness  # noqa: E402
 from dltest.training import TrainConfig, train  # noqa: E402
 from dltest.zoo import model_for_dataset  # noqa: E402
 
-
-def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version(), "device": "cpu",
-            "load_average_at_start": os.getloadavg()[0]}
+from bench_adversarial_training import machine  # noqa: E402  (the same machine record as the issue-3 benchmark)
 
 
 def main() -> None:
@@ -99,7 +85,8 @@ def main() -> None:
             row["autoattack_points_vs_pgd"] = (
                 100 * (row["robust_accuracy"].get("autoattack", float("nan"))
                        - base["robust_accuracy"].get("autoattack", float("nan"))))
-    out = {"benchmark": "adversarial training methods", "machine": machine(), "args": vars(args), "results": rows}
+    out = {"benchmark": "adversarial training methods", "machine": {**machine(), "load_average": os.getloadavg()},
+           "args": vars(args), "results": rows}
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
     print(json.dumps(out, indent=2))
 
