@@ -148,3 +148,15 @@ def _bundled():
     from dltest.checkpoint import pretrained_path
 
     return pretrained_path("mnist")
+
+
+def test_the_bundled_robust_model_is_robust():
+    from dltest.checkpoint import load_model
+    from dltest.data import load_dataset
+
+    model, info = load_model(dataset="mnist", robust=True)
+    assert info.source.endswith("lenet5-mnist-robust.pt") and info.meta["adversarial"]["method"] == "pgd"
+    holdout = load_dataset("mnist", "holdout").sample(200, 0)
+    report = evaluate_robustness(model, holdout, ["pgd"], steps=10, alpha=0.075)
+    # the card: 98.88% clean, 93.5% PGD-50 and 87.4% AutoAttack at eps 0.3
+    assert report.clean_accuracy > 0.97 and report.attacks[0].robust_accuracy > 0.85
