@@ -215,3 +215,19 @@ def test_preset_keeps_standard_active_learning_and_fills_the_schedule():
     config = preset("mnist", budget=None, metrics=("dre",))
     assert (config.budget, config.initial, config.per_stage, config.stages) == (5000, 200, 200, 24)
     assert (preset("fashion-mnist").budget, preset("fashion-mnist").stages) == (6000, 29)
+
+
+def test_a_users_architecture_runs_robust_active_learning(splits, tmp_path):
+    from pathlib import Path
+
+    from dltest.checkpoint import load_model
+
+    arch = f"{Path(__file__).with_name('client_nets.py')}:ClientLeNet"
+    config = tiny(metrics=("entropy", "coreset"), budget=240, arch=arch, arch_kwargs={"num_classes": 10})
+    result = run(config, splits, tmp_path / "run")
+    for metric in ("entropy", "coreset"):
+        assert [r.labeled for r in result.records[metric]] == [200, 220, 240]
+        model, info = load_model(tmp_path / "run" / f"{metric}.pt")
+        assert info.arch == arch and type(model).__name__ == "ClientLeNet"
+    with pytest.raises(DltestError, match="arch_kwargs apply to a module:Class architecture"):
+        tiny(arch="lenet5", arch_kwargs={"num_classes": 10})

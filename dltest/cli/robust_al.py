@@ -12,6 +12,7 @@ from rich.table import Table
 
 from dltest.adversarial_training import AT_METHODS
 from dltest.attacks import parse_attack_list, parse_eps
+from dltest.checkpoint import parse_arch_kwargs, resolve_arch
 from dltest.cli.app import app
 from dltest.cli.options import DataRoot, Dataset, Device, Download, Seed
 from dltest.data import load_dataset
@@ -25,7 +26,8 @@ from dltest.zoo import ARCHITECTURES
 def robust_al_command(
     metric: Annotated[str, typer.Option("--metric", "--metrics", help="Acquisition metric, or several comma-separated (each from the same initial model).")] = "dre",
     dataset: Dataset = "mnist",
-    arch: Annotated[Optional[str], typer.Option(help=f"One of {', '.join(ARCHITECTURES)} (default: the paper's model for the dataset).")] = None,
+    arch: Annotated[Optional[str], typer.Option(help=f"One of {', '.join(ARCHITECTURES)} (default: the paper's model for the dataset), or your module:Class / file.py:Class returning logits.", show_default=False)] = None,
+    arch_kwargs: Annotated[Optional[str], typer.Option(help="JSON keyword arguments of a module:Class architecture.", show_default=False)] = None,
     budget: Annotated[Optional[int], typer.Option(help="Final labeled-pool size (default: Table 3's, 5000 for MNIST).", show_default=False)] = None,
     initial: Annotated[Optional[int], typer.Option(help="Random initial labeled pool (default: Table 3's, 200 for MNIST).", show_default=False)] = None,
     per_stage: Annotated[Optional[int], typer.Option(help="Inputs labeled per stage (default: Table 3's, 200 for MNIST).", show_default=False)] = None,
@@ -55,7 +57,7 @@ def robust_al_command(
     """Train from scratch on a labeling budget: select, label, adversarially train, stage by stage."""
     metrics = tuple(m.strip() for m in metric.split(",") if m.strip())
     config = preset(
-        dataset.lower(), metrics=metrics, arch=arch, budget=budget, initial=initial, per_stage=per_stage,
+        dataset.lower(), metrics=metrics, arch=arch, arch_kwargs=parse_arch_kwargs(arch_kwargs, "--arch-kwargs"), budget=budget, initial=initial, per_stage=per_stage,
         epochs=epochs, initial_epochs=initial_epochs, at=None if standard else at, eps=parse_eps(eps),
         at_steps=steps, at_alpha=alpha,
         warmup_epochs=warmup_epochs, optimizer=optimizer, lr=lr, batch_size=batch_size,
@@ -63,8 +65,8 @@ def robust_al_command(
         final_attacks=tuple(parse_attack_list(final_attacks)) if final_attacks.strip() else (),
         eval_n=eval_n, val_n=val_n, train_size=train_size, seed=seed,
     )
-    if arch is not None and arch not in ARCHITECTURES:
-        raise DltestError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
+    if arch is not None:
+        resolve_arch(arch)  # a bad name or module is a one-line error before any data is loaded
     if not out.parent.is_dir():
         raise DltestError(f"cannot write {out}: folder {out.parent} does not exist")
     load = dict(root=data_root, download=download or None)

@@ -39,7 +39,7 @@ from dltest.adversarial_training import AT_METHODS, AdversarialTraining, adversa
 from dltest.analysis.bias import selection_bias
 from dltest.analysis.plots import accuracy_by_stage
 from dltest.attacks import attack_preset, parse_attack_list
-from dltest.checkpoint import save_checkpoint
+from dltest.checkpoint import resolve_arch, save_checkpoint
 from dltest.data import ImageDataset
 from dltest.errors import DltestError
 from dltest.inference import infer
@@ -50,7 +50,7 @@ from dltest.runtime import resolve_device, seeded
 from dltest.selection import select
 from dltest.selectors import get_selector
 from dltest.training import TrainConfig, robust_check, train
-from dltest.zoo import default_arch, model_for_dataset
+from dltest.zoo import ARCHITECTURES, default_arch, model_for_dataset
 
 CONFIG_FILE, LOG_FILE, SUMMARY_FILE, FIGURE_FILE = "config.json", "log.jsonl", "summary.json", "figure.png"
 
@@ -64,12 +64,15 @@ class RobustALConfig:
     standard active learning, the paper's Table 1), with ``at_steps`` inner steps of ``at_alpha``
     (default: the method's preset). ``epochs`` per stage, the best kept by
     robust accuracy on ``val_n`` validation inputs under a ``check_steps``-step PGD.
-    ``train_size`` limits the unlabeled pool to a seeded subset of the training data.
+    ``train_size`` limits the unlabeled pool to a seeded subset of the training data. ``arch`` is
+    a zoo name or the user's ``module:Class`` / ``file.py:Class``, built with ``arch_kwargs``
+    (its forward must return logits).
     """
 
     dataset: str
     metrics: tuple[str, ...] = ("dre",)
     arch: str | None = None
+    arch_kwargs: dict[str, Any] = field(default_factory=dict)
     budget: int = 5000
     initial: int = 200
     per_stage: int = 200
@@ -111,6 +114,8 @@ class RobustALConfig:
                               f"{', '.join(AT_METHODS)} (or none for standard active learning)")
         if self.at is not None:  # the method's own checks (e.g. no steps for a single-step method)
             _method(self, "grey")
+        if self.arch_kwargs and (self.arch is None or self.arch in ARCHITECTURES):
+            raise DltestError("arch_kwargs apply to a module:Class architecture, not to a zoo model")
         if self.train_size is not None and self.train_size < 1:
             raise DltestError(f"train_size must be >= 1, got {self.train_size}")
         if self.eval_n is not None and self.eval_n < 1:
@@ -227,9 +232,7 @@ def robust_active_learning(
     folder = Path(run_dir) if run_dir is not None else None
     if folder is not None:
         _prepare_folder(folder, config, resume)
-    factory = model_factory or (lambda: model_for_dataset(
-        train_data.name, config.arch or default_arch(train_data.name, train_data.input_shape),
-        train_data.num_classes, train_data.input_shape))
+    factory = model_factory or _zoo_or_user_model(config, train_data)
     _check_model_fits(factory, train_data)
     profile = dataset_profile(train_data.name, train_data.input_shape[0])
     method = _method(config, profile.attack.name)
@@ -359,6 +362,16 @@ def _complement(labeled: Tensor, n: int) -> Tensor:
     return torch.nonzero(keep).flatten()
 
 
+def _zoo_or_user_model(config: RobustALConfig, data: ImageDataset) -> Callable[[], nn.Module]:
+    """A builder of the untrained model: the zoo's (the dataset's architecture by default) or the
+    user's ``module:Class``."""
+    arch = config.arch or default_arch(data.name, data.input_shape)
+    if arch in ARCHITECTURES:
+        return lambda: model_for_dataset(data.name, arch, data.num_classes, data.input_shape)
+    build = resolve_arch(arch)
+    return lambda: build(**config.arch_kwargs)
+
+
 def _check_model_fits(factory: Callable[[], nn.Module], data: ImageDataset) -> None:
     try:
         with seeded(0), torch.no_grad():
@@ -461,7 +474,8 @@ def _finish(folder: Path, result: RobustALResult, train_data: ImageDataset) -> N
     for metric, model in result.models.items():
         last = result.records[metric][-1]
         save_checkpoint(model.cpu(), folder / f"{metric}.pt", arch=result.config.arch or default_arch(
-            train_data.name, train_data.input_shape), dataset=train_data.name, input_shape=train_data.input_shape,
+            train_data.name, train_data.input_shape), arch_kwargs=result.config.arch_kwargs,
+            dataset=train_data.name, input_shape=train_data.input_shape,
             num_classes=train_data.num_classes,
             meta={"command": "dltest robust-al", "metric": metric, "labeled": last.labeled, "stage": last.stage,
                   "clean_accuracy": last.clean_accuracy, "robust_accuracy": last.robust_accuracy,
