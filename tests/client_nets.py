@@ -113,3 +113,15 @@ def client_state_dict(zoo_lenet: nn.Module) -> dict[str, Tensor]:
         if layer in ZOO_TO_CLIENT:
             out[f"{ZOO_TO_CLIENT[layer]}.{param}"] = value.clone()
     return out
+
+
+class NoisyLogits(nn.Module):
+    """A randomised 'defense': noise on the logits even in eval mode."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.inner(x)
+        return out + torch.randn_like(out)

@@ -17,6 +17,7 @@ from dltest.cli import app
 from dltest.errors import DltestError
 from dltest.gate import GatePolicy, decide_bars, load_baseline, parse_bars, read_config, run_gate
 from dltest.robustness import RobustnessReport, evaluate_robustness
+from tests.client_nets import NoisyLogits
 
 # Small and fast: 300 holdout inputs, PGD with 5 steps at eps 0.1 (a few seconds on one CPU thread).
 N = 300
@@ -143,20 +144,12 @@ def test_baseline_mismatches_are_refused(bundled, holdout, tmp_path):
         run_gate(bundled, holdout, GatePolicy(max_drop=0.01))
 
 
-class _Noisy(nn.Module):
-    def __init__(self, inner: nn.Module):
-        super().__init__()
-        self.inner = inner
-
-    def forward(self, x):
-        out = self.inner(x)
-        return out + torch.randn_like(out)
 
 
 def test_a_model_randomised_at_eval_time_is_refused_unless_asked(bundled, holdout):
     with pytest.raises(DltestError, match="allow-randomised"):
-        run_gate(_Noisy(bundled).eval(), holdout, GatePolicy(min_accuracy=0.5), n=20)
-    result = run_gate(_Noisy(bundled).eval(), holdout, GatePolicy(min_accuracy=0.5), n=20, allow_randomised=True)
+        run_gate(NoisyLogits(bundled).eval(), holdout, GatePolicy(min_accuracy=0.5), n=20)
+    result = run_gate(NoisyLogits(bundled).eval(), holdout, GatePolicy(min_accuracy=0.5), n=20, allow_randomised=True)
     assert any("randomised" in w for w in result.warnings)
 
 

@@ -7,11 +7,11 @@ import copy
 import pytest
 import torch
 import torchattacks
-from torch import nn
 
 from dltest.attacks import attack_preset
 from dltest.errors import DltestError
 from dltest.robustness import RobustnessWarning, evaluate_robustness
+from tests.client_nets import NoisyLogits
 
 
 @pytest.fixture(scope="module")
@@ -71,16 +71,6 @@ def test_overrides_that_apply_to_no_attack_fail(trained_lenet, holdout_slice):
         evaluate_robustness(trained_lenet, holdout_slice, ["fgsm"], steps=5)
 
 
-class _Noisy(nn.Module):
-    """A randomised 'defense': noise on the logits even in eval mode."""
-
-    def __init__(self, inner: nn.Module):
-        super().__init__()
-        self.inner = inner
-
-    def forward(self, x):
-        out = self.inner(x)
-        return out + torch.randn_like(out)
 
 
 def test_train_mode_and_randomised_models_are_warned_about(trained_lenet, holdout_slice):
@@ -91,4 +81,4 @@ def test_train_mode_and_randomised_models_are_warned_about(trained_lenet, holdou
     assert model.training  # the caller's mode is restored
     assert any("train mode" in w for w in report.warnings)
     with pytest.warns(RobustnessWarning, match="outputs change between two calls"):
-        evaluate_robustness(_Noisy(trained_lenet).eval(), small, ["fgsm"])
+        evaluate_robustness(NoisyLogits(trained_lenet).eval(), small, ["fgsm"])
