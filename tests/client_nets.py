@@ -125,3 +125,15 @@ class NoisyLogits(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         out = self.inner(x)
         return out + torch.randn_like(out)
+
+
+class ColourNet(nn.Module):
+    """A small convolutional net for colour images of any size (logits)."""
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(4), nn.Flatten())
+        self.head = nn.Linear(8 * 16, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.features(x))

@@ -58,3 +58,22 @@ def test_smoke_size_runs_every_part_and_resumes(tmp_path):
     assert json.loads((robust / "summary.json").read_text())["final"] == summary["final"]
     assert (runs / "retrain" / "mnist-dre-1pct-seed0.json").stat().st_mtime_ns == retrain_stamp
     assert report.read_text().endswith("## Notes\n\nby hand\n")
+
+
+def test_seeds_share_the_work_between_processes(tmp_path, capsys):
+    reproduce = load_reproduce()
+    with pytest.raises(SystemExit) as exit_info:
+        reproduce.main(["--size", "smoke", "--seeds", "one", "--runs", str(tmp_path)])
+    assert exit_info.value.code == 2 and "--seeds must be comma-separated integers, got 'one'" in capsys.readouterr().err
+    # a seed the size does not run is simply not run; the report is written from what is there
+    report = tmp_path / "results.md"
+    assert reproduce.main(["--size", "smoke", "--parts", "robust", "--seeds", "", "--runs", str(tmp_path / "runs"),
+                           "--report", str(report), "--device", "cpu"]) == 0
+    assert not (tmp_path / "runs" / "robust-al").exists() and "(no finished run)" in report.read_text()
+
+
+def test_the_cpu_sizes_follow_the_papers_schedule_where_they_say_so():
+    sizes = load_reproduce().SIZES
+    assert sizes["cpu"].schedule is None and sizes["cpu"].epochs == 10 == sizes["quick"].epochs
+    assert (sizes["cpu"].at, sizes["cpu"].at_steps, sizes["cpu"].final_attacks) == ("pgd", 5, ("autoattack",))
+    assert sizes["full"].at_steps is None and sizes["full"].final_attacks == ("autoattack",)

@@ -231,3 +231,52 @@ def test_a_users_architecture_runs_robust_active_learning(splits, tmp_path):
         assert info.arch == arch and type(model).__name__ == "ClientLeNet"
     with pytest.raises(DltestError, match="arch_kwargs apply to a module:Class architecture"):
         tiny(arch="lenet5", arch_kwargs={"num_classes": 10})
+
+
+def users_npz(path, train, test, colour: bool):
+    """An .npz in the user's layout: uint8 HWC images, x_train/y_train beside x/y."""
+    import numpy as np
+
+    def arrays(data):
+        x = (data.x.squeeze(1).numpy() * 255).round().astype(np.uint8)
+        if colour:  # 32x32x3, channels last
+            x = np.repeat(np.pad(x, ((0, 0), (2, 2), (2, 2)))[..., None], 3, axis=-1)
+        return x, data.y.numpy().astype(np.int64)
+
+    (x_train, y_train), (x, y) = arrays(train), arrays(test)
+    np.savez(path, x_train=x_train, y_train=y_train, x=x, y=y)
+    return path
+
+
+@pytest.mark.parametrize("colour", [False, True], ids=["grey", "colour"])
+def test_cli_runs_on_a_users_npz_file(splits, tmp_path, colour):
+    from pathlib import Path
+
+    train, val, holdout = splits
+    data = users_npz(tmp_path / "Pool.npz", train.subset(torch.arange(400)), val.subset(torch.arange(200)), colour)
+    out = tmp_path / "run"
+    common = ["robust-al", "-d", data, "--metric", "entropy,random", "--epochs", "1", "--initial-epochs", "2",
+              "--at", "fgsm-rs", "--eval-n", "50", "--val-n", "50", "--out", out]
+    if colour:
+        common += ["--arch", f"{Path(__file__).with_name('client_nets.py')}:ColourNet"]
+    missing = cli(*common)  # a user file has no Table 3 schedule
+    assert missing.exit_code == 2 and "give budget, initial, per_stage" in missing.output.strip().splitlines()[-1]
+    assert not out.exists()
+
+    result = cli(*common, "--budget", "60", "--initial", "40", "--per-stage", "10")
+    assert result.exit_code == 0, result.output
+    config = json.loads((out / "config.json").read_text())
+    assert config["eps"] is None and config["dataset"] == str(data)
+    log = read_log(out)
+    for metric in ("entropy", "random"):
+        records = [r for r in log if r.metric == metric]
+        assert [r.labeled for r in records] == [40, 50, 60]
+        chosen = [i for r in records for i in r.selected]
+        assert len(chosen) == len(set(chosen)) == 20 and all(0 <= i < 400 for i in chosen)
+    summary = json.loads((out / "summary.json").read_text())
+    assert {m: f["labeled"] for m, f in summary["final"].items()} == {"entropy": 60, "random": 60}
+    from dltest.checkpoint import load_model
+
+    model, _ = load_model(out / "entropy.pt")
+    expected = (1, 3, 32, 32) if colour else (1, 1, 28, 28)
+    assert model.eval()(torch.zeros(expected)).shape == (1, 10)

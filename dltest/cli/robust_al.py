@@ -15,7 +15,7 @@ from dltest.attacks import parse_attack_list, parse_eps
 from dltest.checkpoint import parse_arch_kwargs, resolve_arch
 from dltest.cli.app import app
 from dltest.cli.options import DataRoot, Dataset, Device, Download, Seed
-from dltest.data import load_dataset
+from dltest.data import BUILTINS, load_dataset
 from dltest.errors import DltestError
 from dltest.progress import console as err_console
 from dltest.workflows.robust_al import StageRecord, preset, robust_active_learning
@@ -57,7 +57,7 @@ def robust_al_command(
     """Train from scratch on a labeling budget: select, label, adversarially train, stage by stage."""
     metrics = tuple(m.strip() for m in metric.split(",") if m.strip())
     config = preset(
-        dataset.lower(), metrics=metrics, arch=arch, arch_kwargs=parse_arch_kwargs(arch_kwargs, "--arch-kwargs"), budget=budget, initial=initial, per_stage=per_stage,
+        dataset.lower() if dataset.lower() in BUILTINS else dataset, metrics=metrics, arch=arch, arch_kwargs=parse_arch_kwargs(arch_kwargs, "--arch-kwargs"), budget=budget, initial=initial, per_stage=per_stage,
         epochs=epochs, initial_epochs=initial_epochs, at=None if standard else at, eps=parse_eps(eps),
         at_steps=steps, at_alpha=alpha,
         warmup_epochs=warmup_epochs, optimizer=optimizer, lr=lr, batch_size=batch_size,
