@@ -154,6 +154,13 @@ class BarResult:
     gained: int | None = None  # the reverse
     p_value: float | None = None
 
+    @property
+    def decided_on(self) -> str:
+        """The figure the decision rests on, short (for a table cell)."""
+        if self.kind == "min":
+            return f"lower bound {_pct(self.bound)}"
+        return f"drop {100 * self.drop:+.2f} pts vs baseline {_pct(self.baseline)}, p={self.p_value:.3g}"
+
     def describe(self) -> str:
         """One line with the figures behind the decision."""
         low, high = self.interval
@@ -481,12 +488,8 @@ def markdown_table(result: GateResult) -> str:
     ]
     for bar in result.bars:
         low, high = bar.interval
-        if bar.kind == "min":
-            decided = f"lower bound {_pct(bar.bound)}"
-        else:
-            decided = f"drop {100 * bar.drop:+.2f} pts vs baseline {_pct(bar.baseline)}, p={bar.p_value:.3g}"
         lines.append(f"| `{bar.name}` | {_pct(bar.estimate)} ({bar.correct}/{bar.n}) | {_pct(low)} - {_pct(high)} "
-                     f"| {decided} | {bar.rule} | {'pass' if bar.passed else '**FAIL**'} |")
+                     f"| {bar.decided_on} | {bar.rule} | {'pass' if bar.passed else '**FAIL**'} |")
     for note in result.warnings:
         lines.append(f"\n> warning: {note}")
     return "\n".join(lines) + "\n"

@@ -20,7 +20,7 @@ from dltest import __version__
 from dltest.budget import parse_budget
 from dltest.data import ImageDataset
 from dltest.errors import DltestError
-from dltest.inference import INFERENCE_BATCH, PROBE_SIZE, PoolOutputs, adapt, infer
+from dltest.inference import INFERENCE_BATCH, PROBE_SIZE, PoolOutputs, adapt, embedding_help, infer
 from dltest.io import read_json, write_json
 from dltest.selectors import REGISTRY, Candidates, get_selector
 from dltest.runtime import broadcast_object, is_main, on_device, resolve_device, single_process, world_size
@@ -112,8 +112,11 @@ def select(
     if selector.needs_reference and reference is None:
         raise DltestError(f"metric {metric!r} compares with the training data: pass reference= "
                           "(dltest select --reference-split train, or --reference FILE)")
+    if selector.needs_embeddings and outputs.embeddings is None:
+        raise DltestError(f"{metric}: " + (embedding_help(model) if model is not None else
+                                            "pass the model, or outputs with embeddings"))
     if selector.needs_model and not getattr(model, "has_gradients", True):
-        usable = ", ".join(name for name, cls in REGISTRY.items() if not cls.needs_model and name != "coreset")
+        usable = ", ".join(name for name, cls in REGISTRY.items() if not cls.needs_model and not cls.needs_embeddings)
         raise DltestError(f"metric {metric!r} runs the model again (gradients or dropout), which an ONNX model "
                           f"does not allow; metrics that work on ONNX models: {usable}")
 

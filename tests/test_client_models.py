@@ -179,8 +179,11 @@ def test_a_traced_torchscript_model_without_embeddings(trained_lenet, pool):
     few = pool.subset(torch.arange(12))
     got, expected = (select("egl", BUDGET, model=m, data=few, seed=0) for m in (traced, trained_lenet))
     assert got.indices == expected.indices and got.scores == pytest.approx(expected.scores, rel=1e-5)
-    with pytest.raises(DltestError, match=r"coreset: no penultimate embeddings: this TorchScript model has no `embed`"):
-        select("coreset", BUDGET, model=traced, data=pool)
+    for metric in ("coreset", "badge"):  # every metric that needs embeddings says the same, once, in select()
+        with pytest.raises(DltestError, match=rf"{metric}: no penultimate embeddings: this TorchScript model has no `embed`"):
+            select(metric, BUDGET, model=traced, data=pool)
+    with pytest.raises(DltestError, match=r"badge: pass the model, or outputs with embeddings"):
+        select("badge", BUDGET, outputs=infer(traced, pool))
     assert select("dropout-entropy", BUDGET, model=traced, data=pool, seed=0).budget == BUDGET  # input dropout
 
 

@@ -146,12 +146,8 @@ def print_gate(result: GateResult) -> None:
         table.add_column(column, justify=justify)  # type: ignore[arg-type]
     for bar in result.bars:
         low, high = bar.interval
-        if bar.kind == "min":
-            decided = f"lower bound {100 * bar.bound:.2f}%"
-        else:
-            decided = f"drop {100 * bar.drop:+.2f} pts, p={bar.p_value:.3g}"
         table.add_row(bar.name, f"{100 * bar.estimate:.2f}% ({bar.correct}/{bar.n})",
-                      f"{100 * low:.2f}-{100 * high:.2f}%", decided,
+                      f"{100 * low:.2f}-{100 * high:.2f}%", bar.decided_on,
                       "[green]pass[/]" if bar.passed else "[bold red]FAIL[/]")
     console = Console()
     console.print(table)

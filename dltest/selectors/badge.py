@@ -100,9 +100,6 @@ class BADGE(Selector):
     needs_embeddings = True
 
     def __call__(self, candidates: Candidates, budget: int, generator: torch.Generator) -> Selection:
-        if candidates.outputs.embeddings is None:
-            raise DltestError("badge needs penultimate embeddings: use a model split into embed + head "
-                              "(a dltest checkpoint or zoo model), not a TorchScript or foreign model")
         indices, distances = kmeans_pp_gradients(
             float64_probs(candidates.outputs), candidates.outputs.embeddings, budget, generator, device=candidates.device
         )

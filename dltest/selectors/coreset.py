@@ -21,7 +21,6 @@ import torch
 from torch import Tensor
 
 from dltest.errors import DltestError
-from dltest.inference import embedding_help
 from dltest.selectors.base import Candidates, Selection, Selector, register
 
 CHUNK = 4096  # rows per block of the pool-to-labeled distances (CHUNK x CHUNK floats at a time)
@@ -81,9 +80,6 @@ class CoreSet(Selector):
     needs_embeddings = True
 
     def __call__(self, candidates: Candidates, budget: int, generator: torch.Generator) -> Selection:
-        if candidates.outputs.embeddings is None:
-            raise DltestError("coreset: " + (embedding_help(candidates.model) if candidates.model is not None else
-                                             "pass the model, or outputs with embeddings"))
         indices, scores = k_center_greedy(
             candidates.outputs.embeddings, budget, generator, labeled=candidates.labeled_embeddings, device=candidates.device
         )
