@@ -18,7 +18,9 @@ def run(*args: str):
 def test_metrics_says_what_each_metric_needs_and_where_sampling_applies(tmp_path):
     result = run("metrics", "--out", str(tmp_path / "m.json"))
     assert result.exit_code == 0, result.output
-    rows = {row["metric"]: row for row in json.loads((tmp_path / "m.json").read_text())}
+    saved = json.loads((tmp_path / "m.json").read_text())
+    assert saved["command"] == "dltest metrics" and "dltest_version" in saved  # the header every output has
+    rows = {row["metric"]: row for row in saved["metrics"]}
     for name in ("badge", "ats", "dsa", "lsa", "mdsa", "batchbald"):
         assert name in result.output and name in rows
     assert rows["dsa"]["needs_reference"] and any("training data" in n for n in rows["lsa"]["needs"])

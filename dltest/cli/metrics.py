@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from dltest.cli.app import app
+from dltest.cli.app import app, output_header
 from dltest.io import check_writable, write_json
 from dltest.selectors import REGISTRY, SAMPLINGS, ScoreSelector, Selector
 
@@ -62,4 +62,4 @@ def metrics_command(
     Console().print("--sampling power|softmax|rank with --temperature T applies to every metric marked yes "
                     "(stochastic batch acquisition, Kirsch et al. 2023).")
     if out:
-        write_json(out, catalogue)
+        write_json(out, {**output_header("metrics", None), "metrics": catalogue})
