@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -35,7 +34,7 @@ from dltest.robustness import evaluate_robustness  # noqa: E402
 from dltest.training import TrainConfig, train  # noqa: E402
 from dltest.zoo import model_for_dataset  # noqa: E402
 
-from bench_adversarial_training import machine  # noqa: E402  (the same machine record as the issue-3 benchmark)
+from machine import machine  # noqa: E402  (benchmarks/machine.py)
 
 
 def main() -> None:
@@ -85,7 +84,7 @@ def main() -> None:
             row["autoattack_points_vs_pgd"] = (
                 100 * (row["robust_accuracy"].get("autoattack", float("nan"))
                        - base["robust_accuracy"].get("autoattack", float("nan"))))
-    out = {"benchmark": "adversarial training methods", "machine": {**machine(), "load_average": os.getloadavg()},
+    out = {"benchmark": "adversarial training methods", "machine": machine(),
            "args": vars(args), "results": rows}
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
     print(json.dumps(out, indent=2))

@@ -29,8 +29,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -45,32 +43,9 @@ from dltest.attacks import attack_preset  # noqa: E402
 from dltest.data import load_dataset  # noqa: E402
 from dltest.training import TrainConfig, train  # noqa: E402
 from dltest.zoo import model_for_dataset  # noqa: E402
+from machine import machine  # noqa: E402  (benchmarks/machine.py)
 
 
-def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "python": platform.python_version(), "device": "cpu"}
-    try:
-        import torchattacks
-
-        info["torchattacks"] = torchattacks.__version__
-    except ImportError:
-        pass
-    try:
-        import art
-
-        info["art"] = art.__version__
-    except ImportError:
-        pass
-    return info
 
 
 def dltest_epoch(init, data, config, adversary=None) -> float:

@@ -16,27 +16,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import resource
 import statistics
 import time
 
 import torch
+from machine import machine  # noqa: E402  (benchmarks/machine.py)
 
 
-def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {
-        "cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__, "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-        "load_average": os.getloadavg(),
-    }
 
 
 def timed_pair(first, second, repeat: int = 5) -> tuple[float, float, float]:

@@ -36,7 +36,8 @@ from dltest.inference import INFERENCE_BATCH
 from dltest.runtime import resolve_device
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_selection import bare_forward, machine  # noqa: E402
+from bench_selection import bare_forward  # noqa: E402
+from machine import machine  # noqa: E402
 
 SPECS = {
     "badge": ("badge", {}),

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import tempfile
 import time
@@ -29,16 +27,9 @@ import torch
 
 from dltest import load_dataset, load_model
 from dltest.export import OnnxClassifier, export_onnx
+from machine import machine  # noqa: E402  (benchmarks/machine.py)
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def run(model, batches: list[torch.Tensor]) -> float:
@@ -102,13 +93,11 @@ def main() -> None:
             print(f"{name:14s} {key:9s} onnxruntime/torch time {r['ratio_median']:.3f} "
                   f"(rounds {r['ratio_min']:.3f}-{r['ratio_max']:.3f}); torch {r['torch_images_per_s']} img/s, "
                   f"onnxruntime {r['onnxruntime_images_per_s']} img/s")
-    import onnxruntime
 
     record = {
         "command": "OMP_NUM_THREADS=1 DLTEST_DATA=../shared/datasets python benchmarks/bench_onnx_inference.py "
                    + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out"),
-        "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "threads": threads, "python": platform.python_version(),
-                    "torch": torch.__version__, "onnxruntime": onnxruntime.__version__},
+        "machine": {**machine(), "threads": threads},
         "rounds": args.rounds, "results": results,
     }
     if args.out:

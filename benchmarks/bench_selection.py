@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 
@@ -27,6 +26,7 @@ from dltest import infer, load_dataset, load_model, select
 from dltest.data import to_float_images
 from dltest.inference import INFERENCE_BATCH
 from dltest.runtime import resolve_device
+from machine import machine  # noqa: E402  (benchmarks/machine.py)
 
 SELECTORS = ["random", "entropy", "deepgini", "lc", "margin", "mcp", "dre"]
 
@@ -59,15 +59,6 @@ def selector_only(metric: str, outputs, data, repeats: int = 20) -> float:
     return statistics.median(runs)
 
 
-def machine() -> dict:
-    cpu = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "cores": torch.get_num_threads(), "torch": torch.__version__,
-            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
 
 
 def main() -> None:
