@@ -52,6 +52,9 @@ def test_evaluate_json_matches_the_api(lenet_checkpoint, tmp_path):
     assert data["clean_accuracy"] == api.clean_accuracy
     assert pgd["robust_accuracy"] == api.robust_accuracy("pgd") < data["clean_accuracy"]
     assert data["attacks"][1]["robust_accuracy"] == api.robust_accuracy("fgsm")
+    worst = api.worst_case  # printed as a row of its own: robust only if it survives pgd and fgsm
+    assert worst.robust_accuracy <= min(api.robust_accuracy("pgd"), api.robust_accuracy("fgsm"))
+    assert "worst-case" in r.stdout and f"{worst.robust_correct}/150" in r.stdout
 
 
 @pytest.mark.parametrize(

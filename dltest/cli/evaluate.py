@@ -78,4 +78,8 @@ def print_report(report: RobustnessReport, title: str) -> None:
         settings = outcome.label.split(" ", 1)[1] if " " in outcome.label else "-"
         table.add_row(outcome.attack, settings, f"{100 * outcome.robust_accuracy:.2f}%",
                       f"{outcome.robust_correct}/{outcome.n}", f"{outcome.seconds:.1f} s")
+    worst = report.worst_case
+    if worst is not None:  # robust only if it survives every attack above
+        table.add_row(f"[bold]{worst.attack}[/]", "all of the above", f"[bold]{100 * worst.robust_accuracy:.2f}%[/]",
+                      f"{worst.robust_correct}/{worst.n}", f"{worst.seconds:.1f} s")
     Console().print(table)
