@@ -153,3 +153,27 @@ def test_a_foreign_onnx_file_with_a_fixed_batch_of_one(tmp_path):
     with torch.no_grad():
         assert (model(x) - torch_model(x)).abs().max() < 1e-4
     assert select("margin", 20, model=model, data=pool).indices == select("margin", 20, model=torch_model, data=pool).indices
+
+
+def test_an_onnx_model_that_outputs_probabilities_is_read_as_such(tmp_path, exported, holdout):
+    from dltest.export import export_onnx
+    from dltest.inference import infer
+
+    torch_model, _, _ = exported
+
+    class Softmaxed(torch.nn.Module):  # a client's export ending in softmax
+        def __init__(self):
+            super().__init__()
+            self.inner = torch_model
+
+        def forward(self, x):
+            return torch.softmax(self.inner(x), 1)
+
+    path = tmp_path / "probabilities.onnx"
+    export_onnx(Softmaxed().eval(), path, holdout, n_check=200)
+    onnx_model, _ = load_model(path)
+    pool = holdout.subset(torch.arange(500))
+    ours, theirs = infer(onnx_model, pool), infer(torch_model, pool)
+    assert (ours.probs - theirs.probs).abs().max() < 1e-5  # not softmax applied twice
+    assert select("entropy", 50, model=onnx_model, data=pool, seed=0).indices == \
+        select("entropy", 50, model=torch_model, data=pool, seed=0).indices
