@@ -313,6 +313,14 @@ CASES = [
          setup=lambda f, o: (o / "r.pt.partial").write_bytes(f.model.read_bytes()[:4000])),
     Case("metrics-out-device-file", lambda f, o: ["metrics", "--out", "/dev/null"], "it is a device file"),
     Case("retrain-out-equals-report", retrain("--report", lambda f, o: o / "r.pt"), "are the same file"),
+    Case("gate-out-is-the-model", lambda f, o: ["gate", "-m", f.model, "--min-accuracy", "0.5", "--out", f.model],
+         "is also the input --model"),
+    Case("gate-junit-equals-out", lambda f, o: ["gate", "-m", f.model, "--min-accuracy", "0.5", "--out", o / "g.xml",
+                                                "--junit", o / "g.xml"], "--out and --junit are the same file"),
+    Case("export-out-equals-onnx", lambda f, o: ["export", "-m", f.model, "--onnx", o / "m.onnx", "--out", o / "m.onnx"],
+         "--onnx and --out are the same file"),
+    Case("analyze-bias-out-is-the-selection", lambda f, o: ["analyze", "bias", f.sel_outside, "--out", f.sel_outside],
+         "is also the input SOURCE"),
 ]
 
 
@@ -336,7 +344,7 @@ def test_the_table_covers_forty_bad_inputs():
 
     assert len(CASES) >= 40 and len({c.id for c in CASES}) == len(CASES)
     assert {c.args(AnyFile(), Path("o"))[0] for c in CASES} == {"select", "train", "retrain", "attack", "evaluate",
-                                                           "metrics"}
+                                                           "metrics", "gate", "export", "analyze"}
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])

@@ -25,7 +25,7 @@ from dltest.cli.app import app
 from dltest.cli.options import BatchSize, DataRoot, Device, Download, TrustModel, load_data_and_model
 from dltest.errors import DltestError
 from dltest.inference import INFERENCE_BATCH, infer
-from dltest.io import check_writable, write_json
+from dltest.io import check_outputs, check_writable, write_json
 from dltest.selection import load_selection
 
 analyze_app = typer.Typer(
@@ -59,7 +59,8 @@ def bias_command(
     trust_model: TrustModel = False,
 ) -> None:
     """Selection bias (JSD base 2) of entropy, gini, lc, margin and label: selected set vs pool."""
-    out = check_writable(out or Path(f"bias-{source.stem if source.is_file() else source.resolve().name}.json"))
+    out = out or Path(f"bias-{source.stem if source.is_file() else source.resolve().name}.json")
+    check_outputs({"--out": out}, {"SOURCE": source, "--model": model, "--dataset": dataset, "--labeled": labeled})
     if source.is_dir():
         given = [name for name, value in (("--model", model), ("--dataset", dataset), ("--split", split),
                                           ("--labeled", labeled)) if value is not None]

@@ -13,7 +13,7 @@ from dltest.cli.app import app, output_header
 from dltest.cli.options import DataRoot, Dataset, Download, ModelPath, Split, TrustModel, load_data_and_model
 from dltest.errors import DltestError
 from dltest.export import PARITY_TOLERANCE, export_onnx
-from dltest.io import check_writable, write_json
+from dltest.io import check_outputs, write_json
 
 
 @app.command("export")
@@ -35,9 +35,7 @@ def export_command(
         raise DltestError(f"--onnx must name an .onnx file, got {onnx}")
     if not tolerance > 0:
         raise DltestError(f"--tolerance must be > 0, got {tolerance}")
-    check_writable(onnx)
-    if out:
-        check_writable(out)
+    check_outputs({"--onnx": onnx, "--out": out}, {"--model": model, "--dataset": dataset})
     data, net, info = load_data_and_model(dataset, split, model, data_root, download, trust_model)
     if not getattr(net, "has_gradients", True):
         raise DltestError(f"{info.source} is already an ONNX model")

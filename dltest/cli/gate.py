@@ -22,7 +22,7 @@ from dltest.errors import DltestError
 from dltest.gate import (
     GatePolicy, GateResult, append_step_summary, load_baseline, read_config, run_gate, write_text,
 )
-from dltest.io import check_writable, write_json
+from dltest.io import check_outputs, write_json
 from dltest.runtime import resolve_device
 
 Share = Optional[str]
@@ -75,9 +75,9 @@ def gate_command(
     names = _attack_names(settings.get("attacks"))
     eps_value = parse_eps(settings.get("eps"))
     resolve_device(device)  # a bogus --device fails before anything is loaded
-    for path in (out, junit, markdown):
-        if path is not None:
-            check_writable(path)
+    check_outputs({"--out": out, "--junit": junit, "--markdown": markdown},
+                  {"--model": settings.get("model"), "--baseline": settings.get("baseline"),
+                   "--dataset": settings.get("dataset"), "--config": source})
     base = load_baseline(settings["baseline"]) if settings.get("baseline") else None
     if policy.is_empty():
         raise DltestError("the gate has no bars: give --min-accuracy, --min-robust, or --baseline with --max-drop "
