@@ -111,3 +111,16 @@ def test_outputs_from_probabilities():
     probs = torch.tensor([[0.2, 0.8], [1.0, 0.0]])
     out = PoolOutputs.from_probs(probs)
     assert torch.equal(out.probs, probs) and out.predictions.tolist() == [1, 0]
+
+
+def test_bundled_models_carry_the_digest_their_cards_give():
+    import hashlib
+
+    from dltest.checkpoint import read_checkpoint, state_digest, _digest_header
+    from tests.conftest import REPO
+
+    for path in sorted((REPO / "models").glob("*.pt")):
+        state = read_checkpoint(path)
+        assert state["digest"] == state_digest(state["state_dict"], _digest_header(state)), path.name
+        card = path.with_suffix(".md").read_text()
+        assert state["digest"] in card and hashlib.sha256(path.read_bytes()).hexdigest() in card, path.name
