@@ -53,6 +53,7 @@ def main() -> None:
     parser.add_argument("--out", default="bench-at-methods.json")
     parser.add_argument("--time-batches", type=int, default=0,
                         help="also time this many training batches per method and PGD-40, interleaved")
+    parser.add_argument("--time-only", action="store_true", help="only the interleaved batch timing (no training)")
     parser.add_argument("--baseline-json", help="merge the rows of an earlier run of this script (e.g. its pgd row)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -64,7 +65,7 @@ def main() -> None:
     init = model_for_dataset("mnist")
     config = TrainConfig(epochs=args.epochs, optimizer="adam", lr=5e-3, weight_decay=0.0, seed=args.seed)
     rows = {}
-    for name in args.methods.split(","):
+    for name in [] if args.time_only else args.methods.split(","):
         method = _method(name, args.warmup)
         result = train(copy.deepcopy(init), train_data, val, config, adversary=method, device="cpu", progress=False)
         report = evaluate_robustness(result.model, holdout, args.attacks.split(","), n=args.eval_n, seed=args.seed,
