@@ -371,11 +371,35 @@ def write_report(size: Size, runs: Path, report: Path, command: str, device, sec
                   f"{size.retrain_train_size or 'all'} training inputs plus the adversarial examples.", ""]
         lines += retrain_table(retrained)
         lines.append("")
+    lines += compute_table(runs)
     lines += [NOTES_MARKER, "", old_notes or "## Notes\n\n(Differences from the paper, explained by hand, go here; "
                                             "rerunning the script keeps this section.)", ""]
     report.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(report) as tmp:
         tmp.write_text("\n".join(lines))
+
+
+def compute_table(runs: Path) -> list[str]:
+    """Where the runs' time went: minutes selecting, training and evaluating per stage (from the
+    runs' summaries; the final attacks are not in them), and retraining, per part."""
+    rows = []
+    for part in ("robust-al", "standard-al"):
+        summaries = [read_json(p) for p in sorted((runs / part).glob("*/summary.json"))] if (runs / part).is_dir() else []
+        if summaries:
+            total = {k: sum(t.get(k, 0.0) for s in summaries for t in s["seconds"].values())
+                     for k in ("select", "train", "evaluate")}
+            runs_n = sum(len(s["seconds"]) for s in summaries)
+            rows.append(f"| {part} | {runs_n} (function, seed) runs | {total['select'] / 60:.1f} | "
+                        f"{total['train'] / 60:.1f} | {total['evaluate'] / 60:.1f} |")
+    retrained = sorted((runs / "retrain").glob("*.json")) if (runs / "retrain").is_dir() else []
+    if retrained:
+        seconds = sum(float(read_json(p).get("seconds", 0.0)) for p in retrained)
+        rows.append(f"| retrain | {len(retrained)} retrainings | - | {seconds / 60:.1f} (all steps) | - |")
+    if not rows:
+        return []
+    return ["## Compute", "", "Minutes of one process, summed over the runs (stage 0, the shared initial model, counted "
+            "in each function's figures; final attacks not included):", "",
+            "| part | runs | select | train | evaluate |", "|---|---|---|---|---|", *rows, ""]
 
 
 def _method_text(size: Size) -> str:
