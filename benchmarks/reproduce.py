@@ -281,12 +281,15 @@ def analyses(folders: list[Path], dataset: str, figures: Path, label: str, repor
             cells.append(f"{statistics.fmean(rs):+.2f} ({len(rs)} stages)" if rs else "undefined")
         lines.append(f"| {attack} | " + " | ".join(cells) + " |")
     try:
-        from dltest.analysis.plots import bias_by_stage, correlation_heatmap
+        from dltest.analysis.plots import accuracy_by_stage, bias_by_stage, correlation_heatmap
 
         figures.mkdir(parents=True, exist_ok=True)
+        accuracy = accuracy_by_stage(records, figures / f"{label}-accuracy.png",
+                                     title=f"{dataset}: accuracy per stage, mean over {len(folders)} seed(s) (Figure 2)")
         heat = correlation_heatmap(correlations, figures / f"{label}-correlation.png", title=f"{dataset}: bias vs robustness")
         bias = bias_by_stage(records, figures / f"{label}-bias.png", title=f"{dataset}: selection bias per stage")
-        lines += ["", f"![correlation]({_relative(heat, report_dir)}) ![bias]({_relative(bias, report_dir)})"]
+        lines += ["", f"![accuracy per stage]({_relative(accuracy, report_dir)})", "",
+                  f"![correlation]({_relative(heat, report_dir)}) ![bias]({_relative(bias, report_dir)})"]
     except DltestError as exc:  # matplotlib missing: the tables stand alone
         lines += ["", f"(no figures: {exc})"]
     return lines, comparisons

@@ -116,3 +116,26 @@ def test_pairs_are_seed_stage_attack_and_skip_the_shared_initial_model():
         compare_functions(records, ["dre", "mcp"])
     with pytest.raises(DltestError, match="at least two"):
         compare_functions(records, ["dre"])
+
+
+def test_accuracy_figure_averages_the_seeds(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from dltest.analysis import plots
+
+    drawn = {}
+
+    def record_lines(fig, plt, path):  # capture what was drawn instead of saving
+        for ax in fig.axes:
+            drawn[ax.get_title()] = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata()))
+                                     for line in ax.get_lines()}
+        plt.close(fig)
+        return path
+
+    monkeypatch.setattr(plots, "_save", record_lines)
+    records = [{"metric": "dre", "seed": seed, "stage": stage, "labeled": 200 + 100 * stage,
+                "clean_accuracy": clean, "robust_accuracy": {"pgd": robust}}
+               for seed, stage, clean, robust in [(0, 0, 0.8, 0.0), (1, 0, 0.6, 0.2), (0, 1, 0.9, 0.5), (1, 1, 0.7, 0.3)]]
+    plots.accuracy_by_stage(records, tmp_path / "a.png")
+    assert drawn["clean accuracy"]["dre"][0] == [200, 300]
+    assert drawn["clean accuracy"]["dre"][1] == pytest.approx([70.0, 80.0])
+    assert drawn["robust accuracy (pgd)"]["dre"][1] == pytest.approx([10.0, 40.0])

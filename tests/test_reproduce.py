@@ -45,7 +45,8 @@ def test_smoke_size_runs_every_part_and_resumes(tmp_path):
         assert heading in text, heading
     assert "| dre | " in text and "67.69" in text  # the measured row beside the paper's figure
     figures = sorted(p.name for p in (report.parent / "results").glob("*.png"))
-    assert figures == ["smoke-mnist-robust-bias.png", "smoke-mnist-robust-correlation.png"]
+    assert figures == ["smoke-mnist-robust-accuracy.png", "smoke-mnist-robust-bias.png",
+                       "smoke-mnist-robust-correlation.png"]
 
     # A rerun reuses finished runs; an unfinished one (no summary yet) resumes to the same end;
     # notes written by hand below the marker survive.

@@ -86,8 +86,8 @@ def stage_means(records: Iterable[dict[str, Any]]) -> dict[int, dict[str, dict[s
     means: dict[int, dict[str, dict[str, Any]]] = defaultdict(dict)
     for (stage, metric), rows in sorted(grouped.items()):
         means[stage][metric] = {
-            "bias": _mean_of_keys(r["bias"] for r in rows),
-            "robust": _mean_of_keys(r["robust_accuracy"] for r in rows),
+            "bias": mean_of_keys(r["bias"] for r in rows),
+            "robust": mean_of_keys(r["robust_accuracy"] for r in rows),
             "seeds": len(rows),
         }
     return dict(means)
@@ -195,7 +195,7 @@ def compare_functions(
     return out
 
 
-def _mean_of_keys(dicts: Iterable[dict[str, float]]) -> dict[str, float]:
+def mean_of_keys(dicts: Iterable[dict[str, float]]) -> dict[str, float]:
     """Per key, the mean over the dicts holding it."""
     gathered: dict[str, list[float]] = defaultdict(list)
     for d in dicts:

@@ -12,7 +12,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from dltest.analysis.compare import Correlation, ordered_characteristics, stage_means
+from dltest.analysis.compare import Correlation, mean_of_keys, ordered_characteristics, stage_means
 from dltest.errors import DltestError
 from dltest.io import atomic_path
 
@@ -101,12 +101,18 @@ def bias_by_stage(records: Iterable[dict[str, Any]], path: str | os.PathLike, ti
 
 def accuracy_by_stage(records: Iterable[dict[str, Any]], path: str | os.PathLike, title: str | None = None) -> Path:
     """Clean accuracy and robust accuracy per attack against the labeled-pool size, one line per
-    function (the paper's Figure 2); ``records`` are robust-al log records of one run."""
-    by_metric: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    function (the paper's Figure 2); ``records`` are robust-al log records of one run, or of
+    several seeds' runs (then each point is the mean over the seeds)."""
+    grouped: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
     for record in records:
-        by_metric[record["metric"]].append(record)
-    if not by_metric:
+        grouped[(record["metric"], record["stage"])].append(record)
+    if not grouped:
         raise DltestError("no stage records to plot")
+    by_metric: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for (metric, _), rows in sorted(grouped.items(), key=lambda item: item[0][1]):
+        by_metric[metric].append({"labeled": rows[0]["labeled"],
+                                  "clean_accuracy": sum(r["clean_accuracy"] for r in rows) / len(rows),
+                                  "robust_accuracy": mean_of_keys(r["robust_accuracy"] for r in rows)})
     attacks = list(dict.fromkeys(a for rs in by_metric.values() for r in rs for a in r["robust_accuracy"]))
     panels = ["clean"] + attacks
     plt = pyplot()
