@@ -156,7 +156,8 @@ def test_metrics_lists_every_selector(tmp_path):
     assert result.exit_code == 0
     for name in REGISTRY:
         assert name in result.output
-    catalogue = {row["metric"]: row for row in json.loads((tmp_path / "metrics.json").read_text())}
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    catalogue = {row["metric"]: row for row in saved["metrics"]}
     assert set(catalogue) == set(REGISTRY)
     assert catalogue["dre"]["options"] == {"bins": 50} and catalogue["dre"]["runs_model_again"] is False
     assert catalogue["bald"]["options"] == {"samples": 10, "dropout": 0.1}
