@@ -75,26 +75,23 @@ class AdversarialTraining:
         if self.family not in FAMILIES:
             raise DltestError(f"unknown image family {self.family!r}; choose one of {', '.join(FAMILIES)}")
 
+    def _defaults(self) -> tuple[float, int]:
+        """The method's (step size, steps) for the image family when not given."""
+        if self.method == "pgd":
+            preset = FAMILIES[self.family].pgd_train
+            return preset.alpha, preset.steps
+        if self.method == "trades":
+            return _TRADES_DEFAULTS[self.family]
+        return (1.25 if self.method == "fgsm-rs" else 1.0), 1
+
     @property
     def step_size(self) -> float:
         """PGD / TRADES: the absolute step; FGSM-RS / N-FGSM: the step as a multiple of eps."""
-        if self.alpha is not None:
-            return self.alpha
-        if self.method == "pgd":
-            return FAMILIES[self.family].pgd_train.alpha
-        if self.method == "trades":
-            return _TRADES_DEFAULTS[self.family][0]
-        return 1.25 if self.method == "fgsm-rs" else 1.0
+        return self.alpha if self.alpha is not None else self._defaults()[0]
 
     @property
     def num_steps(self) -> int:
-        if self.steps is not None:
-            return self.steps
-        if self.method == "pgd":
-            return FAMILIES[self.family].pgd_train.steps
-        if self.method == "trades":
-            return _TRADES_DEFAULTS[self.family][1]
-        return 1
+        return self.steps if self.steps is not None else self._defaults()[1]
 
     @property
     def gradient_evaluations(self) -> int:
