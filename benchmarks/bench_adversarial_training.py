@@ -46,8 +46,6 @@ from dltest.zoo import model_for_dataset  # noqa: E402
 from machine import machine  # noqa: E402  (benchmarks/machine.py)
 
 
-
-
 def dltest_epoch(init, data, config, adversary=None) -> float:
     model = copy.deepcopy(init)
     result = train(model, data, None, config, adversary=adversary, device="cpu", progress=False)

@@ -21,9 +21,7 @@ import statistics
 import time
 
 import torch
-from machine import machine  # noqa: E402  (benchmarks/machine.py)
-
-
+from machine import machine  # benchmarks/machine.py (this script's folder is on sys.path)
 
 
 def timed_pair(first, second, repeat: int = 5) -> tuple[float, float, float]:

@@ -27,9 +27,7 @@ import torch
 
 from dltest import load_dataset, load_model
 from dltest.export import OnnxClassifier, export_onnx
-from machine import machine  # noqa: E402  (benchmarks/machine.py)
-
-
+from machine import machine  # benchmarks/machine.py (this script's folder is on sys.path)
 
 
 def run(model, batches: list[torch.Tensor]) -> float:

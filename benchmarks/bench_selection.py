@@ -26,7 +26,7 @@ from dltest import infer, load_dataset, load_model, select
 from dltest.data import to_float_images
 from dltest.inference import INFERENCE_BATCH
 from dltest.runtime import resolve_device
-from machine import machine  # noqa: E402  (benchmarks/machine.py)
+from machine import machine  # benchmarks/machine.py (this script's folder is on sys.path)
 
 SELECTORS = ["random", "entropy", "deepgini", "lc", "margin", "mcp", "dre"]
 
@@ -57,8 +57,6 @@ def selector_only(metric: str, outputs, data, repeats: int = 20) -> float:
         select(metric, "4%", outputs=outputs, data=data, seed=0)
         runs.append(time.perf_counter() - started)
     return statistics.median(runs)
-
-
 
 
 def main() -> None:
