@@ -1,7 +1,10 @@
 """The one trainer: standard training, and adversarial training (PGD, FGSM-RS, N-FGSM, TRADES).
 
 The best epoch is chosen on the validation data (clean accuracy, or robust accuracy under a
-PGD check when training adversarially). A fall of that robust accuracy to less than half its
+PGD check when training adversarially), never among *degenerate* epochs: an epoch whose most
+predicted class takes more of the validation inputs than halfway from that class's true share
+to all of them (more than 55% on a balanced 10-class set) is near-constant, and a constant
+predictor can win on robust accuracy (about 10%) against a model that learned something. A fall of that robust accuracy to less than half its
 best after the eps warm-up is *catastrophic overfitting* (Wong et al. 2020; single-step
 methods are prone to it): training stops there and keeps the best epoch. Every epoch is
 checkpointed to ``state_path`` so an interrupted run resumes where it stopped.
@@ -212,8 +215,14 @@ def _train(model, train_data, val_data, config, adversary, method, val_adversary
         if method is not None:
             record["eps"] = method.eps_at(epoch + 1)
         score = record["train_accuracy"]
+        degenerate = False
         if val_data is not None:
-            record["val_accuracy"] = accuracy(model, val_data, device=device)
+            predicted = predictions(model, val_data, device=device)
+            record["val_accuracy"] = float((predicted == val_data.y).double().mean()) if len(val_data) else 0.0
+            record["val_top_class_share"] = round(top_class_share(predicted), 6)
+            degenerate = is_degenerate(predicted, val_data.y)
+            if degenerate:
+                record["degenerate"] = True
             score = record["val_accuracy"]
             if val_adversary is not None:
                 record["val_robust_accuracy"] = accuracy(model, val_data, device=device, adversary=val_adversary)
@@ -224,12 +233,14 @@ def _train(model, train_data, val_data, config, adversary, method, val_adversary
                 and best_score > 0.2 and score < 0.5 * best_score:
             stopped = (f"catastrophic overfitting at epoch {epoch + 1}: robust accuracy fell to "
                        f"{100 * score:.1f}% from {100 * best_score:.1f}%; kept epoch {best_epoch + 1}")
-        elif score > best_score or (adversary is not None and not warmed_up):
+        elif not degenerate and (score > best_score or (adversary is not None and not warmed_up)):
             # during the eps warm-up the latest epoch is the best: earlier ones saw a smaller eps
             best_state, best_epoch, best_score = copy.deepcopy(model.state_dict()), epoch, score
         if state_path:
             _save_state(state_path, model, optimizer, scheduler, epoch, history, best_state, best_epoch, best_score,
                         settings, stopped)
+    if best_epoch < 0 and any(r.get("degenerate") for r in history) and not stopped:
+        stopped = "every epoch's predictions were near-constant on the validation data; kept the starting weights"
     model.load_state_dict(best_state)
     model.eval()
     return TrainResult(model, best_epoch, best_score, history, time.perf_counter() - started, stopped)
@@ -267,6 +278,35 @@ def _load_partial(path, device) -> dict[str, Any]:
     if not isinstance(state, dict) or not keys <= set(state):
         raise DltestError(f"cannot resume from {path}: not a dltest partial training state; remove it to start over")
     return state
+
+
+def predictions(model: nn.Module, data: ImageDataset, *, device: str | torch.device | None = None,
+                batch_size: int = 256) -> Tensor:
+    """The model's predicted class of every input of ``data`` (on the CPU), model in eval mode."""
+    device = resolve_device(device)
+    model.eval()
+    parts = [torch.empty(0, dtype=torch.long)]
+    with torch.inference_mode():
+        for x, _ in data.batches(batch_size, device):
+            parts.append(model(x).argmax(1).cpu())
+    return torch.cat(parts)
+
+
+def top_class_share(predicted: Tensor) -> float:
+    """The share of inputs given the most frequent predicted class (1.0: a constant predictor)."""
+    if len(predicted) == 0:
+        return 0.0
+    return float(torch.bincount(predicted).max()) / len(predicted)
+
+
+def is_degenerate(predicted: Tensor, labels: Tensor) -> bool:
+    """Whether predictions are near-constant: the most predicted class takes more than halfway
+    from the largest true class share to all inputs ((1 + 0.1) / 2 = 55% on a balanced
+    10-class set). Such an epoch is never chosen as the best one."""
+    if len(predicted) == 0:
+        return False
+    largest_true = float(torch.bincount(labels.cpu()).max()) / len(labels)
+    return top_class_share(predicted) > (1 + largest_true) / 2
 
 
 def accuracy(

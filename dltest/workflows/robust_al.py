@@ -312,7 +312,7 @@ def _initial(config, factory, train_data, val, folder, device, evaluate, augment
                          clean_accuracy=clean, robust_accuracy=robust, bias=None,
                          seconds={"select": 0.0, "train": round(trained - started, 3),
                                   "evaluate": round(time.perf_counter() - trained, 3)},
-                         best_epoch=result.best_epoch)
+                         best_epoch=result.best_epoch, stopped_early=result.stopped_early)
     if path is not None:
         _write_state(path, {"model": result.model.state_dict(), "labeled": labeled, "record": asdict(record)})
     return result.model, labeled, record
