@@ -4,6 +4,11 @@ A dltest checkpoint is a plain dict of primitives and tensors (so ``torch.load(.
 weights_only=True)`` reads it): the architecture name and arguments, the dataset, the input
 shape, the class count, the normalisation, the weights and free-form metadata (how it was
 trained). TorchScript files load too. A pickled ``nn.Module`` loads only with ``trust=True``.
+
+No metadata in a file runs code: the architecture a checkpoint names is built only when it is a
+zoo name; a ``module:Class`` or ``file.py:Class`` (imported and called to build the model) only
+when the user named it (``arch=``, ``--arch``) or trusts the file (``trust=True``,
+``--trust-model``); see :func:`check_file_arch`.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from dltest.data import ImageDataset
 from dltest.errors import DltestError
 from dltest.io import atomic_path
 from dltest.profiles import PROFILES
-from dltest.zoo import ARCHITECTURES, Classifier, build_model
+from dltest.zoo import ARCHITECTURES, Classifier, build_model, is_zoo_architecture
 
 FORMAT = "dltest-checkpoint"
 VERSION = 1
@@ -212,7 +217,10 @@ def load_model(
     see :mod:`dltest.export`), a state_dict (with ``arch``: a zoo name or ``module:Class``, built
     with ``arch_kwargs``; a zoo model also needs ``input_shape``), or ``None`` for the bundled
     model of ``dataset`` (``robust=True``: its adversarially trained one). ``trust=True`` also accepts a pickled ``nn.Module``: that runs code from
-    the file, so only use it for files you made. ``normalize=(mean, std)`` is for models trained
+    the file, so only use it for files you made. A ``module:Class`` / ``file.py:Class`` in ``arch``
+    is imported and called, which runs its code; a dltest checkpoint that names such an
+    architecture loads only when ``arch`` names the same one, or with ``trust=True``
+    (:func:`check_file_arch`). ``normalize=(mean, std)`` is for models trained
     on normalised inputs: the model then comes wrapped in :class:`~dltest.inference.ModelAdapter`
     (every dltest function adapts other outside models itself).
     """
@@ -258,10 +266,8 @@ def load_model(
             return _adapted(obj.eval(), normalization), info
     state = _load_weights_only(path)
     if isinstance(state, dict) and state.get("format") == FORMAT:
-        if arch:
-            why = f"{path} is a dltest checkpoint: it names its architecture ({state.get('arch')}); drop "
-            raise DltestError(why + "arch", cli=why + "--arch")
-        return _from_checkpoint(state, path, normalization)
+        _check_given_arch(state, path, arch, kwargs)
+        return _from_checkpoint(state, path, normalization, allow_code=trust or arch is not None)
     weights = _state_dict_in(state)
     if weights is None:
         why = f"{path} is not a model file dltest knows (a dltest checkpoint, a state_dict, a TorchScript file, or with "
@@ -286,16 +292,32 @@ def _adapted(model: nn.Module, normalization) -> nn.Module:
     return adapt(model, normalize=normalization) if normalization is not None else model
 
 
-def _from_checkpoint(state: dict[str, Any], path: Path, normalization) -> tuple[nn.Module, ModelInfo]:
+def _check_given_arch(state: dict[str, Any], path: Path, arch: str | None, kwargs: dict[str, Any]) -> None:
+    """A checkpoint names its own architecture: ``arch`` (and ``arch_kwargs``) given with one must
+    repeat what it stores (the user vouching for that code), never replace it."""
+    if arch is None:
+        return
+    stored = state.get("arch")
+    if arch != stored:
+        why = f"{path} is a dltest checkpoint of architecture {_shown(stored)}, not {arch!r}: drop "
+        raise DltestError(why + "arch (or pass that one)", cli=why + "--arch (or pass that one)")
+    if kwargs and kwargs != dict(state.get("arch_kwargs") or {}):
+        why = f"{path} is a dltest checkpoint: it stores its architecture's arguments ({_shown(state.get('arch_kwargs'))}); drop "
+        raise DltestError(why + "arch_kwargs", cli=why + "--arch-kwargs")
+
+
+def _from_checkpoint(state: dict[str, Any], path: Path, normalization,
+                     allow_code: bool = False) -> tuple[nn.Module, ModelInfo]:
+    check_file_arch(state.get("arch"), path, allowed=allow_code)
     stored = state.get("digest")
     if stored is not None and stored != state_digest(state.get("state_dict", {}), _digest_header(state)):
         raise DltestError(f"{path}: the weights do not match the digest stored in the checkpoint (altered or "
                           "corrupted after saving); use the original file or save the model again")
-    if normalization is not None and ":" not in str(state.get("arch")):
+    if normalization is not None and is_zoo_architecture(state.get("arch")):
         why = (f"{path} is a zoo model that normalises its inputs itself (mean {state.get('mean')}, std "
                f"{state.get('std')}); drop ")
         raise DltestError(why + "normalize", cli=why + "--normalize")
-    model = model_from_checkpoint(state, path)
+    model = model_from_checkpoint(state, path, allow_code=allow_code)
     saved_norm = state.get("normalize")
     if saved_norm and normalization is None:
         normalization = (tuple(saved_norm[0]), tuple(saved_norm[1]))
@@ -326,12 +348,50 @@ def _load_onnx(path: Path) -> tuple[nn.Module, ModelInfo]:
     )
 
 
-def model_from_checkpoint(state: dict[str, Any], path: str | os.PathLike = "checkpoint") -> nn.Module:
-    """Rebuild the model a checkpoint dict describes (a zoo model or ``module:Class``) and load its weights."""
+def check_file_arch(arch: Any, source: str | os.PathLike, *, allowed: bool = False) -> None:
+    """The one rule for an architecture named inside a file (a checkpoint's ``arch``).
+
+    A zoo name is built by dltest itself. Anything else (``module:Class``, ``file.py:Class``) is
+    imported and called, which runs that code, so a file alone never makes dltest do it:
+    ``allowed`` says the user asked for it (``arch=``/``--arch`` naming it, ``trust=True``/
+    ``--trust-model``). Refused: one line naming the value and how to allow it.
+    """
+    if is_zoo_architecture(arch):
+        return
+    if not isinstance(arch, str) or not arch:
+        raise DltestError(f"{source} is a dltest checkpoint without a valid architecture name (arch is "
+                          f"{_shown(arch)}); save the model again with dltest")
+    if allowed:
+        return
+    raise DltestError(
+        f"{source} names architecture {_shown(arch)}, not one of dltest's zoo models ({', '.join(ARCHITECTURES)}): "
+        f"building it would import and run that code; only if you trust it, name it yourself with --arch "
+        f"{_shown(arch)} (arch= in Python) or pass --trust-model (trust=True)"
+    )
+
+
+def _shown(value: Any, limit: int = 120) -> str:
+    """``value`` on one short line (repr escapes newlines), for messages quoting file contents."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def model_from_checkpoint(state: dict[str, Any], path: str | os.PathLike = "checkpoint", *,
+                          allow_code: bool = False) -> nn.Module:
+    """Rebuild the model a checkpoint dict describes and load its weights.
+
+    A zoo architecture is built directly; a ``module:Class`` one only with ``allow_code=True``
+    (the user named it or trusts the file; :func:`check_file_arch`), as building it runs its code.
+    """
     arch = state.get("arch")
-    if isinstance(arch, str) and ":" in arch:
-        return build_architecture(arch, dict(state.get("arch_kwargs") or {}), state["state_dict"],
-                                  tuple(state["input_shape"]), state.get("num_classes"), path)
+    check_file_arch(arch, path, allowed=allow_code)
+    if not is_zoo_architecture(arch):
+        try:
+            kwargs, weights = dict(state.get("arch_kwargs") or {}), state["state_dict"]
+            input_shape = tuple(state["input_shape"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise DltestError(f"{path}: checkpoint does not match its architecture ({_first_line(exc)})") from None
+        return build_architecture(arch, kwargs, weights, input_shape, state.get("num_classes"), path)
     try:
         model = build_model(
             state["arch"], state["num_classes"], tuple(state["input_shape"]),

@@ -11,7 +11,9 @@
 Fixtures (session-scoped): ``dltest_data``, the split ``--dltest-split`` (ini ``dltest_split``,
 default ``holdout``) of ``--dltest-dataset`` (ini ``dltest_dataset``, default ``mnist``);
 ``dltest_model``, the model ``--dltest-model`` (ini ``dltest_model``; a dltest checkpoint,
-TorchScript or ONNX file), default the bundled model of the dataset. A failed assertion lists
+TorchScript or ONNX file), default the bundled model of the dataset. A checkpoint naming a
+``module:Class`` architecture is not built from the ini (that would run code a file names):
+override ``dltest_model`` in your ``conftest.py`` with ``load_model(path, arch="module:Class")``. A failed assertion lists
 every figure with its exact interval and the rule that decided it.
 
 The plugin loads in every pytest run where dltest is installed, so it imports nothing heavy
@@ -73,16 +75,26 @@ def _setting(config: pytest.Config, name: str) -> str:
 def dltest_data(pytestconfig: pytest.Config) -> "ImageDataset":
     """The evaluation split (default: mnist holdout)."""
     from dltest.data import load_dataset
+    from dltest.errors import DltestError
 
-    return load_dataset(_setting(pytestconfig, "dataset"), _setting(pytestconfig, "split"))
+    try:
+        return load_dataset(_setting(pytestconfig, "dataset"), _setting(pytestconfig, "split"))
+    except DltestError as exc:
+        problem = str(exc)
+    pytest.fail(f"dltest_data: {problem}", pytrace=False)  # one line, outside the except: no chained report
 
 
 @pytest.fixture(scope="session")
 def dltest_model(pytestconfig: pytest.Config, dltest_data: "ImageDataset") -> "nn.Module":
     """The model under test, in eval mode, checked to fit ``dltest_data``."""
     from dltest.checkpoint import check_fits, load_model
+    from dltest.errors import DltestError
 
     source = _setting(pytestconfig, "model") or None
-    model, info = load_model(source, dataset=None if source else dltest_data.name)
-    check_fits(model, dltest_data, info)
-    return model
+    try:  # a checkpoint naming a module:Class is refused: override this fixture with load_model(..., arch=...)
+        model, info = load_model(source, dataset=None if source else dltest_data.name)
+        check_fits(model, dltest_data, info)
+        return model
+    except DltestError as exc:
+        problem = str(exc)
+    pytest.fail(f"dltest_model: {problem}", pytrace=False)

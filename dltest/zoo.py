@@ -159,11 +159,17 @@ ARCHITECTURES: dict[str, Callable[..., Classifier]] = {
 }
 
 
+def is_zoo_architecture(name: object) -> bool:
+    """Whether ``name`` is one of the zoo's architecture names: the only architectures a file may
+    name by itself (building one runs no code from outside dltest)."""
+    return isinstance(name, str) and name in ARCHITECTURES
+
+
 def build_model(
     arch: str, num_classes: int = 10, input_shape: Sequence[int] = (1, 28, 28), **kwargs
 ) -> Classifier:
     """Build a zoo architecture for inputs of ``input_shape`` (C, H, W), lazy layers materialised."""
-    if arch not in ARCHITECTURES:
+    if not is_zoo_architecture(arch):
         raise DltestError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
     model = ARCHITECTURES[arch](num_classes=num_classes, in_channels=int(input_shape[0]), **kwargs)
     with torch.no_grad():

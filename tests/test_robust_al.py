@@ -228,7 +228,7 @@ def test_a_users_architecture_runs_robust_active_learning(splits, tmp_path):
     result = run(config, splits, tmp_path / "run")
     for metric in ("entropy", "coreset"):
         assert [r.labeled for r in result.records[metric]] == [200, 220, 240]
-        model, info = load_model(tmp_path / "run" / f"{metric}.pt")
+        model, info = load_model(tmp_path / "run" / f"{metric}.pt", arch=arch)  # a module:Class must be named
         assert info.arch == arch and type(model).__name__ == "ClientLeNet"
     with pytest.raises(DltestError, match="arch_kwargs apply to a module:Class architecture"):
         tiny(arch="lenet5", arch_kwargs={"num_classes": 10})

@@ -26,7 +26,7 @@ from dltest.zoo import ARCHITECTURES
 def robust_al_command(
     metric: Annotated[str, typer.Option("--metric", "--metrics", help="Acquisition metric, or several comma-separated (each from the same initial model).")] = "dre",
     dataset: Dataset = "mnist",
-    arch: Annotated[Optional[str], typer.Option(help=f"One of {', '.join(ARCHITECTURES)} (default: the paper's model for the dataset), or your module:Class / file.py:Class returning logits.", show_default=False)] = None,
+    arch: Annotated[Optional[str], typer.Option(help=f"One of {', '.join(ARCHITECTURES)} (default: the paper's model for the dataset), or your module:Class / file.py:Class returning logits (imported, so that module or file is executed).", show_default=False)] = None,
     arch_kwargs: Annotated[Optional[str], typer.Option(help="JSON keyword arguments of a module:Class architecture.", show_default=False)] = None,
     budget: Annotated[Optional[int], typer.Option(help="Final labeled-pool size (default: Table 3's, 5000 for MNIST).", show_default=False)] = None,
     initial: Annotated[Optional[int], typer.Option(help="Random initial labeled pool (default: Table 3's, 200 for MNIST).", show_default=False)] = None,
