@@ -311,10 +311,17 @@ def _nbytes(shape: tuple[int, ...], dtype: np.dtype) -> int:
     return int(np.prod(shape, dtype=object)) * dtype.itemsize
 
 
+FLOAT32 = np.dtype(np.float32)
+
+
 def check_npz_sizes(path: Path, headers: dict[str, tuple[tuple[int, ...], np.dtype]] | None = None,
-                    keys: tuple[str, ...] | None = None) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+                    keys: tuple[str, ...] | None = None,
+                    as_float32: tuple[str, ...] = ()) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """Refuse, on the headers alone, arrays of Python objects and arrays larger than
-    :func:`max_array_bytes` (checked before any of them is read); returns the headers."""
+    :func:`max_array_bytes` (checked before any of them is read); returns the headers.
+
+    The arrays named in ``as_float32`` are checked also at the size they take once converted to
+    float32 images (4 bytes a pixel: 4x a uint8 file's), since that is what loading makes of them."""
     try:
         headers = headers if headers is not None else _npz_headers(path)
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
@@ -329,6 +336,10 @@ def check_npz_sizes(path: Path, headers: dict[str, tuple[tuple[int, ...], np.dty
                 raise DltestError(f"{path}: array {key!r} of shape {shape} ({dtype}) needs "
                                   f"{_nbytes(shape, dtype) / 2**30:.1f} GiB, more than the {limit / 2**30:.1f} GiB "
                                   "allowed (DLTEST_MAX_BYTES); split it into smaller files")
+            if key in as_float32 and _nbytes(shape, FLOAT32) > limit:
+                raise DltestError(f"{path}: array {key!r} of shape {shape} ({dtype}) needs "
+                                  f"{_nbytes(shape, FLOAT32) / 2**30:.1f} GiB as float32 images, more than the "
+                                  f"{limit / 2**30:.1f} GiB allowed (DLTEST_MAX_BYTES); split it into smaller files")
     return headers
 
 

@@ -2,7 +2,8 @@
 
 :class:`AdversarialExamples` is what ``dltest attack`` writes: an ``.npz`` with ``x``
 (N, H, W, C float32 in [0, 1]) and ``y`` like any dltest data file (so ``--dataset adv.npz``
-reads it), plus the source positions, the predictions and the settings.
+reads it), plus the source positions, the predictions and the settings. A file made elsewhere
+may hold uint8 pixels (0..255): they are scaled to [0, 1] as every dltest loader does.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from torch import Tensor, nn
 from dltest import __version__
 from dltest.attacks.presets import AttackSpec
 from dltest.data import ImageDataset, check_examples, check_npz_sizes, to_float_images
+
+EXAMPLE_ARRAYS = ("x", "y", "indices", "meta")  # what every adversarial-examples file holds
 from dltest.errors import DltestError
 from dltest.inference import PROBE_SIZE, adapt
 from dltest.io import atomic_path, parse_json_text
@@ -79,16 +82,19 @@ class AdversarialExamples:
 
 
 def load_adversarial(path: str | os.PathLike, data: ImageDataset | None = None) -> AdversarialExamples:
-    """Read what :meth:`AdversarialExamples.save` wrote; with ``data``, check it comes from it."""
+    """Read what :meth:`AdversarialExamples.save` wrote; with ``data``, check it comes from it.
+
+    Everything that the arrays' headers tell (the arrays present, shapes, dtypes, the size as
+    float32 images, the fit to ``data``) is checked before any array is read, so a small file
+    declaring a huge array is refused in bounded memory. uint8 pixels are scaled to [0, 1].
+    """
     path = Path(path)
     if not path.is_file():
         raise DltestError(f"adversarial examples file not found: {path}")
-    check_npz_sizes(path)  # sizes on the headers, before any array is read
+    headers = check_npz_sizes(path, as_float32=("x",))  # sizes on the headers, before any array is read
+    _check_headers(headers, path, data)
     try:
         with np.load(path, allow_pickle=False) as f:
-            missing = {"x", "y", "indices", "meta"} - set(f.files)
-            if missing:
-                raise DltestError(f"{path} is not a dltest adversarial-examples file (no {', '.join(sorted(missing))})")
             arrays = {k: f[k] for k in f.files}
     except DltestError:
         raise
@@ -98,7 +104,7 @@ def load_adversarial(path: str | os.PathLike, data: ImageDataset | None = None) 
     if not isinstance(meta, dict):
         raise DltestError(f"{path}: meta must be a JSON object")
     check_examples(arrays, path, data.classes if data is not None else None)
-    x = torch.from_numpy(arrays["x"]).permute(0, 3, 1, 2).contiguous().float()
+    x = to_float_images(torch.from_numpy(arrays["x"]).permute(0, 3, 1, 2).contiguous())
     y = torch.from_numpy(arrays["y"]).long()
     n = len(y)
     examples = AdversarialExamples(
@@ -107,7 +113,7 @@ def load_adversarial(path: str | os.PathLike, data: ImageDataset | None = None) 
         clean_pred=torch.from_numpy(arrays.get("clean_pred", np.full(n, -1))).long(),
         adv_pred=torch.from_numpy(arrays.get("adv_pred", np.full(n, -1))).long(),
         dataset=meta.pop("dataset", "?"), split=meta.pop("split", "?"), attack=meta.pop("attack", {}),
-        seed=int(meta.pop("seed", 0)), meta=meta,
+        seed=_meta_seed(meta.pop("seed", 0), path), meta=meta,
     )
     if data is not None:
         if examples.dataset != data.name:
@@ -115,6 +121,34 @@ def load_adversarial(path: str | os.PathLike, data: ImageDataset | None = None) 
         if tuple(x.shape[1:]) != tuple(data.input_shape):
             raise DltestError(f"{path} holds inputs of shape {tuple(x.shape[1:])}, but {data.name} has {data.input_shape}")
     return examples
+
+
+def _check_headers(headers: dict[str, tuple[tuple[int, ...], np.dtype]], path: Path,
+                   data: ImageDataset | None) -> None:
+    """The arrays an examples file must hold, their shapes and the image dtype, and (with
+    ``data``) the image shape, all from the headers: one line naming what is wrong."""
+    missing = [key for key in EXAMPLE_ARRAYS if key not in headers]
+    if missing:
+        raise DltestError(f"{path} is not a dltest adversarial-examples file (no {', '.join(missing)})")
+    shape, dtype = headers["x"]
+    if len(shape) != 4 or shape[3] not in (1, 3):
+        raise DltestError(f"{path}: x must have shape (N, H, W, C) with C 1 or 3, not {shape}")
+    if not (dtype == np.uint8 or np.issubdtype(dtype, np.floating)):
+        raise DltestError(f"{path}: x must be float in [0, 1] or uint8 (0..255), not {dtype}")
+    for key in ("y", "indices"):
+        if headers[key][0] != (shape[0],):
+            raise DltestError(f"{path}: {key} must be {shape[0]} integers, one per image, not shape {headers[key][0]}")
+    images = (shape[3], shape[1], shape[2])
+    if data is not None and images != tuple(data.input_shape):
+        raise DltestError(f"{path} holds inputs of shape {images}, but {data.name} has {tuple(data.input_shape)}")
+
+
+def _meta_seed(value: Any, path: Path) -> int:
+    """The seed the file records: an integer (a whole float from JSON counts)."""
+    whole = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+    if isinstance(value, bool) or not whole:
+        raise DltestError(f"{path}: meta 'seed' must be an integer, got {value!r}")
+    return int(value)
 
 
 def generate_adversarial(
@@ -169,7 +203,7 @@ def with_examples(train_data: ImageDataset, examples: AdversarialExamples) -> Im
         )
     return ImageDataset(
         train_data.name, f"{train_data.split}+adversarial",
-        torch.cat([to_float_images(train_data.x), examples.x.float()]),
+        torch.cat([to_float_images(train_data.x), to_float_images(examples.x)]),
         torch.cat([train_data.y, examples.y]), train_data.classes,
         torch.cat([train_data.source_index, examples.source_index]),
     )
