@@ -256,7 +256,8 @@ def test_retrain_works_on_outside_models(kind, model_files, tmp_path):
     report = json.loads(out.with_suffix(".json").read_text())
     assert report["adversarial_examples"]["n"] == 16 and report["settings"]["model_info"]["outputs"] in (
         "logits", "probabilities")
-    arch = f"{NETS}:ClientLeNet" if kind == "normalisation outside" else None  # a module:Class must be named
+    given = model_files[kind]
+    arch = given[given.index("--arch") + 1] if "--arch" in given else None  # a module:Class must be named
     model, info = load_model(out, arch=arch)
     assert info.kind == ("torchscript" if kind == "torchscript" else "dltest-checkpoint")
     if kind == "normalisation outside":

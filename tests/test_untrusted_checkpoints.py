@@ -103,8 +103,20 @@ def test_select_and_evaluate_refuse(hostile, kind, tmp_path, monkeypatch):
                         "--out", out), hostile.archs[path], hostile.marker, out)
     _assert_refused(run("evaluate", "-d", "mnist", "-m", path, "--attacks", "fgsm", "--n", 10, "--out", out),
                     hostile.archs[path], hostile.marker, out)
-    _assert_refused(run("attack", "-d", "mnist", "--split", "val", "-m", path, "--attack", "fgsm",
-                        "--out", tmp_path / "adv.npz"), hostile.archs[path], hostile.marker, tmp_path / "adv.npz")
+
+
+@pytest.mark.parametrize("command", [
+    ["attack", "--split", "val", "--attack", "fgsm", "--out", "{out}", "-m"],
+    ["retrain", "--budget", "4", "--out", "{out}", "-m"],
+    ["export", "--onnx", "{out}", "-m"],
+    ["train", "--epochs", "1", "--train-size", "100", "--out", "{out}", "--init"],
+], ids=["attack", "retrain", "export", "train-init"])
+def test_every_other_loader_refuses(hostile, command, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / {"attack": "adv.npz", "export": "model.onnx"}.get(command[0], "out.pt")
+    for path in (hostile.run, hostile.file):
+        args = [str(out) if a == "{out}" else a for a in command]
+        _assert_refused(run(*args, path), hostile.archs[path], hostile.marker, out)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -199,3 +211,9 @@ def test_the_cli_evaluates_a_legitimate_file_arch_with_arch_or_trust_model(clien
         assert result.exit_code == 0, result.output
         report = json.loads(out.read_text())
         assert report["model_arch"] == f"{NETS}:ClientLeNet" and report["clean_inputs"] == expected
+
+
+def test_the_help_says_that_arch_executes_the_file():
+    for command in ("select", "evaluate", "retrain", "robust-al"):
+        text = " ".join(run(command, "--help").output.split())
+        assert "executed" in text.lower() or "executes" in text.lower(), command
