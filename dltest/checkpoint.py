@@ -302,7 +302,8 @@ def _check_given_arch(state: dict[str, Any], path: Path, arch: str | None, kwarg
         why = f"{path} is a dltest checkpoint of architecture {_shown(stored)}, not {arch!r}: drop "
         raise DltestError(why + "arch (or pass that one)", cli=why + "--arch (or pass that one)")
     if kwargs and kwargs != dict(state.get("arch_kwargs") or {}):
-        why = f"{path} is a dltest checkpoint: it stores its architecture's arguments ({_shown(state.get('arch_kwargs'))}); drop "
+        stored_kwargs = _shown(state.get("arch_kwargs"))
+        why = f"{path} is a dltest checkpoint: it stores its architecture's arguments ({stored_kwargs}); drop "
         raise DltestError(why + "arch_kwargs", cli=why + "--arch-kwargs")
 
 

@@ -13,8 +13,9 @@ default ``holdout``) of ``--dltest-dataset`` (ini ``dltest_dataset``, default ``
 ``dltest_model``, the model ``--dltest-model`` (ini ``dltest_model``; a dltest checkpoint,
 TorchScript or ONNX file), default the bundled model of the dataset. A checkpoint naming a
 ``module:Class`` architecture is not built from the ini (that would run code a file names):
-override ``dltest_model`` in your ``conftest.py`` with ``load_model(path, arch="module:Class")``. A failed assertion lists
-every figure with its exact interval and the rule that decided it.
+override ``dltest_model`` in your ``conftest.py`` with ``load_model(path, arch="module:Class")``.
+A failed assertion lists every figure with its exact interval and the rule that decided it. A
+fixture that cannot load its data or model fails its tests with dltest's one-line message.
 
 The plugin loads in every pytest run where dltest is installed, so it imports nothing heavy
 (torch, dltest) until a fixture or :func:`assert_robust` is used.

@@ -146,7 +146,8 @@ def _plugin_project(folder: Path, model: Path) -> Path:
     """A project whose pytest.ini points the plugin's dltest_model at ``model``."""
     folder.mkdir()
     (folder / "pytest.ini").write_text(f"[pytest]\ndltest_model = {model}\n")
-    (folder / "test_model.py").write_text("def test_uses_the_model(dltest_model):\n    assert dltest_model is not None\n")
+    (folder / "test_model.py").write_text("def test_uses_the_model(dltest_model):\n"
+                                          "    assert dltest_model is not None\n")
     return folder
 
 
@@ -189,12 +190,14 @@ def test_a_legitimate_file_arch_loads_when_named_or_trusted(client_checkpoint, t
     arch = f"{NETS}:ClientLeNet"
     with pytest.raises(DltestError, match="names architecture"):
         load_model(client_checkpoint)
+    with pytest.raises(DltestError, match="stores its architecture's arguments"):  # named, but not replaced
+        load_model(client_checkpoint, arch=arch, arch_kwargs={"normalize_inside": False})
     x = mnist_test.images(slice(0, 200))
-    expected = trained_lenet(x).argmax(1)
-    for model, info in (load_model(client_checkpoint, arch=arch), load_model(client_checkpoint, trust=True)):
-        assert type(model).__name__ == "ClientLeNet" and info.arch == arch
-        with torch.no_grad():
-            assert torch.equal(model(x).argmax(1), expected)  # the zoo model's weights, its predictions
+    with torch.no_grad():
+        expected = torch.softmax(trained_lenet(x), 1)
+        for model, info in (load_model(client_checkpoint, arch=arch), load_model(client_checkpoint, trust=True)):
+            assert type(model).__name__ == "ClientLeNet" and info.arch == arch
+            assert torch.allclose(torch.softmax(model(x), 1), expected, atol=1e-5)  # the zoo model's weights
 
 
 def test_the_cli_evaluates_a_legitimate_file_arch_with_arch_or_trust_model(client_checkpoint, lenet_checkpoint,
@@ -204,13 +207,16 @@ def test_the_cli_evaluates_a_legitimate_file_arch_with_arch_or_trust_model(clien
     assert refused.exit_code == 2 and not (tmp_path / "no.json").exists()
     zoo = run(*common, "-m", lenet_checkpoint, "--out", tmp_path / "zoo.json")
     assert zoo.exit_code == 0, zoo.output
-    expected = json.loads((tmp_path / "zoo.json").read_text())["clean_inputs"]
+    expected = json.loads((tmp_path / "zoo.json").read_text())["clean_correct"]
+    reports = []
     for i, allow in enumerate((["--arch", f"{NETS}:ClientLeNet"], ["--trust-model"])):
         out = tmp_path / f"ok{i}.json"
         result = run(*common, "-m", client_checkpoint, *allow, "--out", out)
         assert result.exit_code == 0, result.output
-        report = json.loads(out.read_text())
-        assert report["model_arch"] == f"{NETS}:ClientLeNet" and report["clean_inputs"] == expected
+        reports.append(json.loads(out.read_text()))
+    assert all(r["model_arch"] == f"{NETS}:ClientLeNet" for r in reports)
+    assert reports[0]["clean_inputs"] == reports[1]["clean_inputs"]  # one model, however it was allowed
+    assert abs(reports[0]["clean_correct"] - expected) <= 1  # the zoo model's weights (a near-tie may differ)
 
 
 def test_the_help_says_that_arch_executes_the_file():
