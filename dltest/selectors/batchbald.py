@@ -22,15 +22,22 @@ The candidates are the ``candidate_factor`` x budget inputs of highest BALD (the
 only be picked after all of those), so the cost does not grow with the pool.
 
 Memory: the working tensors are the (T, n, C) samples of the pool with their BALD scores, the
-(candidates, T, C) samples and the per-chunk joint probabilities (chunk, M, C), chunk <= 256. ``max_memory_mb`` bounds them: the chunk of candidates
-scored at once is sized to fit, a bound too small for even one candidate is an error that says
-what would fit, and the plan (``planned_memory_mb``) is written into the selection's options.
+(candidates, T, C) samples and the per-chunk joint probabilities (chunk, M, C), chunk <= 256.
+``max_memory_mb`` bounds them: the chunk of candidates scored at once is sized to fit, a bound too
+small for even one candidate is an error that says what would fit, and the plan
+(``planned_memory_mb``) is written into the selection's options.
+
+Exact by construction: a candidate's joint entropy is computed with elementwise operations in a
+fixed order (:func:`joint_entropies`), never a matrix product or reduction kernel whose grouping
+may follow the shape, the threads or the CPU, and the lazy greedy applies its stopping rule one
+candidate at a time (:func:`lazy_best`). The chunk size, hence ``max_memory_mb``, changes the
+memory used and the speed, never a score bit or a pick.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -43,7 +50,7 @@ from dltest.selectors.uncertainty import entropy
 
 BYTES = 8  # float64
 POOL_BYTES = 24  # per sampled probability of the pool: float32 samples, their float64 copy, x log x
-TEMPORARIES = 3  # joint probabilities, their x log x, and the product: per candidate, per chunk
+TEMPORARIES = 4  # joint probabilities, one product, their x log x and its pairwise sums: per candidate, per chunk
 LAZY_CHUNK = 256  # candidates re-scored at a time by the lazy greedy (fewer if the memory bound says so)
 
 
@@ -67,27 +74,72 @@ def memory_plan(pool: int, candidates: int, samples: int, classes: int, joint_sa
     return int(chunk), int(fixed + chunk * per_candidate)
 
 
-def joint_entropies(configs: Tensor, log_scale: Tensor | None, probs: Tensor, chunk: int) -> Tensor:
+def ordered_sum(x: Tensor, dim: int) -> Tensor:
+    """Sum along ``dim`` by pairwise halving with elementwise additions only.
+
+    A reduction kernel (or a matrix product) may group its terms differently depending on the
+    tensor's shape, its memory layout, the thread count or the CPU's vector width; elementwise
+    additions are exact IEEE operations on each element, so this sum gives every element the same
+    bits however many other elements share the tensor.
+    """
+    x = x.movedim(dim, -1)
+    while x.shape[-1] > 1:
+        if x.shape[-1] % 2:
+            x = torch.cat([x, torch.zeros_like(x[..., :1])], dim=-1)
+        x = x[..., 0::2] + x[..., 1::2]
+    return x[..., 0]
+
+
+def joint_entropies(configs: Tensor, log_scale: Tensor | None, probs: Tensor) -> Tensor:
     """H(y_batch, y_j) for every candidate j of ``probs`` (n, T, C).
 
     ``configs`` (M, T) holds p_t(configuration m) of the batch's label configurations. With
     ``log_scale`` None they are all C^k configurations (exact); otherwise M samples, each row
-    rescaled by exp(-log_scale[m]) (importance-sampled estimate). One matrix product per chunk:
-    (M, T) x (T, chunk * C).
+    rescaled by exp(-log_scale[m]) (importance-sampled estimate).
+
+    Every candidate's value is computed by the same elementwise operations in the same order
+    (samples t one after another, then :func:`ordered_sum` over classes and configurations),
+    whichever candidates share the call: the chunking that bounds memory cannot change a bit of
+    it, so neither can it change a selection.
     """
     m, t = configs.shape
-    n, _, c = probs.shape
-    out = torch.empty(n, dtype=torch.float64, device=probs.device)
-    q = configs.mean(dim=1, keepdim=True)  # p(configuration m), up to its scale
-    for s in range(0, n, chunk):
-        part = probs[s : s + chunk]
-        joint = (configs @ part.permute(1, 0, 2).reshape(t, -1)) / t  # (M, chunk * C)
-        plogp = torch.special.xlogy(joint, joint).view(m, len(part), c).sum(dim=2)  # (M, chunk)
-        if log_scale is None:
-            out[s : s + chunk] = -plogp.sum(dim=0)
-        else:
-            out[s : s + chunk] = -((plogp / q).sum(dim=0) + log_scale.sum()) / m
-    return out
+    joint = configs[:, 0].view(1, m, 1) * probs[:, 0].unsqueeze(1)  # (n, M, C): p(c_m, y) summed over t
+    for s in range(1, t):
+        joint += configs[:, s].view(1, m, 1) * probs[:, s].unsqueeze(1)
+    joint /= t
+    plogp = ordered_sum(torch.special.xlogy(joint, joint), dim=2)  # (n, M); xlogy: one scalar log per element
+    if log_scale is None:
+        return 0.0 - ordered_sum(plogp, dim=1)
+    q = configs.mean(dim=1)  # p(configuration m), up to its scale
+    return -(ordered_sum(plogp / q, dim=1) + log_scale.sum()) / m
+
+
+def lazy_best(order: Tensor, bound: Tensor, chunk: int, gain_of: Callable[[Tensor], Tensor],
+              batch_entropy: float) -> tuple[float, int]:
+    """(gain, position) of the best candidate by Minoux's lazy greedy, one candidate at a time.
+
+    ``gain_of`` gives H(y_batch, y_j) - E H(y_j | w); ``bound`` holds each candidate's last marginal
+    gain, that value less the batch's joint entropy ``batch_entropy`` at the time (updated in
+    place). Marginal gains only shrink as the batch grows, so candidates are re-scored in ``order``
+    (decreasing ``bound``) until the best fresh marginal gain beats the stale one of the next
+    candidate; ties go to the lower position.
+    ``chunk`` candidates are scored per call of ``gain_of`` to save time, but the rule is applied
+    to them one by one and the gains past the stopping point are dropped, so the outcome is the
+    one of ``chunk=1``: the memory bound cannot change which candidates are re-scored.
+    """
+    best_gain, best = -math.inf, -1
+    for s in range(0, len(order), chunk):
+        fresh = order[s : s + chunk]
+        gains = gain_of(fresh).tolist()
+        following = bound[order[s + 1 : s + 1 + len(fresh)]].tolist()  # stale, read before any update
+        following += [-math.inf] * (len(fresh) - len(following))
+        for position, gain, next_bound in zip(fresh.tolist(), gains, following):
+            bound[position] = gain - batch_entropy
+            if gain > best_gain or (gain == best_gain and position < best):
+                best_gain, best = gain, position
+            if best_gain - batch_entropy > next_bound:
+                return best_gain, best
+    return best_gain, best
 
 
 def batchbald(probs: Tensor, budget: int, generator: torch.Generator, joint_samples: int = 1000,
@@ -97,10 +149,10 @@ def batchbald(probs: Tensor, budget: int, generator: torch.Generator, joint_samp
 
     Lazy greedy (Minoux): a candidate's gain can only shrink as the batch grows (the mutual
     information is submodular, Kirsch et al. 2019), so each step re-scores candidates in the order of
-    their last gain, a chunk at a time, and stops as soon as the best fresh gain beats the stale gain
-    of every candidate not re-scored. With the exact joint entropy this is the plain greedy; with
-    sampled configurations, candidates whose last estimate is already below the best are not
-    re-estimated.
+    their last gain (scored a chunk at a time, judged one at a time: :func:`lazy_best`), and stops
+    as soon as the best fresh gain beats the stale gain of every candidate not re-scored. With the
+    exact joint entropy this is the plain greedy; with sampled configurations, candidates whose last
+    estimate is already below the best are not re-estimated.
     """
     probs = probs.double()
     n, t, c = probs.shape
@@ -108,7 +160,7 @@ def batchbald(probs: Tensor, budget: int, generator: torch.Generator, joint_samp
         raise DltestError(f"batchbald budget {budget} exceeds the {n} candidates")
     chunk = min(chunk or n, LAZY_CHUNK)
     cond = entropy(probs).mean(dim=1)  # E_t H(y_j | w_t), (n,)
-    bound = entropy(probs.mean(dim=1)) - cond  # the first gain of every candidate: its BALD score
+    bound = entropy(probs.mean(dim=1)) - cond  # the first marginal gain of every candidate: its BALD score
     configs = torch.ones((1, t), dtype=torch.float64, device=probs.device)
     log_scale: Tensor | None = None  # None: exact enumeration
     owner = torch.empty(0, dtype=torch.long)  # the sample t each drawn configuration is drawn under
@@ -116,22 +168,17 @@ def batchbald(probs: Tensor, budget: int, generator: torch.Generator, joint_samp
     picks = torch.empty(budget, dtype=torch.long)
     scores = torch.empty(budget, dtype=torch.float64)
     batch_cond = 0.0
+    batch_entropy = 0.0  # H(y_batch) of the batch so far (estimated once configurations are drawn)
     with progress_bar("batchbald", total=budget, enabled=progress) as advance:
         for k in range(budget):
             rows = torch.nonzero(alive).flatten()
             order = rows[torch.argsort(bound[rows], descending=True, stable=True)]  # ties: lower position first
-            best_gain, j = -math.inf, -1
-            for s in range(0, len(order), chunk):
-                fresh = order[s : s + chunk]
-                gain = joint_entropies(configs, log_scale, probs[fresh], chunk) - cond[fresh]
-                bound[fresh] = gain
-                top = float(gain.max())
-                if top > best_gain or (top == best_gain and int(fresh[gain == top].min()) < j):
-                    best_gain, j = top, int(fresh[gain == top].min())
-                if s + chunk >= len(order) or best_gain > float(bound[order[s + chunk]]):
-                    break
+            best_gain, j = lazy_best(order, bound, chunk,
+                                     lambda rows: joint_entropies(configs, log_scale, probs[rows]) - cond[rows],
+                                     batch_entropy)
             picks[k], scores[k] = j, best_gain - batch_cond
             batch_cond += float(cond[j])
+            batch_entropy = best_gain + float(cond[j])  # H(y_batch) with j in the batch
             alive[j] = False
             advance(1)
             if k + 1 == budget:
