@@ -23,6 +23,7 @@ from dltest.errors import DltestError
 from dltest.inference import INFERENCE_BATCH, PROBE_SIZE, PoolOutputs, adapt, embedding_help, infer
 from dltest.io import read_json, write_json
 from dltest.selectors import REGISTRY, Candidates, get_selector
+from dltest.selectors.base import ProbabilityOutputs
 from dltest.runtime import broadcast_object, is_main, on_device, resolve_device, single_process, world_size
 
 
@@ -103,7 +104,7 @@ def select(
             raise DltestError("select needs either model and data, or precomputed outputs")
         outputs = infer(model, data, batch_size=batch_size, device=device, progress=progress)
     elif isinstance(outputs, Tensor):
-        outputs = PoolOutputs.from_probs(outputs)
+        outputs = ProbabilityOutputs.of(outputs)  # scored from the given values, exactly
     n = len(outputs)
     if data is not None and len(data) != n:
         raise DltestError(f"outputs cover {n} inputs but the pool has {len(data)}")
@@ -223,6 +224,8 @@ def _complement(labeled: Tensor, n: int) -> Tensor:
 def _subset_outputs(outputs: PoolOutputs, positions: Tensor) -> PoolOutputs:
     if len(positions) == len(outputs):
         return outputs
+    if isinstance(outputs, ProbabilityOutputs):
+        return outputs.subset(positions)
     return PoolOutputs(
         logits=outputs.logits[positions],
         embeddings=outputs.embeddings[positions] if outputs.embeddings is not None else None,

@@ -52,6 +52,51 @@ def test_rankings_are_known_and_ties_go_to_lower_position(metric, expected):
     assert result.scores is not None and len(result.scores) == 6
 
 
+# dyadic rows, so every formula is exact in float64: A = (.5, .25, .25, 0), B = (.375, .375, .125, .125),
+# C = (.75, .125, .125, 0), each also permuted (mathematically the same scores)
+TIED = torch.tensor(
+    [
+        [0.5, 0.25, 0.25, 0.0],  # 0: A
+        [0.75, 0.125, 0.125, 0.0],  # 1: C
+        [0.125, 0.375, 0.125, 0.375],  # 2: B permuted
+        [0.25, 0.5, 0.0, 0.25],  # 3: A permuted
+        [0.375, 0.375, 0.125, 0.125],  # 4: B
+        [0.0, 0.25, 0.25, 0.5],  # 5: A permuted
+        [0.125, 0.0, 0.75, 0.125],  # 6: C permuted
+    ]
+)
+EXACT = {  # score of A, B, C by the formula, and the order: B before A before C, ties by position
+    "lc": (0.5, 0.625, 0.25),
+    "deepgini": (1 - 0.375, 1 - 0.3125, 1 - 0.59375),
+    "margin": (0.25, 0.0, 0.625),
+    "entropy": (1.5 * np.log(2), -(0.75 * np.log(0.375) + 0.25 * np.log(0.125)), -(0.75 * np.log(0.75) + 0.25 * np.log(0.125))),
+}
+
+
+@pytest.mark.parametrize("metric", sorted(EXACT))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_tied_rows_get_their_exact_formula_and_tie_by_position(metric, dtype):
+    result = select(metric, 7, outputs=TIED.to(dtype))
+    assert result.indices == [2, 4, 0, 3, 5, 1, 6]
+    a, b, c = EXACT[metric]
+    expected = [b, b, a, a, a, c, c]
+    if metric == "entropy":  # a log: the formula to the last bits, and tied rows bit-equal to each other
+        assert result.scores == pytest.approx(expected, rel=1e-15)
+        assert len({result.scores[i] for i in (0, 1)}) == 1 and len({result.scores[i] for i in (2, 3, 4)}) == 1
+    else:
+        assert result.scores == expected  # exact: 1 - p1, p1 - p2 and 1 - sum p^2 of dyadic values
+
+
+def test_given_float64_probabilities_are_scored_as_given_also_after_labeled_inputs_are_removed():
+    probs = torch.tensor([[1 / 3, 1 / 3, 1 / 3], [0.1, 0.7, 0.2], [0.6, 0.3, 0.1], [1 / 3, 1 / 3, 1 / 3]],
+                         dtype=torch.float64)
+    result = select("lc", 3, outputs=probs, labeled=[1])
+    assert result.indices == [0, 3, 2]  # the two uniform rows tie exactly: lower position first
+    assert result.scores == [1.0 - 1 / 3, 1.0 - 1 / 3, 1.0 - 0.6]
+    assert select("margin", 1, outputs=probs).scores == [0.0]
+    assert select("deepgini", 1, outputs=probs).scores == [1.0 - (1 / 3 * (1 / 3) + 1 / 3 * (1 / 3) + 1 / 3 * (1 / 3))]
+
+
 def test_all_equal_rows_select_by_position():
     probs = torch.full((7, 4), 0.25)
     for metric in ("entropy", "deepgini", "lc", "margin", "mcp"):

@@ -44,7 +44,7 @@ from torch import Tensor
 
 from dltest.errors import DltestError
 from dltest.progress import progress_bar
-from dltest.selectors.base import Candidates, Selection, Selector, register
+from dltest.selectors.base import Candidates, Selection, Selector, ordered_sum, register
 from dltest.selectors.mc_dropout import bald_from_samples, mc_probabilities
 from dltest.selectors.uncertainty import entropy
 
@@ -72,22 +72,6 @@ def memory_plan(pool: int, candidates: int, samples: int, classes: int, joint_sa
                           "max_memory_mb, or lower joint_samples or candidate_factor")
     chunk = min(chunk, candidates, LAZY_CHUNK)
     return int(chunk), int(fixed + chunk * per_candidate)
-
-
-def ordered_sum(x: Tensor, dim: int) -> Tensor:
-    """Sum along ``dim`` by pairwise halving with elementwise additions only.
-
-    A reduction kernel (or a matrix product) may group its terms differently depending on the
-    tensor's shape, its memory layout, the thread count or the CPU's vector width; elementwise
-    additions are exact IEEE operations on each element, so this sum gives every element the same
-    bits however many other elements share the tensor.
-    """
-    x = x.movedim(dim, -1)
-    while x.shape[-1] > 1:
-        if x.shape[-1] % 2:
-            x = torch.cat([x, torch.zeros_like(x[..., :1])], dim=-1)
-        x = x[..., 0::2] + x[..., 1::2]
-    return x[..., 0]
 
 
 def joint_entropies(configs: Tensor, log_scale: Tensor | None, probs: Tensor) -> Tensor:

@@ -2,7 +2,13 @@
 
 The score functions are pure functions of the probability matrix (n, C); the analyses reuse them
 as the characteristics whose selection bias they measure. The selectors score float64
-probabilities (:func:`float64_probs`), so that rankings do not depend on float32 rounding.
+probabilities (:func:`float64_probs`: the given ones when the pool's outputs were given as
+probabilities), so that rankings do not depend on float32 rounding.
+
+Ties are exact: each score is computed from the row's probabilities sorted in decreasing order,
+summed in a fixed order (:func:`ordered_sum`), so rows that are permutations of each other get the
+same bits whatever the row's position, the pool's size or the CPU, and a tie goes to the lower pool
+position as SPEC says (lc and margin need no sum: 1 - p1 and p1 - p2 of the given values).
 """
 
 from __future__ import annotations
@@ -10,17 +16,23 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from dltest.selectors.base import Candidates, ScoreSelector, float64_probs, register
+from dltest.selectors.base import Candidates, ScoreSelector, float64_probs, ordered_sum, register
+
+
+def _sorted_desc(probs: Tensor) -> Tensor:
+    return probs.sort(dim=-1, descending=True, stable=True).values
 
 
 def entropy(probs: Tensor) -> Tensor:
     """Shannon entropy (nats) along the last dimension; ``xlogy`` makes 0 log 0 = 0, never NaN."""
-    return 0.0 - torch.special.xlogy(probs, probs).sum(dim=-1)  # 0.0 - x: no negative zeros
+    p = _sorted_desc(probs)
+    return 0.0 - ordered_sum(torch.special.xlogy(p, p), dim=-1)  # 0.0 - x: no negative zeros
 
 
 def gini(probs: Tensor) -> Tensor:
     """DeepGini impurity 1 - sum p^2."""
-    return 1.0 - probs.pow(2).sum(dim=1)
+    p = _sorted_desc(probs)
+    return 1.0 - ordered_sum(p * p, dim=1)
 
 
 def least_confidence(probs: Tensor) -> Tensor:
