@@ -12,8 +12,13 @@ papers' code. Each pool input is compared with the reference inputs of its own p
 - ``lsa``: -log of a Gaussian kernel density estimate of the class's reference ATs (scipy's
   ``gaussian_kde``: Scott's bandwidth, covariance of the data times n^(-2/(d+4))), evaluated in log
   space (log-sum-exp), so a density that underflows float64 still gives a finite LSA. Neurons
-  whose variance over the class's reference inputs is at most ``var_threshold`` are left out (as
-  Kim et al. do). A
+  whose variance (population, as numpy's ``var``) is below ``var_threshold`` over the reference
+  inputs of **any** class are left out of every class's density, as Kim et al.'s code does
+  (sadl's ``_get_kdes``: the union over classes), so that all class densities live in the same
+  dimensions (``var_scope="union"``, the default; classes with a single reference input have no
+  variance to judge by and are left out of that rule). ``var_scope="per-class"`` drops, for each
+  class, only the neurons that are flat in that class (dltest's earlier rule: scores of different
+  classes then come from densities of different dimension). A
   bandwidth covariance that is still singular is **degenerate**: existing implementations then
   return density 0 (LSA +inf) or LSA 0 for every input. Here a one-line notice says so and the
   KDE falls back to the subspace the reference spans (directions with eigenvalues above 1e-9 of
@@ -161,11 +166,33 @@ def _principal(cov: Tensor, rel: float = 1e-9) -> tuple[Tensor, Tensor]:
     return values[keep], vectors[:, keep]
 
 
+VAR_SCOPES = ("union", "per-class")
+
+
+def flat_neurons(ref_ats: Tensor, var_threshold: float) -> Tensor:
+    """Mask of the neurons whose population variance over ``ref_ats`` is below ``var_threshold``."""
+    return ref_ats.var(dim=0, unbiased=False) < var_threshold
+
+
+def union_of_flat_neurons(ref_ats: Tensor, ref_preds: Tensor, var_threshold: float) -> Tensor:
+    """Mask of the neurons flat in at least one class of the reference (classes with >= 2 inputs)."""
+    flat = torch.zeros(ref_ats.shape[1], dtype=torch.bool, device=ref_ats.device)
+    for c in torch.unique(ref_preds).tolist():
+        members = ref_ats[ref_preds == c]
+        if len(members) >= 2:
+            flat |= flat_neurons(members, var_threshold)
+    return flat
+
+
 def lsa_scores(ats: Tensor, preds: Tensor, ref_ats: Tensor, ref_preds: Tensor,
-               var_threshold: float = 1e-5, on_degenerate: Callable[[str], None] = notice) -> Tensor:
+               var_threshold: float = 1e-5, on_degenerate: Callable[[str], None] = notice,
+               var_scope: str = "union") -> Tensor:
     """-log KDE density of every row of ``ats`` under its predicted class's reference KDE."""
+    if var_scope not in VAR_SCOPES:
+        raise DltestError(f"var_scope must be one of {', '.join(VAR_SCOPES)}, not {var_scope!r}")
     out = torch.empty(len(ats), dtype=torch.float64)
     ats, ref_ats = ats.double(), ref_ats.double()
+    union_flat = union_of_flat_neurons(ref_ats, ref_preds, var_threshold) if var_scope == "union" else None
     for c in torch.unique(preds).tolist():
         rows = torch.nonzero(preds == c).flatten()
         data = ref_ats[ref_preds == c]
@@ -173,11 +200,12 @@ def lsa_scores(ats: Tensor, preds: Tensor, ref_ats: Tensor, ref_preds: Tensor,
         if m < 2:
             raise DltestError(f"lsa: the reference has {m} input(s) predicted as class {c}; a density estimate needs "
                               "at least 2 (raise reference_size)")
-        live = data.var(dim=0) > var_threshold
+        live = ~(union_flat if union_flat is not None else flat_neurons(data, var_threshold))
         if not bool(live.any()):
-            raise DltestError(f"lsa: every neuron of the layer varies by at most var_threshold={var_threshold} over "
-                              f"the reference inputs of class {c}: no density to estimate (use another layer or "
-                              "lower var_threshold)")
+            where = "some class" if union_flat is not None else f"class {c}"
+            raise DltestError(f"lsa: every neuron of the layer varies by less than var_threshold={var_threshold} over "
+                              f"the reference inputs of {where}: no density to estimate (use another layer, "
+                              "lower var_threshold, or var_scope='per-class')")
         data, x = data[:, live], ats[rows][:, live]
         d = data.shape[1]
         data_cov = torch.cov(data.T).reshape(d, d)
@@ -293,14 +321,17 @@ class LSA(_SurpriseAdequacy):
     score_name = "LSA"
 
     def __init__(self, layer: str = PENULTIMATE, reference_size: int = 10000, reference_seed: int = 0,
-                 var_threshold: float = 1e-5):
+                 var_threshold: float = 1e-5, var_scope: str = "union"):
         super().__init__(layer, reference_size, reference_seed)
         if not float(var_threshold) >= 0:
             raise DltestError(f"var_threshold must be >= 0, not {var_threshold}")
+        if var_scope not in VAR_SCOPES:
+            raise DltestError(f"var_scope must be one of {', '.join(VAR_SCOPES)}, not {var_scope!r}")
         self.var_threshold = float(var_threshold)
+        self.var_scope = var_scope
 
     def surprise(self, ats: Tensor, preds: Tensor, ref_ats: Tensor, ref_preds: Tensor) -> Tensor:
-        return lsa_scores(ats, preds, ref_ats, ref_preds, self.var_threshold)
+        return lsa_scores(ats, preds, ref_ats, ref_preds, self.var_threshold, var_scope=self.var_scope)
 
 
 @register
