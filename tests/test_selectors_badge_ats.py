@@ -90,20 +90,37 @@ def test_badge_through_select_is_seeded_and_diverse(trained_lenet, mnist_test):
 
 
 def union_length(intervals: list[tuple[float, float]]) -> float:
-    """Total length of a union of intervals, by sorting and merging."""
-    total, current = 0.0, None
-    for a, b in sorted(intervals):
-        if current is None or a > current[1]:
-            if current is not None:
-                total += current[1] - current[0]
-            current = [a, b]
-        else:
-            current[1] = max(current[1], b)
-    return total + (current[1] - current[0] if current else 0.0)
+    """Total length of a union of intervals, by a sweep over +1/-1 events (length where the count > 0)."""
+    events = sorted([(a, 1) for a, _ in intervals] + [(b, -1) for _, b in intervals], key=lambda e: (e[0], -e[1]))
+    total, depth, last = 0.0, 0, 0.0
+    for x, step in events:
+        if depth > 0:
+            total += x - last
+        depth, last = depth + step, x
+    return total
+
+
+def landing_point(x: np.ndarray, i: int, p: int, q: int) -> tuple[float, float]:
+    """(x'_i, y) by geometry, not by the closed form: x' is the orthogonal projection of x onto the
+    plane through the corners e_i, e_p, e_q; the ray from e_i through x' meets the line through e_p
+    and e_q at y e_p + (1 - y) e_q (least squares on the C coordinates, exact for a consistent system)."""
+    c = len(x)
+    e = np.eye(c)
+    basis = np.stack([e[p] - e[i], e[q] - e[i]], axis=1)  # (C, 2)
+    coef, *_ = np.linalg.lstsq(basis, x - e[i], rcond=None)
+    x_proj = e[i] + basis @ coef
+    # e_i + s (x' - e_i) = e_q + y (e_p - e_q)  <=>  s (x' - e_i) - y (e_p - e_q) = e_q - e_i
+    (s, y), *_ = np.linalg.lstsq(np.stack([x_proj - e[i], -(e[p] - e[q])], axis=1), e[q] - e[i], rcond=None)
+    return float(x_proj[i]), float(y)
 
 
 def ats_reference(probs: np.ndarray, upper=0.99, radius=0.005, threshold=0.001):
-    """ATS from the paper's definitions, one input, pair and union at a time (float64)."""
+    """ATS (Gao et al., ICSE 2022) from the paper's construction, one input, pair and union at a time:
+    per predicted class i, every input below ``upper`` is projected onto the plane of (i, p, q) for
+    every pair of other classes, extended from e_i to the edge p--q, and covers [y - r, y + r] there
+    (r = radius * (upper - x'_i)); the fitness of a set is the summed length of the unions; greedy by
+    fitness gain. Returns (order, score of each ordered input): greedy picks by gain, then the
+    inputs set aside by their own coverage (dltest's documented order after the paper's greedy)."""
     n, c = probs.shape
     predicted = probs.argmax(axis=1)
     picked, aside = [], []
@@ -112,17 +129,11 @@ def ats_reference(probs: np.ndarray, upper=0.99, radius=0.005, threshold=0.001):
         pairs = list(itertools.combinations([k for k in range(c) if k != i], 2))
         cover = {}
         for k in members:
-            x = probs[k]
             cover[k] = []
             for p, q in pairs:
-                shift = (1 - x[i] - x[p] - x[q]) / 3
-                xi, xp = x[i] + shift, x[p] + shift  # projection onto the face (i, p, q)
+                xi, y = landing_point(probs[k], i, p, q)
                 d = upper - xi
-                if d <= 0:
-                    cover[k].append(None)
-                    continue
-                y = xp / (1 - xi)  # where the ray from e_i through x' meets the edge p--q
-                cover[k].append((min(max(y - radius * d, 0), 1), min(max(y + radius * d, 0), 1)))
+                cover[k].append((min(max(y - radius * d, 0), 1), min(max(y + radius * d, 0), 1)) if d > 0 else None)
 
         def fitness(chosen):
             return sum(union_length([cover[k][t] for k in chosen if cover[k][t] is not None]) for t in range(len(pairs)))
@@ -140,10 +151,40 @@ def ats_reference(probs: np.ndarray, upper=0.99, radius=0.005, threshold=0.001):
             alive.discard(best)
         for k in members:
             if k not in chosen:
-                aside.append((sum(b - a for a_b in cover[k] if a_b is not None for a, b in [a_b]), k))
-    order = [k for _, k in sorted(picked, key=lambda t: (-t[0], t[1]))]
-    order += [k for _, k in sorted(aside, key=lambda t: (-t[0], t[1]))]
-    return order, sorted((g for g, _ in picked), reverse=True)
+                aside.append((sum(b - a for a, b in filter(None, cover[k])), k))
+    ranked = sorted(picked, key=lambda t: (-t[0], t[1])) + sorted(aside, key=lambda t: (-t[0], t[1]))
+    return [k for _, k in ranked], [g for g, _ in ranked]
+
+
+def assert_same_order(order, scores, ref_order, ref_scores, tol=1e-9):
+    """Scores within tolerance, and the same inputs in the same places except among near-equal scores
+    (two codes may order those differently without either being wrong)."""
+    np.testing.assert_allclose(scores, ref_scores, rtol=1e-9, atol=1e-12)
+    ref_score_of = dict(zip(ref_order, ref_scores))
+    assert sorted(order) == sorted(ref_order)
+    for k, (ours, theirs) in enumerate(zip(order, ref_order)):
+        assert ours == theirs or abs(ref_score_of[ours] - ref_scores[k]) <= tol, (k, ours, theirs)
+
+
+def test_ats_on_hand_made_outputs_gives_the_hand_computed_order_and_gains():
+    from dltest.selectors.ats import ats_order
+
+    probs = torch.tensor([
+        [0.6, 0.2, 0.2],  # 0: class 0, lands at y = 0.2 / 0.4 = 0.5, r = 0.1 * 0.39: [0.461, 0.539]
+        [0.6, 0.3, 0.1],  # 1: class 0, y = 0.75: [0.711, 0.789]
+        [0.5, 0.25, 0.25],  # 2: class 0, y = 0.5, r = 0.049: [0.451, 0.549], covers all of input 0's
+        [0.995, 0.004, 0.001],  # 3: confident: last
+        [0.2, 0.7, 0.1],  # 4: class 1, pair (0, 2): y = 0.2 / 0.3, r = 0.029
+    ], dtype=torch.float64)
+    order, scores = ats_order(probs, torch.Generator().manual_seed(0), radius=0.1)
+    # greedy gains: 2 (0.098) then 1 (0.078) in class 0, 4 (0.058) in class 1; 0 adds nothing once 2
+    # is picked: set aside with its own coverage 0.078; the confident input comes last
+    assert order.tolist() == [2, 1, 4, 0, 3]
+    np.testing.assert_allclose(scores[:4].numpy(), [0.098, 0.078, 0.058, 0.078], rtol=1e-12)
+    assert math.isnan(scores[4])
+    ref_order, ref_scores = ats_reference(probs.numpy(), radius=0.1)
+    assert ref_order == [2, 1, 4, 0]
+    np.testing.assert_allclose(ref_scores, [0.098, 0.078, 0.058, 0.078], rtol=1e-12)
 
 
 def test_ats_projection_lands_on_the_opposite_edge():
@@ -169,11 +210,10 @@ def test_ats_equals_the_papers_greedy_on_small_pools():
         logits[:8, 0] += 12  # some confident inputs
         probs = torch.softmax(logits, dim=1)
         order, scores = ats_order(probs, torch.Generator().manual_seed(1))
-        ref_order, ref_gains = ats_reference(probs.numpy())
+        ref_order, ref_scores = ats_reference(probs.numpy())
         confident = (probs.max(dim=1).values >= 0.99).sum().item()
         assert confident >= 8
-        assert order[: len(ref_order)].tolist() == ref_order
-        np.testing.assert_allclose(scores[: len(ref_gains)].numpy(), ref_gains, rtol=1e-9, atol=1e-12)
+        assert_same_order(order[: len(ref_order)].tolist(), scores[: len(ref_order)].numpy(), ref_order, ref_scores)
         assert sorted(order.tolist()) == list(range(70))
         assert torch.isnan(scores[len(ref_order):]).all() and len(order) - len(ref_order) == confident
 
