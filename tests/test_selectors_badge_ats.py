@@ -36,18 +36,21 @@ def test_badge_gradient_embeddings_equal_autograd():
 
 
 def kmeans_pp_reference(g: torch.Tensor, budget: int, generator: torch.Generator) -> list[int]:
-    """k-means++ seeding on explicit embeddings: first the largest norm, then D^2 sampling."""
+    """k-means++ seeding on explicit embeddings: first the largest norm, then D^2 sampling.
+
+    Each draw is checked to fall clear of the boundaries between inputs (by 1e-6 of the total), and
+    the largest norm clear of the second: otherwise rounding differences between this code and
+    dltest's could legitimately pick a neighbour, and the comparison would test the CPU."""
+    norms = g.norm(dim=1).sort(descending=True).values
+    assert norms[0] - norms[1] > 1e-6 * norms[0]
     picked = [int(torch.argmax(g.norm(dim=1)))]
     while len(picked) < budget:
         d2 = torch.cdist(g, g[picked], compute_mode="donot_use_mm_for_euclid_dist").min(dim=1).values.pow(2)
         d2[picked] = 0
         u = float(torch.rand((), generator=generator, dtype=torch.float64)) * float(d2.sum())
-        total = 0.0
-        for i, v in enumerate(d2.tolist()):
-            total += v
-            if total > u:
-                picked.append(i)
-                break
+        cumulative = np.cumsum(d2.double().numpy())
+        assert np.abs(cumulative - u).min() > 1e-6 * cumulative[-1]
+        picked.append(int(np.searchsorted(cumulative, u, side="right")))
     return picked
 
 
