@@ -22,6 +22,7 @@ from dltest.inference import ModelAdapter, adapt, detect_output_kind, infer, par
 from dltest.selection import select
 from dltest.selectors import REGISTRY
 from tests import client_nets
+from tests.selection_checks import assert_same_selection
 from tests.client_nets import KINDS, MNIST_MEAN, MNIST_STD, ClientLeNet, client_state_dict
 
 NETS = Path(client_nets.__file__)
@@ -166,11 +167,7 @@ def test_every_metric_selects_the_same_inputs_from_every_kind(client_models, tra
         expected = select(metric, BUDGET, model=trained_lenet, data=data, seed=1, **extra)
         for kind, model in client_models.items():
             got = select(metric, BUDGET, model=model, data=data, seed=1, **extra)
-            assert got.indices == expected.indices, (metric, kind)
-            if expected.scores is not None:
-                inf = float("inf")  # None: no finite score (coreset's random first center)
-                assert [inf if v is None else v for v in got.scores] == pytest.approx(
-                    [inf if v is None else v for v in expected.scores], rel=1e-4, abs=1e-6), (metric, kind)
+            assert_same_selection(got, expected, rel=1e-4, abs=1e-6, context=(metric, kind))
 
 
 def test_a_traced_torchscript_model_without_embeddings(trained_lenet, pool):
@@ -178,7 +175,7 @@ def test_a_traced_torchscript_model_without_embeddings(trained_lenet, pool):
     # exact EGL has a way through TorchScript: per-sample Jacobians from one batched backward pass
     few = pool.subset(torch.arange(12))
     got, expected = (select("egl", BUDGET, model=m, data=few, seed=0) for m in (traced, trained_lenet))
-    assert got.indices == expected.indices and got.scores == pytest.approx(expected.scores, rel=1e-5)
+    assert_same_selection(got, expected, rel=1e-5)
     for metric in ("coreset", "badge"):  # every metric that needs embeddings says the same, once, in select()
         with pytest.raises(DltestError, match=rf"{metric}: no penultimate embeddings: this TorchScript model has no `embed`"):
             select(metric, BUDGET, model=traced, data=pool)
