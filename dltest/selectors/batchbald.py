@@ -50,8 +50,9 @@ from dltest.selectors.uncertainty import entropy
 
 BYTES = 8  # float64
 POOL_BYTES = 24  # per sampled probability of the pool: float32 samples, their float64 copy, x log x
-TEMPORARIES = 4  # joint probabilities, one product, their x log x and its pairwise sums: per candidate, per chunk
+TEMPORARIES = 5  # joint probabilities, one product, their x log x, its padded copy and pairwise sums: per candidate
 LAZY_CHUNK = 256  # candidates re-scored at a time by the lazy greedy (fewer if the memory bound says so)
+FIRST_CHUNK = 8  # the first chunk of each step; then doubled up to the chunk (the lazy greedy often stops early)
 
 
 def memory_plan(pool: int, candidates: int, samples: int, classes: int, joint_samples: int,
@@ -107,13 +108,15 @@ def lazy_best(order: Tensor, bound: Tensor, chunk: int, gain_of: Callable[[Tenso
     place). Marginal gains only shrink as the batch grows, so candidates are re-scored in ``order``
     (decreasing ``bound``) until the best fresh marginal gain beats the stale one of the next
     candidate; ties go to the lower position.
-    ``chunk`` candidates are scored per call of ``gain_of`` to save time, but the rule is applied
-    to them one by one and the gains past the stopping point are dropped, so the outcome is the
-    one of ``chunk=1``: the memory bound cannot change which candidates are re-scored.
+    Up to ``chunk`` candidates (8 first, then doubling) are scored per call of ``gain_of`` to save
+    time, but the rule is applied to them one by one and the gains past the stopping point are
+    dropped, so the outcome is the one of ``chunk=1``: the memory bound cannot change which
+    candidates are re-scored.
     """
     best_gain, best = -math.inf, -1
-    for s in range(0, len(order), chunk):
-        fresh = order[s : s + chunk]
+    s, size = 0, min(FIRST_CHUNK, chunk)
+    while s < len(order):
+        fresh = order[s : s + size]
         gains = gain_of(fresh).tolist()
         following = bound[order[s + 1 : s + 1 + len(fresh)]].tolist()  # stale, read before any update
         following += [-math.inf] * (len(fresh) - len(following))
@@ -123,6 +126,7 @@ def lazy_best(order: Tensor, bound: Tensor, chunk: int, gain_of: Callable[[Tenso
                 best_gain, best = gain, position
             if best_gain - batch_entropy > next_bound:
                 return best_gain, best
+        s, size = s + size, min(2 * size, chunk)  # most steps stop early: grow the chunk only as needed
     return best_gain, best
 
 
