@@ -130,3 +130,13 @@ def test_batchbald_is_seeded_and_its_memory_bound_is_enforced(trained_lenet, mni
         select("batchbald", 12, model=trained_lenet, data=data, joint_samples=10**6, max_memory_mb=1)
     with pytest.raises(DltestError, match="max_memory_mb must be > 0"):
         get_selector("batchbald", max_memory_mb=0)
+
+
+def test_ordered_sum_is_the_sum_and_does_not_depend_on_the_other_rows():
+    from dltest.selectors.base import ordered_sum
+
+    x = torch.rand(37, 13, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    np.testing.assert_allclose(ordered_sum(x, dim=1).numpy(), [math.fsum(row) for row in x.tolist()], rtol=1e-15)
+    alone = torch.stack([ordered_sum(x[i : i + 1], dim=1)[0] for i in range(37)])
+    assert torch.equal(alone, ordered_sum(x, dim=1))  # the same elementwise additions for a row, alone or not
+    assert torch.equal(ordered_sum(x.T.contiguous(), dim=0), ordered_sum(x, dim=1))  # nor on the layout
