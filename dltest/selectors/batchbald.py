@@ -108,6 +108,7 @@ def lazy_best(order: Tensor, bound: Tensor, chunk: int, gain_of: Callable[[Tenso
     place). Marginal gains only shrink as the batch grows, so candidates are re-scored in ``order``
     (decreasing ``bound``) until the best fresh marginal gain beats the stale one of the next
     candidate; ties go to the lower position.
+
     Up to ``chunk`` candidates (8 first, then doubling) are scored per call of ``gain_of`` to save
     time, but the rule is applied to them one by one and the gains past the stopping point are
     dropped, so the outcome is the one of ``chunk=1``: the memory bound cannot change which
