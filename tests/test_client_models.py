@@ -154,7 +154,9 @@ def test_the_normalised_wrapper_predicts_as_the_model_with_normalisation_inside(
     wrapped = client_models["normalisation outside"]
     with torch.no_grad():
         assert torch.allclose(wrapped(x), trained_lenet(x), atol=1e-5)
-        assert torch.equal(wrapped(x).argmax(1), trained_lenet(x).argmax(1))
+        top2 = trained_lenet(x).topk(2, dim=1).values
+        clear = top2[:, 0] - top2[:, 1] > 1e-4  # two codes: the argmax may differ only at a near-tie
+        assert clear.float().mean() > 0.95 and torch.equal(wrapped(x).argmax(1)[clear], trained_lenet(x).argmax(1)[clear])
         # without the wrapper the same weights see unnormalised pixels: other scores
         assert not torch.allclose(wrapped.model(x), trained_lenet(x), atol=0.1)
 
