@@ -52,7 +52,7 @@ def select_command(
     reference_size: Annotated[Optional[int], typer.Option("--reference-size", help="dsa, lsa, mdsa: size of the seeded random subsample of the reference [default: 10000].", show_default=False)] = None,
     reference_seed: Annotated[Optional[int], typer.Option("--reference-seed", help="dsa, lsa, mdsa: seed of that subsample [default: 0].", show_default=False)] = None,
     layer: Annotated[Optional[str], typer.Option("--layer", help="dsa, lsa, mdsa: the module whose activations are compared (a name from model.named_modules()) [default: penultimate].", show_default=False)] = None,
-    var_threshold: Annotated[Optional[float], typer.Option("--var-threshold", help="lsa: neurons varying at most this much over a class's reference are left out [default: 1e-5].", show_default=False)] = None,
+    var_threshold: Annotated[Optional[float], typer.Option("--var-threshold", help="lsa: neurons whose variance is below this in any class's reference are left out of every class (sadl's rule) [default: 1e-5].", show_default=False)] = None,
     mc_samples: Annotated[Optional[int], typer.Option("--mc-samples", help="bald, dropout-entropy, batchbald: T, the number of MC-dropout samples [default: 10].", show_default=False)] = None,
     dropout: Annotated[Optional[float], typer.Option("--dropout", help="bald, dropout-entropy, batchbald: rate of the dropout put before the final linear layer of a model without dropout [default: 0.1].", show_default=False)] = None,
     joint_samples: Annotated[Optional[int], typer.Option("--joint-samples", help="batchbald: label configurations enumerated, then sampled, for the joint entropy [default: 1000].", show_default=False)] = None,
