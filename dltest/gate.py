@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import os
+import stat
 import sys
 import warnings
 import xml.etree.ElementTree as ET
@@ -533,12 +534,27 @@ def append_step_summary(markdown: str, environ: Mapping[str, str] = os.environ) 
     if not target:
         return None
     try:
-        with open(target, "a", encoding="utf-8") as handle:
+        # O_NONBLOCK: a named pipe without a reader fails at once instead of hanging the gate
+        fd = os.open(target, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK, 0o666)
+        with open(fd, "a", encoding="utf-8") as handle:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise OSError("not a regular file; dltest only writes regular files")
             handle.write(markdown + "\n")
     except OSError as exc:
-        print(f"warning: cannot append to GITHUB_STEP_SUMMARY={target} ({exc})", file=sys.stderr)
+        print(f"warning: cannot append to GITHUB_STEP_SUMMARY={target} ({exc.strerror or exc})", file=sys.stderr)
         return None
     return Path(target)
+
+
+def check_step_summary(environ: Mapping[str, str] = os.environ) -> None:
+    """Refuse, before any work, a ``GITHUB_STEP_SUMMARY`` that names something other than a regular
+    file (a named pipe would block the gate, a device file would swallow the table)."""
+    target = environ.get("GITHUB_STEP_SUMMARY")
+    if not target or not os.path.lexists(target):
+        return
+    mode = os.stat(target).st_mode if os.path.exists(target) else 0
+    if not stat.S_ISREG(mode):
+        raise DltestError(f"GITHUB_STEP_SUMMARY={target} is not a regular file; dltest only appends to regular files")
 
 
 # --- configuration -----------------------------------------------------------------------------
@@ -561,15 +577,12 @@ def read_config(path: str | os.PathLike | None = None, folder: str | os.PathLike
     for candidate in candidates:
         if not candidate.is_file():
             continue
-        try:
-            document = _tomllib().loads(candidate.read_text(encoding="utf-8"))
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise DltestError(f"{candidate} is not valid TOML ({exc})") from None
+        document = _read_toml(candidate)
         if candidate.name == "pyproject.toml":
-            table = document.get("tool", {}).get("dltest", {}).get("gate")
+            table = _table_at(document, ("tool", "dltest", "gate"), candidate)
             where = "[tool.dltest.gate]"
         else:
-            table = document.get("gate", document.get("tool", {}).get("dltest", {}).get("gate"))
+            table = document.get("gate", _table_at(document, ("tool", "dltest", "gate"), candidate))
             where = "[gate]"
         if table is None:
             if path is not None:
@@ -580,8 +593,41 @@ def read_config(path: str | os.PathLike | None = None, folder: str | os.PathLike
         unknown = sorted(set(table) - set(CONFIG_KEYS))
         if unknown:
             raise DltestError(f"{candidate} {where}: unknown key {unknown[0]!r}; allowed: {', '.join(CONFIG_KEYS)}")
+        flag = table.get("allow-randomised")
+        if flag is not None and not isinstance(flag, bool):
+            raise DltestError(f"{candidate} {where}: allow-randomised must be true or false (a TOML boolean, "
+                              f"not a string), got {flag!r}")
         return dict(table), str(candidate)
     return {}, None
+
+
+MAX_TOML_BYTES = 2**20  # a gate configuration is a few lines; a larger file is not one
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    """Parse a TOML file with a one-line error for malformed, oversized or absurdly nested input."""
+    try:
+        if path.stat().st_size > MAX_TOML_BYTES:
+            raise DltestError(f"{path} is {path.stat().st_size} bytes, too large for a configuration "
+                              f"(at most {MAX_TOML_BYTES})")
+        text = path.read_text(encoding="utf-8")
+        return _tomllib().loads(text)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise DltestError(f"{path} is not valid TOML ({str(exc).splitlines()[0]})") from None
+    except RecursionError:
+        raise DltestError(f"{path} is nested too deeply to be a configuration") from None
+
+
+def _table_at(document: dict[str, Any], keys: tuple[str, ...], path: Path) -> Any:
+    """``document[k1][k2]...``, or None where a key is missing; a non-table on the way is an error."""
+    value: Any = document
+    for depth, key in enumerate(keys):
+        if not isinstance(value, dict):
+            raise DltestError(f"{path}: [{'.'.join(keys[:depth])}] must be a table, got {value!r:.40}")
+        value = value.get(key)
+        if value is None:
+            return None
+    return value
 
 
 def _tomllib():

@@ -134,6 +134,19 @@ def mc_dropout_mode(model: nn.Module, modules: list[nn.Module] | None = None) ->
 # --- randomness --------------------------------------------------------------------------------
 
 
+MAX_SEED = 2**32 - 1  # numpy's bound too; derived seeds (seed * 1000003 + ...) then stay within torch's 64 bits
+
+
+def check_seed(seed: int | None, name: str = "seed") -> int | None:
+    """``seed`` unchanged when it is an integer in [0, MAX_SEED] (or None); else a one-line error
+    naming ``name``, raised before any work that the seed would drive."""
+    if seed is None:
+        return None
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise DltestError(f"{name} must be an integer in [0, {MAX_SEED}], got {seed!r:.40}")
+    return seed
+
+
 @contextlib.contextmanager
 def seeded(seed: int, device: torch.device | str | None = None) -> Iterator[None]:
     """Torch's global RNG seeded with ``seed`` inside the block, and left exactly as it was outside.

@@ -24,7 +24,7 @@ from dltest.inference import INFERENCE_BATCH, PROBE_SIZE, PoolOutputs, adapt, em
 from dltest.io import read_json, write_json
 from dltest.selectors import REGISTRY, Candidates, get_selector
 from dltest.selectors.base import ProbabilityOutputs
-from dltest.runtime import broadcast_object, is_main, on_device, resolve_device, single_process, world_size
+from dltest.runtime import broadcast_object, check_seed, is_main, on_device, resolve_device, single_process, world_size
 
 
 @dataclass
@@ -96,23 +96,26 @@ def select(
     """
     selector = get_selector(metric, **options)
     started = time.perf_counter()
+    check_seed(seed)
     device = resolve_device(device)
+    if outputs is None and (model is None or data is None):
+        raise DltestError("select needs either model and data, or precomputed outputs")
+    if selector.needs_model and (model is None or data is None):
+        raise DltestError(f"metric {metric!r} runs the model again: pass model and data")
+    if selector.needs_reference and reference is None:
+        raise DltestError(f"metric {metric!r} compares with the training data: pass reference= "
+                          "(dltest select --reference-split train, or --reference FILE)")
+    if data is not None:  # a bad budget or labeled set fails before the pool is run through the model
+        parse_budget(budget, len(_complement(_labeled_positions(labeled, len(data)), len(data))))
     if model is not None and data is not None and len(data):
         model = adapt(model, data.images(slice(0, PROBE_SIZE)))  # outside models: one adapter for every selector
     if outputs is None:
-        if model is None or data is None:
-            raise DltestError("select needs either model and data, or precomputed outputs")
         outputs = infer(model, data, batch_size=batch_size, device=device, progress=progress)
     elif isinstance(outputs, Tensor):
         outputs = ProbabilityOutputs.of(outputs)  # scored from the given values, exactly
     n = len(outputs)
     if data is not None and len(data) != n:
         raise DltestError(f"outputs cover {n} inputs but the pool has {len(data)}")
-    if selector.needs_model and (model is None or data is None):
-        raise DltestError(f"metric {metric!r} runs the model again: pass model and data")
-    if selector.needs_reference and reference is None:
-        raise DltestError(f"metric {metric!r} compares with the training data: pass reference= "
-                          "(dltest select --reference-split train, or --reference FILE)")
     if selector.needs_embeddings and outputs.embeddings is None:
         raise DltestError(f"{metric}: " + (embedding_help(model) if model is not None else
                                             "pass the model, or outputs with embeddings"))
@@ -172,6 +175,9 @@ def select(
     )
 
 
+MAX_POOL = 2**40  # no pool is larger; a position beyond is a malformed file (and overflows int64 at 2**63)
+
+
 def load_selection(path: str, data: ImageDataset | None = None) -> SelectionResult:
     """Read a selection JSON; with ``data``, check it was made on that dataset and split."""
     raw = read_json(path)
@@ -184,6 +190,12 @@ def load_selection(path: str, data: ImageDataset | None = None) -> SelectionResu
     if len(set(indices)) != len(indices):
         repeated = Counter(indices).most_common(1)[0][0]
         raise DltestError(f"{path}: 'indices' repeats an input ({repeated}); a selection holds each input once")
+    out_of_range = [i for i in indices if not 0 <= i < MAX_POOL]
+    if out_of_range:
+        raise DltestError(f"{path}: index {out_of_range[0]} is not a pool position (0 <= index < {MAX_POOL})")
+    for name in ("dataset", "split", "model", "metric", "budget_spec"):
+        if raw.get(name) is not None and not isinstance(raw[name], str):
+            raise DltestError(f"{path}: {name!r} must be a string, got {raw[name]!r:.40}")
     defaults = {"metric": "unknown", "budget": len(indices), "budget_spec": str(len(indices)),
                 "pool_size": len(data) if data is not None else 0, "seed": None}
     result = SelectionResult(**{**defaults, **{k: v for k, v in raw.items() if k in known}})

@@ -31,7 +31,7 @@ from dltest.data import ImageDataset, fingerprint
 from dltest.errors import DltestError
 from dltest.io import atomic_path
 from dltest.progress import progress_bar
-from dltest.runtime import data_parallel, gather, rank, resolve_device, seeded, shard_positions, world_size
+from dltest.runtime import check_seed, data_parallel, gather, rank, resolve_device, seeded, shard_positions, world_size
 
 # An adversary maps (model, images in [0, 1], labels) to perturbed images, model in eval mode.
 Adversary = Callable[[nn.Module, Tensor, Tensor], Tensor]
@@ -63,6 +63,7 @@ class TrainConfig:
             raise DltestError(f"unknown optimizer {self.optimizer!r}; choose sgd or adam")
         if self.augment not in ("none", "crop", "crop-flip"):
             raise DltestError(f"unknown augmentation {self.augment!r}; choose none, crop or crop-flip")
+        check_seed(self.seed)
 
 
 @dataclass

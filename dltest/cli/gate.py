@@ -20,10 +20,10 @@ from dltest.cli.app import app
 from dltest.cli.options import AttackBatch, DataRoot, Device, Download, TrustModel, load_data_and_model
 from dltest.errors import DltestError
 from dltest.gate import (
-    GatePolicy, GateResult, append_step_summary, load_baseline, read_config, run_gate, write_text,
+    GatePolicy, GateResult, append_step_summary, check_step_summary, load_baseline, read_config, run_gate, write_text,
 )
 from dltest.io import check_outputs, write_json
-from dltest.runtime import resolve_device
+from dltest.runtime import check_seed, resolve_device
 
 Share = Optional[str]
 
@@ -74,22 +74,26 @@ def gate_command(
     )
     names = _attack_names(settings.get("attacks"))
     eps_value = parse_eps(settings.get("eps"))
+    numbers = {"n": _integer(settings.get("n"), "n"), "seed": check_seed(_integer(settings.get("seed"), "seed")),
+               "steps": _integer(settings.get("steps"), "steps"), "queries": _integer(settings.get("queries"), "queries"),
+               "alpha": _number(settings["alpha"], "alpha") if settings.get("alpha") is not None else None}
     resolve_device(device)  # a bogus --device fails before anything is loaded
     check_outputs({"--out": out, "--junit": junit, "--markdown": markdown},
                   {"--model": settings.get("model"), "--baseline": settings.get("baseline"),
                    "--dataset": settings.get("dataset"), "--config": source})
-    base = load_baseline(settings["baseline"]) if settings.get("baseline") else None
+    check_step_summary()
     if policy.is_empty():
         raise DltestError("the gate has no bars: give --min-accuracy, --min-robust, or --baseline with --max-drop "
                           "(or a [tool.dltest.gate] table in pyproject.toml)")
+    if policy.needs_baseline and not settings.get("baseline"):
+        raise DltestError("--max-drop and --max-relative-drop need a baseline report: pass --baseline REPORT.json")
+    base = load_baseline(settings["baseline"]) if settings.get("baseline") else None
     data, net, info = load_data_and_model(
         str(settings.get("dataset", "mnist")), str(settings.get("split", "holdout")),
         Path(settings["model"]) if settings.get("model") else None, data_root, download, trust_model,
     )
     result = run_gate(
-        net, data, policy, attacks=names, baseline=base, n=_integer(settings.get("n"), "n"),
-        seed=_integer(settings.get("seed"), "seed"), eps=eps_value, steps=_integer(settings.get("steps"), "steps"),
-        alpha=_number(settings["alpha"], "alpha") if settings.get("alpha") is not None else None, queries=_integer(settings.get("queries"), "queries"), batch_size=batch_size,
+        net, data, policy, attacks=names, baseline=base, eps=eps_value, **numbers, batch_size=batch_size,
         device=device, allow_randomised=bool(settings.get("allow-randomised", False)), progress=True,
         model_name=info.source,
     )

@@ -14,6 +14,7 @@ from dltest.data import BUILTINS, ImageDataset, fit_channels, load_dataset
 from dltest.errors import DltestError
 from dltest.inference import parse_normalize
 from dltest.progress import console
+from dltest.runtime import MAX_SEED
 
 
 def notice(message: str) -> None:
@@ -26,7 +27,7 @@ ModelPath = Annotated[Optional[Path], typer.Option("--model", "-m", help="A dlte
 DataRoot = Annotated[Optional[Path], typer.Option(help="Folder with the datasets (default: $DLTEST_DATA, else ~/.cache/dltest/data).")]
 Download = Annotated[bool, typer.Option("--download", help="Allow downloading a missing built-in dataset.")]
 Device = Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1, ... (default: cuda when available).")]
-Seed = Annotated[int, typer.Option(help="Random seed; written into the output.")]
+Seed = Annotated[int, typer.Option(min=0, max=MAX_SEED, help="Random seed; written into the output.")]
 TrustModel = Annotated[bool, typer.Option("--trust-model", help="Also load pickled nn.Module files and checkpoints naming a module:Class architecture (runs code from or named by the file: only for files you trust).")]
 Arch = Annotated[Optional[str], typer.Option("--arch", help="Architecture of a state_dict --model: a zoo name (lenet5, vgg8, vgg16, resnet18, preactresnet18), or module:Class / file.py:Class, which imports and so EXECUTES that module or file. A checkpoint naming a module:Class loads only when --arch repeats it.")]
 ArchKwargs = Annotated[Optional[str], typer.Option("--arch-kwargs", help='Keyword arguments of --arch as a JSON object, e.g. \'{"num_classes": 10}\'.')]

@@ -46,7 +46,7 @@ from dltest.inference import infer
 from dltest.io import atomic_path, write_json
 from dltest.profiles import PROFILES, dataset_profile
 from dltest.robustness import evaluate_robustness
-from dltest.runtime import resolve_device, seeded
+from dltest.runtime import check_seed, resolve_device, seeded
 from dltest.selection import select
 from dltest.selectors import get_selector
 from dltest.training import TrainConfig, robust_check, train
@@ -96,6 +96,7 @@ class RobustALConfig:
     metric_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        check_seed(self.seed)
         if not self.metrics:
             raise DltestError("metrics is empty: name at least one acquisition metric")
         if len(set(self.metrics)) != len(self.metrics):
