@@ -35,7 +35,7 @@ from dltest.analysis.intervals import mcnemar_exact
 from dltest.errors import DltestError
 from dltest.inference import PROBE_SIZE, adapt
 from dltest.progress import progress_bar
-from dltest.runtime import check_seed, eval_mode, on_device, resolve_device, seeded
+from dltest.runtime import MAX_TORCH_SEED, check_seed, eval_mode, on_device, resolve_device, seeded
 
 
 WORST_CASE = "worst-case"
@@ -219,7 +219,7 @@ def evaluate_robustness(
     model whose outputs change between calls into an error.
     """
     started = time.perf_counter()
-    check_seed(seed)
+    check_seed(seed, maximum=MAX_TORCH_SEED)
     device = resolve_device(device)
     specs = attack_specs(attacks, dataset or data.name, data.input_shape[0], eps=eps, steps=steps, alpha=alpha,
                          queries=queries, seed=seed)

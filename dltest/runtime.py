@@ -134,17 +134,24 @@ def mc_dropout_mode(model: nn.Module, modules: list[nn.Module] | None = None) ->
 # --- randomness --------------------------------------------------------------------------------
 
 
-MAX_SEED = 2**32 - 1  # numpy's bound too; derived seeds (seed * 1000003 + ...) then stay within torch's 64 bits
+MAX_SEED = 2**32 - 1  # a user's seed (numpy's bound too): the seeds derived from it stay within 63 bits
+MAX_TORCH_SEED = 2**63 - 1  # any seed a library function takes (derived ones included)
 
 
-def check_seed(seed: int | None, name: str = "seed") -> int | None:
-    """``seed`` unchanged when it is an integer in [0, MAX_SEED] (or None); else a one-line error
+def check_seed(seed: int | None, name: str = "seed", maximum: int = MAX_SEED) -> int | None:
+    """``seed`` unchanged when it is an integer in [0, maximum] (or None); else a one-line error
     naming ``name``, raised before any work that the seed would drive."""
     if seed is None:
         return None
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
-        raise DltestError(f"{name} must be an integer in [0, {MAX_SEED}], got {seed!r:.40}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= maximum:
+        raise DltestError(f"{name} must be an integer in [0, {maximum}], got {seed!r:.40}")
     return seed
+
+
+def stream_seed(value: int) -> int:
+    """A seed computed from another (``seed * 1000 + epoch``) folded into torch's 64-bit range;
+    unchanged when it already fits."""
+    return value % 2**63
 
 
 @contextlib.contextmanager

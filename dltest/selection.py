@@ -24,7 +24,7 @@ from dltest.inference import INFERENCE_BATCH, PROBE_SIZE, PoolOutputs, adapt, em
 from dltest.io import read_json, write_json
 from dltest.selectors import REGISTRY, Candidates, get_selector
 from dltest.selectors.base import ProbabilityOutputs
-from dltest.runtime import broadcast_object, check_seed, is_main, on_device, resolve_device, single_process, world_size
+from dltest.runtime import MAX_TORCH_SEED, broadcast_object, check_seed, is_main, on_device, resolve_device, single_process, world_size
 
 
 @dataclass
@@ -96,7 +96,7 @@ def select(
     """
     selector = get_selector(metric, **options)
     started = time.perf_counter()
-    check_seed(seed)
+    check_seed(seed, maximum=MAX_TORCH_SEED)
     device = resolve_device(device)
     if outputs is None and (model is None or data is None):
         raise DltestError("select needs either model and data, or precomputed outputs")

@@ -31,7 +31,7 @@ from dltest.data import ImageDataset, fingerprint
 from dltest.errors import DltestError
 from dltest.io import atomic_path
 from dltest.progress import progress_bar
-from dltest.runtime import check_seed, data_parallel, gather, rank, resolve_device, seeded, shard_positions, world_size
+from dltest.runtime import MAX_TORCH_SEED, check_seed, data_parallel, stream_seed, gather, rank, resolve_device, seeded, shard_positions, world_size
 
 # An adversary maps (model, images in [0, 1], labels) to perturbed images, model in eval mode.
 Adversary = Callable[[nn.Module, Tensor, Tensor], Tensor]
@@ -63,7 +63,7 @@ class TrainConfig:
             raise DltestError(f"unknown optimizer {self.optimizer!r}; choose sgd or adam")
         if self.augment not in ("none", "crop", "crop-flip"):
             raise DltestError(f"unknown augmentation {self.augment!r}; choose none, crop or crop-flip")
-        check_seed(self.seed)
+        check_seed(self.seed, maximum=MAX_TORCH_SEED)
 
 
 @dataclass
@@ -170,8 +170,8 @@ def _train(model, train_data, val_data, config, adversary, method, val_adversary
     for epoch in range(start_epoch, config.epochs):
         if stopped:
             break
-        torch.manual_seed(config.seed * 1000 + epoch + 7919 * rank())  # dropout, random starts: same stream when resumed
-        order = torch.randperm(len(train_data), generator=torch.Generator().manual_seed(config.seed * 1000 + epoch))
+        torch.manual_seed(stream_seed(config.seed * 1000 + epoch + 7919 * rank()))  # dropout, random starts: same stream when resumed
+        order = torch.randperm(len(train_data), generator=torch.Generator().manual_seed(stream_seed(config.seed * 1000 + epoch)))
         loss_sum, correct, seen = 0.0, 0, 0
         epoch_started = time.perf_counter()
         with progress_bar(f"epoch {epoch + 1}/{config.epochs}", total=len(order), enabled=progress) as advance:
@@ -182,7 +182,7 @@ def _train(model, train_data, val_data, config, adversary, method, val_adversary
                 elif global_size < ranks:  # a rank would have nothing to run
                     continue
                 else:
-                    with seeded(config.seed * 1000003 + epoch * 100003 + step, device):  # same draws for any rank count
+                    with seeded(stream_seed(config.seed * 1000003 + epoch * 100003 + step), device):  # same draws for any rank count
                         x = augment(train_data.images(batch, device), config.augment)
                     mine = shard_positions(global_size)
                     x, batch = x[mine.start:mine.stop], batch[mine.start:mine.stop]

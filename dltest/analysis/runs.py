@@ -8,7 +8,6 @@ folders; :func:`load_runs` gathers their records and refuses the same (metric, s
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from dltest.errors import DltestError
+from dltest.io import parse_json_text
 
 REQUIRED = ("metric", "seed", "stage", "clean_accuracy", "robust_accuracy")
 
@@ -50,10 +50,7 @@ def load_run(path: str | os.PathLike) -> Run:
     for number, line in enumerate(log.read_text().splitlines(), start=1):
         if not line.strip():
             continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DltestError(f"{log}:{number} is not valid JSON ({exc.msg})") from None
+        record = parse_json_text(line, f"{log}:{number}")
         records.append(_check_record(record, f"{log}:{number}"))
     if not records:
         raise DltestError(f"{log} is empty: the run has not finished a stage")
@@ -89,9 +86,10 @@ def _read_object(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise DltestError(f"{path.parent} is not a run folder (no {path.name})")
     try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        text = path.read_text()
+    except (UnicodeDecodeError, OSError) as exc:
         raise DltestError(f"{path} is not a valid JSON file ({exc})") from None
+    data = parse_json_text(text, str(path))
     if not isinstance(data, dict):
         raise DltestError(f"{path} does not hold a JSON object")
     return data

@@ -27,7 +27,7 @@ from dltest.errors import DltestError
 from dltest.inference import PROBE_SIZE, adapt
 from dltest.io import atomic_path, parse_json_text
 from dltest.progress import progress_bar
-from dltest.runtime import eval_mode, on_device, resolve_device, seeded
+from dltest.runtime import MAX_TORCH_SEED, check_seed, eval_mode, on_device, resolve_device, seeded
 
 
 @dataclass
@@ -103,6 +103,7 @@ def load_adversarial(path: str | os.PathLike, data: ImageDataset | None = None) 
     meta = parse_json_text(str(arrays.pop("meta")), f"{path}: meta")
     if not isinstance(meta, dict):
         raise DltestError(f"{path}: meta must be a JSON object")
+    _check_meta(meta, path)
     check_examples(arrays, path, data.classes if data is not None else None)
     x = to_float_images(torch.from_numpy(arrays["x"]).permute(0, 3, 1, 2).contiguous())
     y = torch.from_numpy(arrays["y"]).long()
@@ -148,7 +149,16 @@ def _meta_seed(value: Any, path: Path) -> int:
     whole = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
     if isinstance(value, bool) or not whole:
         raise DltestError(f"{path}: meta 'seed' must be an integer, got {value!r}")
-    return int(value)
+    return check_seed(int(value), f"{path}: meta 'seed'", maximum=MAX_TORCH_SEED)
+
+
+def _check_meta(meta: dict[str, Any], path: Path) -> None:
+    """The fields dltest reads from an examples file's meta, of the types it wrote them with."""
+    for name in ("dataset", "split"):
+        if name in meta and not isinstance(meta[name], str):
+            raise DltestError(f"{path}: meta {name!r} must be a string, got {meta[name]!r:.40}")
+    if "attack" in meta and not isinstance(meta["attack"], dict):
+        raise DltestError(f"{path}: meta 'attack' must be a JSON object, got {meta['attack']!r:.40}")
 
 
 def generate_adversarial(

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -62,6 +63,7 @@ def bias_command(
     out = out or Path(f"bias-{source.stem if source.is_file() else source.resolve().name}.json")
     check_outputs({"--out": out}, {"SOURCE": source, "--model": model, "--dataset": dataset, "--labeled": labeled})
     if source.is_dir():
+        _refuse_writing_into_runs(_with_figure(out, no_plot), [source])
         given = [name for name, value in (("--model", model), ("--dataset", dataset), ("--split", split),
                                           ("--labeled", labeled)) if value is not None]
         if given:
@@ -91,6 +93,7 @@ def correlation_command(
 ) -> None:
     """Per stage, Pearson r across functions between selection bias and robust accuracy (Figure 3)."""
     out = check_writable(out)
+    _refuse_writing_into_runs(_with_figure(out, no_plot), runs)
     loaded = load_runs(runs)
     correlations = bias_robustness_correlations(all_records(loaded), _names(attacks, "--attacks"))
     report = {**_header("dltest analyze correlation", loaded), "correlations": [vars(c) for c in correlations]}
@@ -134,9 +137,11 @@ def compare_command(
         raise DltestError(f"--alpha must lie in (0, 1), got {alpha}")
     if out:
         check_writable(out)
+        _refuse_writing_into_runs({"--out": out}, runs)
     loaded = load_runs(runs)
     names = _names(metrics, "--metrics") or _two_metrics(loaded)
     out = check_writable(out or Path(f"compare-{'-'.join(names)}.json"))
+    _refuse_writing_into_runs({"--out": out}, runs)
     comparisons = compare_functions(all_records(loaded), names, _names(attacks, "--attacks"), alpha)
     report = {**_header("dltest analyze compare", loaded), "alpha": alpha, "attacks": _names(attacks, "--attacks"),
               "comparisons": [c.to_dict() for c in comparisons]}
@@ -151,6 +156,23 @@ def compare_command(
     console.print(table)
     write_json(out, report)
     console.print(f"wrote {out}")
+
+
+def _with_figure(out: Path, no_plot: bool) -> dict[str, Path]:
+    """The outputs of a command that writes ``out`` and, unless ``no_plot``, a PNG beside it."""
+    return {"--out": out} if no_plot else {"--out": out, "its figure": out.with_suffix(".png")}
+
+
+def _refuse_writing_into_runs(outputs: dict[str, Path], runs: list[Path]) -> None:
+    """An analysis never writes inside a run folder it reads: it would overwrite (or shadow) the
+    run's own files (log.jsonl, summary.json, figure.png, its models)."""
+    folders = {os.path.realpath(run): run for run in runs if run.is_dir()}
+    for flag, path in outputs.items():
+        where = Path(os.path.realpath(path)).parent
+        for real, run in folders.items():
+            if where == Path(real) or Path(real) in where.parents:
+                raise DltestError(f"{flag} {path} lies inside the input run folder {run}; write it elsewhere "
+                                  "(an analysis never changes the runs it reads)")
 
 
 # --- bias of a selection ------------------------------------------------------------------------

@@ -22,6 +22,7 @@ ends with the selections and figures of an uninterrupted run: every random draw 
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
 import time
@@ -39,11 +40,11 @@ from dltest.adversarial_training import AT_METHODS, AdversarialTraining, adversa
 from dltest.analysis.bias import selection_bias
 from dltest.analysis.plots import accuracy_by_stage
 from dltest.attacks import attack_preset, parse_attack_list
-from dltest.checkpoint import resolve_arch, save_checkpoint
+from dltest.checkpoint import resolve_arch, save_checkpoint, state_digest
 from dltest.data import ImageDataset
 from dltest.errors import DltestError
 from dltest.inference import infer
-from dltest.io import atomic_path, write_json
+from dltest.io import atomic_path, parse_json_text, read_json, write_json
 from dltest.profiles import PROFILES, dataset_profile
 from dltest.robustness import evaluate_robustness
 from dltest.runtime import check_seed, resolve_device, seeded
@@ -231,10 +232,12 @@ def robust_active_learning(
         train_data = train_data.sample(config.train_size, _seed(config.seed, "pool", 0))
     _check_data(config, train_data, val_data, holdout)
     folder = Path(run_dir) if run_dir is not None else None
-    if folder is not None:
-        _prepare_folder(folder, config, resume)
     factory = model_factory or _zoo_or_user_model(config, train_data)
     _check_model_fits(factory, train_data)
+    saved: dict[str, SavedState] = {}
+    if folder is not None:
+        _prepare_folder(folder, config, resume)
+        saved = _load_saved_states(folder, config, factory, len(train_data))  # all checked before any work
     profile = dataset_profile(train_data.name, train_data.input_shape[0])
     method = _method(config, profile.attack.name)
     val = val_data.sample(config.val_n, config.seed)
@@ -248,11 +251,11 @@ def robust_active_learning(
 
     augment = profile.augment
     initial_model, initial_labeled, initial_record = _initial(config, factory, train_data, val, folder, device,
-                                                              evaluate, augment, progress)
+                                                              evaluate, augment, progress, saved.get(""))
     records: dict[str, list[StageRecord]] = {}
     models: dict[str, nn.Module] = {}
     for metric in config.metrics:
-        model, labeled, history = _resume_metric(folder, metric, factory, initial_model, initial_labeled, device)
+        model, labeled, history = _resume_metric(saved.get(metric), initial_model, initial_labeled, device)
         if not history:
             history = [replace(initial_record, metric=metric)]
             if on_stage:
@@ -262,7 +265,7 @@ def robust_active_learning(
                                             evaluate, augment, device, progress)
             history.append(record)
             if folder is not None:
-                _save_metric_state(folder, metric, model, labeled, history)
+                _write_state(_state_path(folder, metric), config, model, labeled, history)
                 _write_log(folder, config, records | {metric: history})
             if on_stage:
                 on_stage(record)
@@ -292,14 +295,10 @@ def _train_config(config: RobustALConfig, stage: int, augment: str, epochs: int 
                        optimizer=config.optimizer, seed=_seed(config.seed, "train", stage), augment=augment)
 
 
-def _initial(config, factory, train_data, val, folder, device, evaluate, augment, progress):
+def _initial(config, factory, train_data, val, folder, device, evaluate, augment, progress, saved=None):
     """The initial model: standard training on a seeded random pool; stored once per run."""
-    path = folder / "state" / "initial.pt" if folder is not None else None
-    if path is not None and path.is_file():
-        state = _read_state(path)
-        model = factory()
-        model.load_state_dict(state["model"])
-        return model.to(device).eval(), torch.as_tensor(state["labeled"]), StageRecord(**state["record"])
+    if saved is not None:
+        return saved.model.to(device).eval(), saved.labeled, saved.records[0]
     started = time.perf_counter()
     generator = torch.Generator().manual_seed(_seed(config.seed, "initial", 0))
     labeled = torch.randperm(len(train_data), generator=generator)[: config.initial].sort().values
@@ -314,8 +313,8 @@ def _initial(config, factory, train_data, val, folder, device, evaluate, augment
                          seconds={"select": 0.0, "train": round(trained - started, 3),
                                   "evaluate": round(time.perf_counter() - trained, 3)},
                          best_epoch=result.best_epoch, stopped_early=result.stopped_early)
-    if path is not None:
-        _write_state(path, {"model": result.model.state_dict(), "labeled": labeled, "record": asdict(record)})
+    if folder is not None:
+        _write_state(_state_path(folder, ""), config, result.model, labeled, [record])
     return result.model, labeled, record
 
 
@@ -405,10 +404,9 @@ def _prepare_folder(folder: Path, config: RobustALConfig, resume: bool) -> None:
     if config_path.is_file():
         if not resume:
             raise DltestError(f"{folder} already holds a run; resume it with --resume or choose another --out")
-        try:
-            found = json.loads(config_path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise DltestError(f"cannot resume {folder}: its {CONFIG_FILE} is unreadable ({exc})") from None
+        found = read_json(config_path)
+        if not isinstance(found, dict):
+            raise DltestError(f"cannot resume {folder}: its {CONFIG_FILE} does not hold a JSON object")
         found = {k: v for k, v in found.items() if k != "dltest_version"}
         mismatched = sorted(k for k in set(found) | set(wanted) - {"dltest_version"}
                             if k != "dltest_version" and found.get(k) != wanted.get(k))
@@ -419,47 +417,131 @@ def _prepare_folder(folder: Path, config: RobustALConfig, resume: bool) -> None:
         raise DltestError(f"cannot resume {folder}: it holds no {CONFIG_FILE}")
     if resume and not folder.exists():
         raise DltestError(f"cannot resume {folder}: no such run folder")
+    if folder.is_dir() and any(folder.iterdir()):
+        raise DltestError(f"{folder} is not empty and holds no dltest run ({CONFIG_FILE}); choose a new or empty "
+                          "folder for --out")
+    created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
-    write_json(config_path, wanted)
+    try:
+        write_json(config_path, wanted)
+    except DltestError:
+        if created:
+            folder.rmdir()
+        raise
+
+
+STATE_FORMAT = "dltest robust-al state 1"
+
+
+@dataclass
+class SavedState:
+    """What a state file holds, checked: the model of the last finished stage, the labeled pool
+    (positions in the training pool) and the records up to that stage."""
+
+    model: nn.Module
+    labeled: Tensor
+    records: list[StageRecord]
 
 
 def _state_path(folder: Path, metric: str) -> Path:
-    return folder / "state" / f"{metric}.pt"
+    """``state/initial.pt`` for the initial model (metric ""), else ``state/<metric>.pt``."""
+    return folder / "state" / f"{metric or 'initial'}.pt"
 
 
-def _write_state(path: Path, state: dict[str, Any]) -> None:
+def _run_id(config: RobustALConfig) -> str:
+    """A fingerprint of the settings: a state file of another run or other settings has another."""
+    return hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _state_digest(run_id: str, weights: dict[str, Tensor], labeled: Tensor, records: list[str]) -> str:
+    return state_digest({**{f"model.{k}": v for k, v in weights.items()}, "labeled": labeled},
+                        {"format": STATE_FORMAT, "run": run_id, "records": records})
+
+
+def _write_state(path: Path, config: RobustALConfig, model: nn.Module, labeled: Tensor,
+                 records: list[StageRecord]) -> None:
+    weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    lines = [json.dumps(asdict(r)) for r in records]
+    run_id = _run_id(config)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+        torch.save({"format": STATE_FORMAT, "run": run_id, "model": weights, "labeled": labeled, "records": lines,
+                    "digest": _state_digest(run_id, weights, labeled, lines)}, tmp)
 
 
-def _read_state(path: Path) -> dict[str, Any]:
+def _load_saved_states(folder: Path, config: RobustALConfig, factory: Callable[[], nn.Module],
+                       pool_size: int) -> dict[str, SavedState]:
+    """Every state file of the run, checked (the initial model under the key ""); a state file that
+    is unreadable, edited, or from another run or other settings is refused, never used."""
+    saved = {}
+    for metric in ("", *config.metrics):
+        path = _state_path(folder, metric)
+        if os.path.lexists(path):
+            saved[metric] = _read_state(path, config, metric, factory, pool_size)
+    if saved and "" not in saved:
+        raise DltestError(f"cannot resume {folder}: {_state_path(folder, '')} is missing; remove the run folder "
+                          "to start afresh")
+    return saved
+
+
+def _read_state(path: Path, config: RobustALConfig, metric: str, factory: Callable[[], nn.Module],
+                pool_size: int) -> SavedState:
+    def refuse(why: str) -> DltestError:
+        return DltestError(f"cannot resume from {path}: {why}; remove the run folder to start afresh")
+
+    if not path.is_file():
+        raise refuse("not a regular file")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise DltestError(f"cannot resume from {path}: unreadable ({type(exc).__name__}); remove the run folder "
-                          "to start afresh") from None
-
-
-def _save_metric_state(folder: Path, metric: str, model: nn.Module, labeled: Tensor,
-                       history: list[StageRecord]) -> None:
-    _write_state(_state_path(folder, metric), {
-        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "labeled": labeled,
-        "records": [json.dumps(asdict(r)) for r in history],
-    })
-
-
-def _resume_metric(folder, metric, factory, initial_model, initial_labeled, device):
-    """The model, labeled pool and records of ``metric``'s last finished stage (none: the initial model)."""
-    path = _state_path(folder, metric) if folder is not None else None
-    if path is None or not path.is_file():
-        return copy.deepcopy(initial_model), initial_labeled.clone(), []
-    state = _read_state(path)
+        raise refuse(f"unreadable, truncated or not a state file ({type(exc).__name__})") from None
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise refuse("not a dltest robust-al state file")
+    weights, labeled, lines = state.get("model"), state.get("labeled"), state.get("records")
+    if (not isinstance(weights, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in weights.items())
+            or not isinstance(labeled, Tensor) or not isinstance(lines, list)
+            or not all(isinstance(line, str) for line in lines)):
+        raise refuse("it lacks the model, labeled pool or records")
+    if state.get("run") != _run_id(config):
+        raise refuse("it comes from another run or other settings")
+    if state.get("digest") != _state_digest(state["run"], weights, labeled, lines):
+        raise refuse("its contents do not match their digest (edited or damaged)")
+    records = _check_records(lines, config, metric, labeled, pool_size, refuse)
     model = factory()
-    model.load_state_dict(state["model"])
-    history = [StageRecord(**json.loads(r)) for r in state["records"]]
-    return model.to(device).eval(), torch.as_tensor(state["labeled"]), history
+    try:
+        model.load_state_dict(weights)
+    except (RuntimeError, KeyError, TypeError, ValueError) as exc:
+        raise refuse(f"its weights do not fit the model ({str(exc).splitlines()[0][:120]})") from None
+    return SavedState(model.eval(), labeled, records)
+
+
+def _check_records(lines: list[str], config: RobustALConfig, metric: str, labeled: Tensor, pool_size: int,
+                   refuse: Callable[[str], DltestError]) -> list[StageRecord]:
+    """The records of a state file, consistent with the settings and the labeled pool."""
+    records = []
+    for line in lines:
+        try:
+            records.append(StageRecord(**parse_json_text(line, "a record")))
+        except (DltestError, TypeError) as exc:
+            raise refuse(f"a record is malformed ({str(exc)[:80]})") from None
+    stages = [r.stage for r in records]
+    if not records or stages != list(range(len(records))) or stages[-1] > config.stages:
+        raise refuse(f"its stages {stages[:8]} are not 0, 1, ... up to at most {config.stages}")
+    if any(r.metric != metric or r.seed != config.seed for r in records) or (not metric and len(records) > 1):
+        raise refuse(f"its records are not those of metric {metric or 'initial'!r}, seed {config.seed}")
+    expected = config.initial + sum(config.stage_size(k) for k in range(1, stages[-1] + 1))
+    if (labeled.dtype != torch.long or labeled.ndim != 1 or len(labeled) != expected
+            or records[-1].labeled != expected or len(labeled.unique()) != expected
+            or (expected and not (0 <= int(labeled.min()) and int(labeled.max()) < pool_size))):
+        raise refuse(f"its labeled pool is not {expected} distinct positions in the pool of {pool_size}")
+    return records
+
+
+def _resume_metric(saved: SavedState | None, initial_model, initial_labeled, device):
+    """The model, labeled pool and records of a metric's last finished stage (none: the initial model)."""
+    if saved is None:
+        return copy.deepcopy(initial_model), initial_labeled.clone(), []
+    return saved.model.to(device).eval(), saved.labeled, saved.records
 
 
 def _write_log(folder: Path, config: RobustALConfig, records: dict[str, list[StageRecord]]) -> None:
@@ -496,7 +578,15 @@ def read_log(path: str | os.PathLike) -> list[StageRecord]:
         path = path / LOG_FILE
     if not path.is_file():
         raise DltestError(f"no run log at {path}")
-    return [StageRecord(**json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if line.strip():
+            fields = parse_json_text(line, f"{path}:{number}")
+            try:
+                records.append(StageRecord(**fields))
+            except TypeError:
+                raise DltestError(f"{path}:{number} is not a stage record of dltest robust-al") from None
+    return records
 
 
 def _total_seconds(records: Sequence[StageRecord]) -> dict[str, float]:
