@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import socket
 import stat
 import tempfile
 from contextlib import contextmanager
@@ -94,9 +96,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         finally:
             os.unlink(tmp)
         return
-    # ".<name>.<random>.tmp" must itself fit in NAME_MAX bytes
-    stem = os.fsencode(path.name)[: NAME_MAX - 20].decode(errors="ignore")
-    fd, tmp = tempfile.mkstemp(prefix=f".{stem}.", suffix=_TMP_SUFFIX, dir=path.parent)
+    prefix = _tmp_prefix(path.name)
+    remove_stale_temporaries(path.parent, prefix)
+    fd, tmp = tempfile.mkstemp(prefix=f"{prefix}{_OWNER}.", suffix=_TMP_SUFFIX, dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
@@ -111,6 +113,50 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+_HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:40] or "host"
+_OWNER = f"{_HOST}-{os.getpid()}"  # who writes a temporary file: a dead owner's are stale
+_STALE = re.compile(r"\.dltest-(?P<host>[A-Za-z0-9-]+)-(?P<pid>[0-9]+)\.[^.]+" + re.escape(_TMP_SUFFIX) + "$")
+
+
+def _tmp_prefix(name: str) -> str:
+    """``.<name>.dltest-`` (the name cut so that the whole temporary name fits in NAME_MAX bytes)."""
+    stem = os.fsencode(name)[: NAME_MAX - 80].decode(errors="ignore")
+    return f".{stem}.dltest-"
+
+
+def remove_stale_temporaries(folder: str | os.PathLike, prefix: str) -> list[Path]:
+    """Remove the temporary files ``<prefix><host>-<pid>.<random>.tmp`` that a process of this host
+    left when it was killed (SIGKILL, power loss) between writing and renaming: their pid is no
+    longer running. Files of live processes, and of other hosts sharing the folder, are kept."""
+    removed = []
+    try:
+        names = [n for n in os.listdir(folder) if n.startswith(prefix) and n.endswith(_TMP_SUFFIX)]
+    except OSError:
+        return removed
+    for name in names:
+        match = _STALE.search(name[len(prefix) - len(".dltest-"):])
+        if match is None or match["host"] != _HOST or _running(int(match["pid"])):
+            continue
+        try:
+            os.unlink(os.path.join(folder, name))
+            removed.append(Path(folder) / name)
+        except OSError:
+            pass  # another process removed it first, or the folder is not ours to clean
+    return removed
+
+
+def _running(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # someone else's process (or a pid this system cannot hold): leave its file
+    return True
 
 
 def _umask() -> int:
