@@ -164,6 +164,7 @@ def export_onnx(
         import onnxscript  # noqa: F401  (the torch.export-based exporter needs it)
     except ImportError:
         raise DltestError("exporting to ONNX needs onnxscript: pip install 'dltest[onnx]'") from None
+    check_opset(opset)
     started = time.perf_counter()
     model = model.eval().cpu()
     if len(check_data) == 0:
@@ -175,6 +176,8 @@ def export_onnx(
         onnx_tmp = tmp.with_suffix(".onnx")
         try:
             _torch_export(model, example, onnx_tmp, opset)
+            if opset is not None:
+                _convert_opset(onnx_tmp, opset)
             _write_metadata(onnx_tmp, meta)
             onnx_tmp.replace(tmp)
         finally:
@@ -205,9 +208,49 @@ def parity(model: nn.Module, exported: nn.Module, data: ImageDataset, batch_size
     return worst, agree / len(data)
 
 
+MIN_OPSET = 7  # the oldest opset onnxruntime runs
+
+
+def check_opset(opset: int | None) -> None:
+    """An opset that onnx knows (``MIN_OPSET`` to the installed onnx's newest), before any work."""
+    if opset is None:
+        return
+    import onnx
+
+    newest = onnx.defs.onnx_opset_version()
+    if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= newest:
+        raise DltestError(f"opset must be an integer from {MIN_OPSET} to {newest} (the installed onnx's newest), "
+                          f"got {opset!r}", cli=f"--opset must be from {MIN_OPSET} to {newest}, got {opset!r}")
+
+
+def _opset_of(proto: Any) -> int | None:
+    return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+
+
+def _convert_opset(path: Path, opset: int) -> None:
+    """Make the file at ``path`` use ``opset``: torch's exporter writes at least its own minimum
+    (18) whatever it is asked, so an older opset is reached with onnx's version converter; a
+    model the converter cannot express in ``opset`` is an error, never a silent other opset."""
+    import onnx
+    from onnx import version_converter
+
+    proto = onnx.load(str(path))
+    if _opset_of(proto) == opset:
+        return
+    try:
+        converted = version_converter.convert_version(proto, opset)
+        onnx.checker.check_model(converted)
+    except Exception as exc:
+        raise DltestError(f"cannot export with opset {opset}: the exporter wrote opset {_opset_of(proto)} and "
+                          f"onnx cannot convert it ({_first_line(exc)}); choose another --opset") from None
+    if _opset_of(converted) != opset:
+        raise DltestError(f"cannot export with opset {opset}: the model needs opset {_opset_of(converted)}")
+    onnx.save(converted, str(path))
+
+
 def _torch_export(model: nn.Module, example: Tensor, path: Path, opset: int | None) -> None:
     batch = torch.export.Dim("batch", min=1)
-    kwargs: dict[str, Any] = {"opset_version": opset} if opset else {}
+    kwargs: dict[str, Any] = {"opset_version": opset} if opset is not None else {}
     sink = io.StringIO()
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(sink):

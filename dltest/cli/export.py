@@ -12,7 +12,7 @@ from dltest import __version__
 from dltest.cli.app import app, output_header
 from dltest.cli.options import DataRoot, Dataset, Download, ModelPath, Split, TrustModel, load_data_and_model
 from dltest.errors import DltestError
-from dltest.export import PARITY_TOLERANCE, export_onnx
+from dltest.export import PARITY_TOLERANCE, check_opset, export_onnx
 from dltest.io import check_outputs, write_json
 
 
@@ -35,6 +35,7 @@ def export_command(
         raise DltestError(f"--onnx must name an .onnx file, got {onnx}")
     if not tolerance > 0:
         raise DltestError(f"--tolerance must be > 0, got {tolerance}")
+    check_opset(opset)
     check_outputs({"--onnx": onnx, "--out": out}, {"--model": model, "--dataset": dataset})
     data, net, info = load_data_and_model(dataset, split, model, data_root, download, trust_model)
     if not getattr(net, "has_gradients", True):

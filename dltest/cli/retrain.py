@@ -23,7 +23,7 @@ from dltest.io import check_outputs, write_json
 from dltest.runtime import resolve_device
 from dltest.selection import load_selection
 from dltest.selectors import get_selector
-from dltest.workflows.retrain import RETRAIN_LR, retrain, retrain_config, retrain_data
+from dltest.workflows.retrain import RETRAIN_LR, check_retrain_settings, retrain, retrain_config, retrain_data
 
 POOL_SPLITS = ("val", "train")
 
@@ -72,6 +72,7 @@ def retrain_command(
     if not (selection or examples):
         get_selector(metric)
         parse_budget(budget, pool_size=sys.maxsize)
+    check_retrain_settings(seed=seed, eval_n=eval_n, val_n=val_n, batch_size=batch_size)
     check_attack_name(attack)
     eps_value = parse_eps(eps)
     resolve_device(device)

@@ -28,8 +28,10 @@ from dltest.inference import PROBE_SIZE, adapt
 from dltest.errors import DltestError
 from dltest.profiles import dataset_profile
 from dltest.robustness import RobustnessReport, evaluate_robustness
-from dltest.runtime import eval_mode, on_device, resolve_device, seeded
+from dltest.budget import parse_budget
+from dltest.runtime import MAX_TORCH_SEED, check_seed, eval_mode, on_device, resolve_device, seeded
 from dltest.selection import SelectionResult, select
+from dltest.selectors import get_selector
 from dltest.training import TrainConfig, TrainResult, train
 
 RETRAIN_LR = 0.01  # fine-tuning a pretrained model: a fifth of the trainer's default peak rate
@@ -115,6 +117,17 @@ def retrain_data(dataset: str, train_size: int | None = None, seed: int = 0, *,
     return train_data.sample(train_size, seed), load_dataset(dataset, "holdout", root=root, download=download)
 
 
+def check_retrain_settings(*, seed: int = 0, eval_n: int | None = None, val_n: int | None = 1000,
+                           batch_size: int = 256) -> None:
+    """The counts and the seed of :func:`retrain`, checked before any model pass (the CLI calls it
+    before it loads anything)."""
+    check_seed(seed, maximum=MAX_TORCH_SEED)
+    for name, value in (("eval_n", eval_n), ("val_n", val_n), ("batch_size", batch_size)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            flag = "--" + name.replace("_", "-")
+            raise DltestError(f"{name} must be an integer >= 1, got {value!r}", cli=f"{flag} must be >= 1, got {value!r}")
+
+
 def retrain(
     model: nn.Module,
     *,
@@ -149,7 +162,11 @@ def retrain(
     seeded subset of ``eval_n``) before and after.
     """
     started = time.perf_counter()
+    check_retrain_settings(seed=seed, eval_n=eval_n, val_n=val_n, batch_size=batch_size)
     device = resolve_device(device)
+    if examples is None and selection is None:  # a bad metric or budget fails before the first evaluation
+        get_selector(metric, **(metric_options or {}))
+        parse_budget(budget, len(pool))
     if pool.name != holdout.name or pool.name != train_data.name:
         raise DltestError(f"train, pool and holdout must be one dataset, got {train_data.name}, {pool.name}, {holdout.name}")
     if _overlap(pool, holdout):
