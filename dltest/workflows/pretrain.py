@@ -24,7 +24,7 @@ from dltest.data import load_dataset
 from dltest.errors import DltestError
 from dltest.profiles import dataset_profile
 from dltest.robustness import evaluate_robustness
-from dltest.runtime import seeded
+from dltest.runtime import check_seed, seeded
 from dltest.training import TrainConfig, TrainResult, accuracy, train
 from dltest.zoo import default_arch, model_for_dataset
 
@@ -90,6 +90,9 @@ def pretrain(
     """
     if train_size is not None and train_size < 1:
         raise DltestError(f"train_size must be >= 1, got {train_size}")
+    if eval_n is not None and eval_n < 1:  # before the training, not after it
+        raise DltestError(f"eval_n must be >= 1, got {eval_n}", cli=f"--eval-n must be >= 1, got {eval_n}")
+    check_seed(seed)
     if at is None and at_options:
         raise DltestError(f"{', '.join(sorted(at_options))} set adversarial training: give a method with at=")
     load = dict(root=data_root, download=download)
