@@ -74,11 +74,12 @@ def robust_al_command(
     val_data = load_dataset(dataset, "val", **load)
     holdout = load_dataset(dataset, "holdout", **load)
     kind = "standard" if standard else f"robust ({at})"
-    err_console.print(f"{kind} active learning on {train_data.name}: {', '.join(metrics)}, {config.initial} -> "
-                      f"{config.budget} labeled in {config.stages} stages of {config.per_stage}, seed {seed}")
+    intro = (f"{kind} active learning on {train_data.name}: {', '.join(metrics)}, {config.initial} -> "
+             f"{config.budget} labeled in {config.stages} stages of {config.per_stage}, seed {seed}")
     with StageView(config.stages) as view:
         result = robust_active_learning(config, train_data=train_data, val_data=val_data, holdout=holdout,
-                                        run_dir=out, resume=resume, device=device, on_stage=view.update)
+                                        run_dir=out, resume=resume, device=device, on_stage=view.update,
+                                        on_start=lambda: err_console.print(intro))
     table = Table(title=f"{kind} active learning on {train_data.name}, seed {seed}: last stage (holdout, "
                         f"{config.eval_n} inputs)")
     for col in ("metric", "labeled", "clean"):

@@ -218,6 +218,7 @@ def robust_active_learning(
     model_factory: Callable[[], nn.Module] | None = None,
     device: str | torch.device | None = None,
     on_stage: Callable[[StageRecord], None] | None = None,
+    on_start: Callable[[], None] | None = None,
     progress: bool = False,
 ) -> RobustALResult:
     """Run robust (or, with ``config.at=None``, standard) active learning for every metric.
@@ -225,7 +226,8 @@ def robust_active_learning(
     ``train_data`` is the unlabeled pool whose labels play the oracle; ``val_data`` picks each
     stage's best epoch; ``holdout`` is only for the reported figures. ``model_factory`` builds
     the untrained model (default: the dataset's zoo architecture, or ``config.arch``).
-    ``on_stage`` is called with each finished record (live views).
+    ``on_stage`` is called with each finished record (live views); ``on_start`` once every setting,
+    the run folder and its saved state are checked, before the first training.
     """
     device = resolve_device(device)
     if config.train_size is not None:
@@ -250,6 +252,8 @@ def robust_active_learning(
         return report.clean_accuracy, {o.attack: o.robust_accuracy for o in report.attacks}
 
     augment = profile.augment
+    if on_start:
+        on_start()
     initial_model, initial_labeled, initial_record = _initial(config, factory, train_data, val, folder, device,
                                                               evaluate, augment, progress, saved.get(""))
     records: dict[str, list[StageRecord]] = {}
