@@ -86,7 +86,8 @@ def gate_command(
         raise DltestError("the gate has no bars: give --min-accuracy, --min-robust, or --baseline with --max-drop "
                           "(or a [tool.dltest.gate] table in pyproject.toml)")
     if policy.needs_baseline and not settings.get("baseline"):
-        raise DltestError("--max-drop and --max-relative-drop need a baseline report: pass --baseline REPORT.json")
+        flag = "--max-drop" if settings.get("max-drop") is not None else "--max-relative-drop"
+        raise DltestError(f"{flag} needs a baseline report: pass --baseline REPORT.json")
     base = load_baseline(settings["baseline"]) if settings.get("baseline") else None
     data, net, info = load_data_and_model(
         str(settings.get("dataset", "mnist")), str(settings.get("split", "holdout")),
