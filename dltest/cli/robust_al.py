@@ -48,7 +48,7 @@ def robust_al_command(
     val_n: Annotated[int, typer.Option(help="Val inputs that pick each stage's best epoch.")] = 500,
     train_size: Annotated[Optional[int], typer.Option(help="Use a seeded random subset of the training split of this size as the unlabeled pool.", show_default=False)] = None,
     seed: Seed = 0,
-    out: Annotated[Path, typer.Option(help="Run folder (log.jsonl, summary.json, figure.png, final models).")] = Path("robust-al-run"),
+    out: Annotated[Path, typer.Option(help="Run folder, new or empty (log.jsonl, summary.json, figure.png, final models); a folder holding other files is refused.")] = Path("robust-al-run"),
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last finished stage.")] = False,
     data_root: DataRoot = None,
     download: Download = False,
