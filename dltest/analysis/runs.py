@@ -47,7 +47,11 @@ def load_run(path: str | os.PathLike) -> Run:
     if not log.is_file():
         raise DltestError(f"{folder} holds no log.jsonl: the run has not finished a stage")
     records = []
-    for number, line in enumerate(log.read_text().splitlines(), start=1):
+    try:
+        lines = log.read_text().splitlines()
+    except (UnicodeDecodeError, OSError) as exc:
+        raise DltestError(f"cannot read {log} as text ({str(exc).splitlines()[0][:80]})") from None
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         record = parse_json_text(line, f"{log}:{number}")
