@@ -179,7 +179,7 @@ def test_retrain_bad_input(lenet_checkpoint, tmp_path, args, message):
 
 def test_train_adversarial(tmp_path):
     out = tmp_path / "adv.pt"
-    r = ok(run("train", "--adversarial", "--train-size", "400", "--epochs", "1", "--eps", "0.2", "--steps", "2",
+    r = ok(run("train", "--adversarial", "--train-size", "2000", "--epochs", "1", "--eps", "0.2", "--steps", "2",
                "--alpha", "0.1", "--out", out))
     assert "robust" in r.stdout
     data = json.loads(out.with_suffix(".json").read_text())
