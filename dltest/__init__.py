@@ -24,11 +24,13 @@ from dltest.attacks import (  # noqa: E402
 from dltest.profiles import DatasetProfile, dataset_profile  # noqa: E402
 from dltest.robustness import RobustnessReport, RobustnessWarning, evaluate_robustness  # noqa: E402
 from dltest.workflows.retrain import RetrainResult, retrain  # noqa: E402
+from dltest.estimation import EstimateResult, EstimationPlan, FigureEstimate, estimate, load_plan, plan  # noqa: E402
 
 __all__ = [
     "ATTACKS", "AdversarialExamples", "AttackSpec", "DatasetProfile", "LinfPGD", "RetrainResult", "RobustnessReport",
     "RobustnessWarning", "attack_preset", "build_attack", "dataset_profile", "evaluate_robustness", "generate_adversarial",
     "load_adversarial", "pgd_adversary", "pgd_linf", "retrain",
+    "EstimateResult", "EstimationPlan", "FigureEstimate", "estimate", "load_plan", "plan",
     "DltestError", "ImageDataset", "PoolOutputs", "SELECTORS", "SelectionResult", "TrainConfig",
     "accuracy", "infer", "load_dataset", "load_model", "load_selection", "save_checkpoint", "select", "train",
 ]

@@ -5,5 +5,6 @@ from dltest.cli import attack, evaluate, metrics, retrain, select, train  # noqa
 from dltest.cli import export, gate  # noqa: F401
 from dltest.cli import analyze  # noqa: F401
 from dltest.cli import robust_al  # noqa: F401
+from dltest.cli import estimate  # noqa: F401
 
 __all__ = ["app", "main"]

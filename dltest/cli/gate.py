@@ -56,6 +56,7 @@ def gate_command(
     download: Download = False,
     device: Device = None,
     trust_model: TrustModel = False,
+    estimate: Annotated[Optional[Path], typer.Option("--estimate", help="Decide the minimums on an estimate from 'dltest estimate' (its interval's lower end) instead of evaluating.", show_default=False)] = None,
 ) -> None:
     """Fail the build (exit 1) when accuracy or robustness misses a bar; exact statistics decide."""
     settings, source = read_config(config)
@@ -72,6 +73,10 @@ def gate_command(
         max_drop=settings.get("max-drop"), max_relative_drop=settings.get("max-relative-drop"),
         confidence=_number(settings.get("confidence", 0.95), "confidence"),
     )
+    if estimate is not None:
+        from dltest.cli.estimate import gate_on_estimate
+
+        return gate_on_estimate(estimate, policy, out)
     names = _attack_names(settings.get("attacks"))
     eps_value = parse_eps(settings.get("eps"))
     numbers = {"n": _integer(settings.get("n"), "n"), "seed": check_seed(_integer(settings.get("seed"), "seed")),

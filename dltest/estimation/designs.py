@@ -1,0 +1,469 @@
+"""Sampling designs for estimating accuracy on an unlabeled pool, each with its estimator and interval.
+
+A design draws the inputs to label from a pool of ``N`` inputs, knowing every input's selection
+probability, and turns the labels of the drawn inputs into a point estimate of the pool's
+accuracy ``theta = mean(y)`` (``y`` = 1 where the model is right) and a two-sided interval.
+The target is the pool itself (a finite population): what is random is the draw, not the pool.
+
+The designs see two numbers per input, both from the one inference pass:
+
+- ``confidence``: the model's top softmax probability, read as its predicted probability of
+  being right (the "prediction" of PPI++ and active inference, the strata of ``stratified``);
+- ``score``: an uncertainty score (entropy, DeepGini, ...), high where errors are likely
+  (the sampling weights of ``importance``).
+
+Designs:
+
+- ``srs``: simple random sampling without replacement; ``k / n`` with the exact
+  Clopper-Pearson interval (valid at every n; conservative, as it ignores the finite pool).
+- ``stratified``: strata of equal size by confidence; a compromise allocation, half of the
+  budget proportional to the strata's sizes and half Neyman (``n_h ~ N_h S_h``, ``S_h =
+  sqrt(p_h (1 - p_h))`` with ``p_h`` the stratum's mean confidence), at least 2 labels per
+  stratum, simple random sampling inside each; the stratified mean. The proportional half
+  guards against an overconfident model, whose confident strata Neyman would starve.
+- ``importance``: ``n`` draws with replacement with probability ``q_i = (1 - u) s_i / sum(s)
+  + u / N`` (``u`` = ``uniform_share``, default 0.5: mixing with the uniform bounds every
+  weight ``1 / (N q_i)`` by ``1 / u``). Hansen-Hurwitz estimate of the error rate
+  (unbiased), accuracy = 1 - it.
+- ``ppi``: PPI++ (Angelopoulos, Duchi, Zrnic 2023): a simple random sample, the estimate
+  ``lambda mean_N(f) + mean_n(y - lambda f)`` with ``f`` the confidence and ``lambda`` tuned to
+  the smallest variance, ``cov(y, f) / var(f)`` on the labels, clipped to [0, 1] (the pool's
+  ``mean_N(f)`` is known exactly, so PPI++'s ``1 + n/N`` factor drops); finite-pool correction.
+- ``active``: active inference (Zrnic & Candes 2024): draws with replacement with probability
+  from the uncertainty, ``q_i ~ sqrt(f_i (1 - f_i))`` (the root of the expected (y - f)^2 under
+  the model), mixed with the uniform as in ``importance``; the augmented inverse-probability-
+  weighted estimate ``lambda mean_N(f) + mean_draws((y - lambda f) / (N q))``, ``lambda``
+  power-tuned on the draws. Draws with replacement (the paper draws each input independently)
+  keep the budget exact.
+
+Intervals. ``srs`` is exact. The others are asymptotically valid (a central limit theorem):
+their variance is the larger of the sample estimate and the variance a calibrated model
+anticipates from its confidence (a small sample without errors otherwise claims zero
+variance), and it becomes an interval as Clopper-Pearson at the effective sample size
+``p (1 - p) / variance`` (Korn & Graubard 1998), which keeps the exact interval's shape near
+100% where a normal interval undercovers. Their coverage is measured, not guaranteed:
+docs/estimate.md gives it per pool and budget.
+
+Everything here is numpy on arrays, so a benchmark can redraw a design thousands of times.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+from scipy.stats import beta
+
+from dltest.analysis.intervals import clopper_pearson
+from dltest.errors import DltestError
+
+DEFAULT_STRATA = 5
+DEFAULT_UNIFORM_SHARE = 0.5
+DEFAULT_PROPORTIONAL_SHARE = 0.5
+MIN_PER_STRATUM = 2
+
+
+@dataclass
+class Sample:
+    """The draws of one design over a pool of ``pool_size`` inputs.
+
+    ``positions`` are pool positions in draw order (a position repeats when a design draws with
+    replacement); ``probability`` is, per draw, the per-draw selection probability ``q_i`` (with
+    replacement) or the inclusion probability ``pi_i`` (without). ``confidence`` is the model's
+    confidence at each drawn position; ``pool_mean_confidence`` its mean over the whole pool.
+    """
+
+    design: str
+    pool_size: int
+    positions: np.ndarray
+    probability: np.ndarray
+    confidence: np.ndarray
+    pool_mean_confidence: float
+    with_replacement: bool
+    moments: dict[str, float] = field(default_factory=dict)  # pool sums behind the variance floor
+    strata: np.ndarray | None = None  # stratum of each draw (stratified)
+    strata_sizes: np.ndarray | None = None  # N_h
+    strata_mean_confidence: np.ndarray | None = None
+
+    @property
+    def labels_needed(self) -> int:
+        """Distinct inputs to label (a repeated draw is labeled once)."""
+        return len(np.unique(self.positions))
+
+
+@dataclass(frozen=True)
+class Result:
+    """A point estimate of a share and its two-sided interval at ``confidence``."""
+
+    estimate: float
+    low: float
+    high: float
+    standard_error: float
+    confidence: float
+    lam: float | None = None  # power-tuning parameter (ppi, active)
+
+    @property
+    def width(self) -> float:
+        return self.high - self.low
+
+
+@dataclass(frozen=True)
+class PoolScores:
+    """What a design knows of the pool: per input, the confidence and an uncertainty score."""
+
+    confidence: np.ndarray
+    score: np.ndarray
+
+    def __post_init__(self) -> None:
+        c, s = np.asarray(self.confidence, float), np.asarray(self.score, float)
+        if c.ndim != 1 or s.shape != c.shape or len(c) == 0:
+            raise DltestError(f"confidence and score must be two equally long non-empty vectors, got {c.shape} and {s.shape}")
+        if not (np.isfinite(c).all() and np.isfinite(s).all()):
+            raise DltestError("confidence and scores must be finite")
+        object.__setattr__(self, "confidence", np.clip(c, 0.0, 1.0))
+        object.__setattr__(self, "score", np.clip(s, 0.0, None))
+
+    def __len__(self) -> int:
+        return len(self.confidence)
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+
+def _normal(estimate: float, variance: float, confidence: float, lam: float | None = None, n: int = 0) -> Result:
+    """The interval of a design-based estimate with ``variance``: Clopper-Pearson at the effective
+    sample size ``n_eff = p (1 - p) / variance`` (Korn & Graubard 1998), which keeps the exact
+    interval's shape near 0 and 1 where a normal interval undercovers; ``p`` is kept
+    ``1 / (2 n)`` away from 0 and 1 so that an all-correct sample keeps a width."""
+    se = math.sqrt(max(variance, 0.0))
+    point = min(max(float(estimate), 0.0), 1.0)
+    edge = 0.5 / max(n, 1)
+    p = min(max(point, edge), 1 - edge)
+    if se == 0:
+        return Result(float(estimate), point, point, 0.0, confidence, lam)
+    n_eff = p * (1 - p) / se**2
+    alpha = (1 - confidence) / 2
+    k = point * n_eff
+    low = 0.0 if k <= 0 else float(beta.ppf(alpha, k, n_eff - k + 1))
+    high = 1.0 if k >= n_eff else float(beta.ppf(1 - alpha, k + 1, n_eff - k))
+    return Result(float(estimate), low, high, se, confidence, lam)
+
+
+def mix_with_uniform(weights: np.ndarray, uniform_share: float) -> np.ndarray:
+    """Per-draw probabilities ``(1 - u) w / sum(w) + u / N``; all-zero weights give the uniform."""
+    n = len(weights)
+    total = float(weights.sum())
+    if total <= 0:
+        return np.full(n, 1.0 / n)
+    return (1 - uniform_share) * weights / total + uniform_share / n
+
+
+def _check_budget(budget: int, pool_size: int) -> None:
+    if int(budget) != budget or budget < 1 or budget > pool_size:
+        raise DltestError(f"budget must be a count in [1, {pool_size}] (the pool), got {budget}")
+
+
+def _floored_variance(terms: np.ndarray, anticipated: float) -> float:
+    """Variance of the mean of ``terms`` (i.i.d. draws): the larger of their sample variance and
+    ``anticipated``, the variance of one term that the model's confidence predicts. Rare errors
+    are often missing from a small sample, whose variance then reads as (near) zero."""
+    sample_var = float(np.var(terms, ddof=1)) if len(terms) > 1 else 0.0
+    return max(sample_var, anticipated, 0.0) / len(terms)
+
+
+def _tuned_lambda(a: np.ndarray, b: np.ndarray, scale: float = 1.0) -> float:
+    """The ``lambda`` in [0, 1] that minimises the sample variance of ``a - lambda b``
+    (``cov(a, b) / (scale var(b))``); 1 when ``b`` does not vary (then lambda changes nothing)."""
+    if len(a) < 2:
+        return 1.0
+    var_b = float(np.var(b, ddof=1))
+    if var_b <= 0:
+        return 1.0
+    cov = float(np.cov(a, b, ddof=1)[0, 1])
+    return float(np.clip(cov / (scale * var_b), 0.0, 1.0))
+
+
+# --- designs ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Design:
+    """A sampler with known selection probabilities and the estimator that goes with it."""
+
+    name: str = ""
+    summary: str = ""
+    interval: str = ""  # the interval and why it is valid
+    valid: bool = True  # False: no valid interval (only offered with that said)
+
+    def draw(self, pool: PoolScores, budget: int, rng: np.random.Generator) -> Sample:
+        raise NotImplementedError
+
+    def estimate(self, sample: Sample, y: np.ndarray, confidence: float = 0.95, rate: float | None = None) -> Result:
+        """The estimate from ``y`` (0/1 outcome of every draw, in draw order). The variance floor
+        assumes each input is right with probability ``rate``, or with its confidence when None
+        (clean accuracy; for robust accuracy the confidence predicts nothing: pass a rate)."""
+        raise NotImplementedError
+
+    def options(self) -> dict:
+        return {}
+
+
+@dataclass(frozen=True)
+class SimpleRandom(Design):
+    name: str = "srs"
+    summary: str = "simple random sampling; k/n with the exact Clopper-Pearson interval"
+    interval: str = "exact Clopper-Pearson (valid at every n; conservative)"
+
+    def draw(self, pool: PoolScores, budget: int, rng: np.random.Generator) -> Sample:
+        n_pool = len(pool)
+        _check_budget(budget, n_pool)
+        positions = rng.choice(n_pool, size=budget, replace=False)
+        return _sample(self.name, pool, positions, np.full(budget, budget / n_pool), False)
+
+    def estimate(self, sample: Sample, y: np.ndarray, confidence: float = 0.95, rate: float | None = None) -> Result:
+        y = _outcomes(y, sample)
+        k, n = int(y.sum()), len(y)
+        iv = clopper_pearson(k, n, confidence)
+        p = k / n
+        return Result(p, iv.low, iv.high, math.sqrt(p * (1 - p) / n), confidence)
+
+
+@dataclass(frozen=True)
+class Stratified(Design):
+    name: str = "stratified"
+    summary: str = "strata by confidence, Neyman allocation; the stratified mean"
+    interval: str = ("per-stratum variances with the finite-pool correction, floored at the variance the confidence "
+                     "anticipates; Clopper-Pearson at the effective sample size (asymptotically valid)")
+    strata: int = DEFAULT_STRATA
+    proportional_share: float = DEFAULT_PROPORTIONAL_SHARE
+
+    def options(self) -> dict:
+        return {"strata": self.strata, "proportional_share": self.proportional_share}
+
+    def allocation(self, pool: PoolScores, budget: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(stratum of every pool input, N_h, n_h): equal-size strata by confidence, Neyman counts."""
+        n_pool = len(pool)
+        _check_budget(budget, n_pool)
+        count = max(1, min(self.strata, budget // MIN_PER_STRATUM, n_pool))
+        order = np.argsort(pool.confidence, kind="stable")
+        stratum = np.empty(n_pool, dtype=np.int64)
+        stratum[order] = np.arange(n_pool) * count // n_pool
+        sizes = np.bincount(stratum, minlength=count)
+        mean_conf = np.bincount(stratum, weights=pool.confidence, minlength=count) / sizes
+        spread = np.sqrt(np.clip(mean_conf * (1 - mean_conf), 1e-6, None))
+        # compromise allocation: a share of the budget proportional to N_h, the rest Neyman (N_h S_h)
+        spread = self.proportional_share * spread.dot(sizes) / sizes.sum() + (1 - self.proportional_share) * spread
+        return stratum, sizes, neyman_counts(sizes, spread, budget)
+
+    def draw(self, pool: PoolScores, budget: int, rng: np.random.Generator) -> Sample:
+        stratum, sizes, counts = self.allocation(pool, budget)
+        chosen, probability, labels = [], [], []
+        for h, (size, count) in enumerate(zip(sizes, counts)):
+            members = np.flatnonzero(stratum == h)
+            chosen.append(rng.choice(members, size=int(count), replace=False))
+            probability.append(np.full(int(count), count / size))
+            labels.append(np.full(int(count), h))
+        positions = np.concatenate(chosen)
+        sample = _sample(self.name, pool, positions, np.concatenate(probability), False)
+        sample.strata = np.concatenate(labels)
+        sample.strata_sizes = sizes
+        sample.strata_mean_confidence = np.bincount(stratum, weights=pool.confidence, minlength=len(sizes)) / sizes
+        return sample
+
+    def estimate(self, sample: Sample, y: np.ndarray, confidence: float = 0.95, rate: float | None = None) -> Result:
+        y = _outcomes(y, sample)
+        if sample.strata is None or sample.strata_sizes is None:
+            raise DltestError("a stratified estimate needs the strata of the plan")
+        anticipated = np.asarray(sample.strata_mean_confidence) if rate is None else np.full(len(sample.strata_sizes), rate)
+        return stratified_estimate(y, sample.strata, np.asarray(sample.strata_sizes), anticipated, confidence)
+
+
+def neyman_counts(sizes: np.ndarray, spread: np.ndarray, budget: int) -> np.ndarray:
+    """Integer counts ``n_h ~ N_h S_h`` summing to ``budget``, each in [min(2, N_h), N_h]
+    (largest remainders; capped strata give their surplus to the others)."""
+    sizes = np.asarray(sizes, dtype=np.int64)
+    floor = np.minimum(MIN_PER_STRATUM, sizes)
+    counts = floor.copy()
+    free = np.ones(len(sizes), dtype=bool)
+    while counts.sum() < budget:
+        left = budget - counts.sum()
+        weights = np.where(free, sizes * spread, 0.0)
+        if weights.sum() <= 0:
+            weights = np.where(free, sizes.astype(float), 0.0)
+        share = weights / weights.sum() * (left + counts[free].sum())
+        target = np.where(free, np.maximum(share, counts), counts)
+        over = free & (target >= sizes)
+        if over.any():  # a stratum that would take all its members: take them, reallocate the rest
+            counts[over] = sizes[over]
+            free &= ~over
+            continue
+        base = np.floor(target).astype(np.int64)
+        remainder = budget - base.sum()
+        order = np.argsort(-(target - base), kind="stable")
+        base[order[:remainder]] += 1
+        counts = np.minimum(base, sizes)
+        break
+    return counts
+
+
+def stratified_estimate(y: np.ndarray, strata: np.ndarray, sizes: np.ndarray, anticipated: np.ndarray,
+                        confidence: float = 0.95) -> Result:
+    """``sum_h W_h ybar_h`` with the variance ``sum_h W_h^2 (1 - n_h/N_h) s_h^2 / n_h``, ``s_h^2``
+    the larger of the labels' variance and ``p_h (1 - p_h)`` (``p_h = anticipated[h]``, e.g. the
+    stratum's mean confidence: the variance a calibrated model anticipates)."""
+    count = len(sizes)
+    n_h = np.bincount(strata, minlength=count).astype(float)
+    if (n_h < 1).any():
+        raise DltestError("every stratum needs at least one label")
+    k_h = np.bincount(strata, weights=y, minlength=count)
+    weights = sizes / sizes.sum()
+    mean_h = k_h / n_h
+    sample_var = np.where(n_h > 1, (k_h - n_h * mean_h**2) / np.maximum(n_h - 1, 1), 0.0)
+    s2 = np.maximum(sample_var, anticipated * (1 - anticipated))
+    fpc = 1 - n_h / sizes
+    variance = float((weights**2 * fpc * s2 / n_h).sum())
+    return _normal(float((weights * mean_h).sum()), variance, confidence, n=len(y))
+
+
+@dataclass(frozen=True)
+class Importance(Design):
+    name: str = "importance"
+    summary: str = "draws with probability from an uncertainty score (mixed with uniform); Hansen-Hurwitz"
+    interval: str = ("the draws' variance, floored at the variance the confidence anticipates; Clopper-Pearson at the "
+                     "effective sample size (asymptotically valid; weights bounded by 1/uniform_share)")
+    uniform_share: float = DEFAULT_UNIFORM_SHARE
+
+    def options(self) -> dict:
+        return {"uniform_share": self.uniform_share}
+
+    def probabilities(self, pool: PoolScores) -> np.ndarray:
+        return mix_with_uniform(pool.score, self.uniform_share)
+
+    def draw(self, pool: PoolScores, budget: int, rng: np.random.Generator) -> Sample:
+        _check_budget(budget, len(pool))
+        q = self.probabilities(pool)
+        positions = rng.choice(len(pool), size=budget, replace=True, p=q)
+        return _sample(self.name, pool, positions, q[positions], True, q)
+
+    def estimate(self, sample: Sample, y: np.ndarray, confidence: float = 0.95, rate: float | None = None) -> Result:
+        y = _outcomes(y, sample)
+        errors = (1 - y) / (sample.pool_size * sample.probability)  # Hansen-Hurwitz terms of the error rate
+        m = sample.moments
+        if rate is None:  # Var of a term if every input is right with probability its confidence
+            anticipated = m["s0"] - m["s1"] - (1 - m["mean_c"]) ** 2
+        else:
+            anticipated = (1 - rate) * m["s0"] - (1 - rate) ** 2
+        return _normal(1 - float(errors.mean()), _floored_variance(errors, anticipated), confidence, n=len(y))
+
+
+@dataclass(frozen=True)
+class PredictionPowered(Design):
+    name: str = "ppi"
+    summary: str = "PPI++: simple random sample, the model's confidence as prediction, power-tuned lambda"
+    interval: str = ("the residuals' variance with the finite-pool correction, floored at the variance the confidence "
+                     "anticipates; Clopper-Pearson at the effective sample size (asymptotically valid)")
+
+    def draw(self, pool: PoolScores, budget: int, rng: np.random.Generator) -> Sample:
+        sample = SimpleRandom().draw(pool, budget, rng)
+        sample.design = self.name
+        return sample
+
+    def estimate(self, sample: Sample, y: np.ndarray, confidence: float = 0.95, rate: float | None = None) -> Result:
+        y = _outcomes(y, sample)
+        f = sample.confidence
+        n, n_pool = len(y), sample.pool_size
+        lam = _tuned_lambda(y, f)
+        residual = y - lam * f
+        estimate = lam * sample.pool_mean_confidence + float(residual.mean())
+        m = sample.moments
+        pool_var = m["mean_c2"] - m["mean_c"] ** 2
+        if rate is None:  # Var(y - lam f) if every input is right with probability its confidence
+            anticipated = m["mean_c"] - m["mean_c2"] + (1 - lam) ** 2 * pool_var
+        else:
+            anticipated = rate * (1 - rate) + lam**2 * pool_var
+        variance = (1 - n / n_pool) * _floored_variance(residual, anticipated)
+        return _normal(estimate, variance, confidence, lam, n=n)
+
+
+@dataclass(frozen=True)
+class ActiveInference(Design):
+    name: str = "active"
+    summary: str = "active inference: draws with probability ~ sqrt(f(1-f)) (mixed with uniform), AIPW, power-tuned"
+    interval: str = ("the draws' variance, floored at the variance the confidence anticipates; Clopper-Pearson at the "
+                     "effective sample size (asymptotically valid; weights bounded by 1/uniform_share)")
+    uniform_share: float = DEFAULT_UNIFORM_SHARE
+
+    def options(self) -> dict:
+        return {"uniform_share": self.uniform_share}
+
+    def probabilities(self, pool: PoolScores) -> np.ndarray:
+        c = pool.confidence
+        return mix_with_uniform(np.sqrt(c * (1 - c)), self.uniform_share)
+
+    def draw(self, pool: PoolScores, budget: int, rng: np.random.Generator) -> Sample:
+        _check_budget(budget, len(pool))
+        q = self.probabilities(pool)
+        positions = rng.choice(len(pool), size=budget, replace=True, p=q)
+        return _sample(self.name, pool, positions, q[positions], True, q)
+
+    def estimate(self, sample: Sample, y: np.ndarray, confidence: float = 0.95, rate: float | None = None) -> Result:
+        y = _outcomes(y, sample)
+        weight = 1.0 / (sample.pool_size * sample.probability)
+        a, b = y * weight, sample.confidence * weight
+        lam = _tuned_lambda(a, b)
+        terms = a - lam * b
+        estimate = lam * sample.pool_mean_confidence + float(terms.mean())
+        m = sample.moments
+        r_s0, r_s1, mean_r = (m["s1"], m["s2"], m["mean_c"]) if rate is None else (rate * m["s0"], rate * m["s1"], rate)
+        second = r_s0 - 2 * lam * r_s1 + lam**2 * m["s2"]  # E[term^2] if input i is right with probability r_i
+        anticipated = second - (mean_r - lam * m["mean_c"]) ** 2
+        return _normal(estimate, _floored_variance(terms, anticipated), confidence, lam, n=len(y))
+
+
+def _sample(design: str, pool: PoolScores, positions: np.ndarray, probability: np.ndarray,
+            with_replacement: bool, pool_probability: np.ndarray | None = None) -> Sample:
+    """The draws and the pool moments their variance floor needs: the mean confidence and mean
+    squared confidence, and for draws with replacement ``sum(c^k / q) / N^2`` for k = 0, 1, 2."""
+    positions = np.asarray(positions, dtype=np.int64)
+    c = pool.confidence
+    moments = {"mean_c": float(c.mean()), "mean_c2": float((c * c).mean())}
+    if pool_probability is not None:
+        scale = 1.0 / (len(c) ** 2 * pool_probability)
+        moments.update(s0=float(scale.sum()), s1=float((c * scale).sum()), s2=float((c * c * scale).sum()))
+    return Sample(design, len(pool), positions, np.asarray(probability, float), c[positions], moments["mean_c"],
+                  with_replacement, moments)
+
+
+def _outcomes(y: np.ndarray, sample: Sample) -> np.ndarray:
+    y = np.asarray(y, dtype=float)
+    if y.shape != sample.positions.shape:
+        raise DltestError(f"need one outcome per draw ({len(sample.positions)}), got {y.shape[0] if y.ndim else 0}")
+    if not np.isin(y, (0.0, 1.0)).all():
+        raise DltestError("outcomes must be 0 (wrong) or 1 (right)")
+    return y
+
+
+DESIGNS: dict[str, Callable[..., Design]] = {
+    "srs": SimpleRandom, "stratified": Stratified, "importance": Importance, "ppi": PredictionPowered,
+    "active": ActiveInference,
+}
+
+
+def get_design(name: str, **options) -> Design:
+    """The design called ``name`` with its options (``strata``, ``uniform_share``); unknown names
+    and options are one-line errors."""
+    if name not in DESIGNS:
+        raise DltestError(f"unknown design {name!r}; choose one of {', '.join(DESIGNS)}")
+    cls = DESIGNS[name]
+    allowed = set(cls().options())
+    for key, value in options.items():
+        if key not in allowed:
+            takes = ", ".join(sorted(allowed)) or "no options"
+            raise DltestError(f"design {name!r} does not take {key!r} (it takes {takes})")
+        if key == "strata" and (int(value) != value or value < 1):
+            raise DltestError(f"strata must be a count >= 1, got {value}")
+        if key == "uniform_share" and not 0 < float(value) <= 1:
+            raise DltestError(f"uniform share must be in (0, 1] (it bounds the weights by 1/share), got {value}")
+    return cls(**options)

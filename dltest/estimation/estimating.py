@@ -1,0 +1,202 @@
+"""From a plan and its labels to the pool's accuracy (and robust accuracy) with intervals.
+
+Clean accuracy needs only the plan and the labels (the plan holds the model's prediction at
+every drawn input). Robust accuracy attacks the labeled inputs, and only them, with the
+model: each attack gives a robust/not-robust outcome per labeled input, estimated with the same
+design as the clean one (the sampling probabilities do not depend on the outcome).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from dltest import __version__
+from dltest.analysis.intervals import check_confidence, clopper_pearson
+from dltest.data import ImageDataset
+from dltest.errors import DltestError
+from dltest.estimation.designs import Result, get_design
+from dltest.estimation.labels import labels_for
+from dltest.estimation.planning import EstimationPlan
+
+ACCURACY = "accuracy"
+
+
+@dataclass(frozen=True)
+class FigureEstimate:
+    """One figure (clean accuracy, an attack's robust accuracy, worst-case) estimated on the pool."""
+
+    figure: str
+    estimate: float
+    low: float
+    high: float
+    confidence: float
+    standard_error: float
+    effective_sample_size: float | None  # p (1 - p) / variance: the SRS size this design's variance equals
+    srs_labels: int | None  # labels a simple random sample needs for an exact interval this wide
+    labeled: int  # distinct inputs labeled
+    draws: int
+    lam: float | None = None
+
+    @property
+    def width(self) -> float:
+        return self.high - self.low
+
+
+@dataclass
+class EstimateResult:
+    """The estimates of one plan: clean accuracy first, then one per attack (and worst-case)."""
+
+    design: str
+    interval: str
+    valid: str
+    dataset: str
+    split: str
+    pool_size: int
+    seed: int
+    figures: list[FigureEstimate]
+    attacks: list[dict[str, Any]] = field(default_factory=list)
+    model: dict[str, Any] | None = None
+    seconds: float = 0.0
+
+    def figure(self, name: str) -> FigureEstimate:
+        for item in self.figures:
+            if item.figure == name:
+                return item
+        raise DltestError(f"figure {name!r} was not estimated; estimated: {', '.join(f.figure for f in self.figures)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        body = asdict(self)
+        body.pop("seed")
+        return {"command": "dltest estimate", "dltest_version": __version__, "seed": self.seed, **body}
+
+
+def srs_labels_for_width(width: float, share: float, confidence: float = 0.95) -> int | None:
+    """The fewest labels whose exact (Clopper-Pearson) interval around ``share`` is at most ``width``
+    wide (what a simple random sample needs for the same width); None for a zero width."""
+    if not width > 0:
+        return None
+    share = min(max(share, 0.0), 1.0)
+
+    def fits(n: int) -> bool:
+        iv = clopper_pearson(round(share * n), n, confidence)
+        return iv.high - iv.low <= width
+
+    low, high = 1, 2
+    while not fits(high):
+        low, high = high, high * 2
+        if high > 2**40:
+            return None
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (low, middle) if fits(middle) else (middle, high)
+    return 1 if fits(1) else high
+
+
+def floor_rate(y: np.ndarray) -> float:
+    """The share of 1s among the draws, kept 1/(2n) from 0 and 1: the rate behind the variance
+    floor of a robust figure (the model's confidence says nothing of robustness)."""
+    edge = 0.5 / len(y)
+    return float(np.clip(np.mean(y), edge, 1 - edge))
+
+
+def figure_estimate(name: str, result: Result, labeled: int, draws: int) -> FigureEstimate:
+    p = min(max(result.estimate, 0.5 / draws), 1 - 0.5 / draws)
+    effective = p * (1 - p) / result.standard_error**2 if result.standard_error > 0 else None
+    return FigureEstimate(
+        figure=name, estimate=result.estimate, low=result.low, high=result.high, confidence=result.confidence,
+        standard_error=result.standard_error, effective_sample_size=None if effective is None else round(effective, 1),
+        srs_labels=srs_labels_for_width(result.width, result.estimate, result.confidence), labeled=labeled,
+        draws=draws, lam=result.lam,
+    )
+
+
+def estimate(
+    plan: EstimationPlan,
+    labels: Mapping[int, Any] | Sequence[int] | np.ndarray,
+    *,
+    model: nn.Module | None = None,
+    data: ImageDataset | None = None,
+    attacks: Sequence[str] = (),
+    confidence: float = 0.95,
+    batch_size: int = 256,
+    device: str | None = None,
+    progress: bool = False,
+    eps: float | str | None = None,
+    steps: int | None = None,
+    alpha: float | None = None,
+    labels_name: str = "labels",
+) -> EstimateResult:
+    """The pool's accuracy from ``plan`` and the ``labels`` of its inputs, with a two-sided interval
+    at ``confidence``; with ``attacks`` (names of presets) also robust accuracy, attacking only
+    the labeled inputs of ``data`` (the plan's pool) with ``model``."""
+    started = time.perf_counter()
+    confidence = check_confidence(confidence)
+    design = get_design(plan.design, **plan.options)
+    needed = plan.labels_needed
+    given = labels_for(plan, labels, labels_name)
+    by_position = dict(zip(needed, given.tolist()))
+    draw_labels = np.asarray([by_position[p] for p in plan.positions])
+    outcomes = {ACCURACY: (draw_labels == np.asarray(plan.predicted)).astype(float)}
+    attack_rows: list[dict[str, Any]] = []
+    if attacks:
+        robust, attack_rows = _robust_outcomes(plan, needed, given, model, data, attacks, batch_size, device,
+                                               progress, eps, steps, alpha)
+        for name, flags in robust.items():
+            per_position = dict(zip(needed, flags.tolist()))
+            outcomes[name] = np.asarray([per_position[p] for p in plan.positions], dtype=float)
+    sample = plan.sample()
+    figures = [figure_estimate(name, design.estimate(sample, y, confidence, None if name == ACCURACY else floor_rate(y)),
+                               len(needed), len(plan.positions))
+               for name, y in outcomes.items()]
+    return EstimateResult(
+        design=plan.design, interval=design.interval, valid="exact" if plan.design == "srs" else "asymptotic",
+        dataset=plan.dataset, split=plan.split, pool_size=plan.pool_size, seed=plan.seed, figures=figures,
+        attacks=attack_rows, model=plan.model, seconds=round(time.perf_counter() - started, 3),
+    )
+
+
+def _robust_outcomes(
+    plan: EstimationPlan, needed: list[int], labels: np.ndarray, model: nn.Module | None, data: ImageDataset | None,
+    attacks: Sequence[str], batch_size: int, device: str | None, progress: bool, eps, steps, alpha,
+) -> tuple[dict[str, np.ndarray], list[dict[str, Any]]]:
+    """Robust (1) or not (0) per labeled input under each attack, and worst-case with 2+ attacks;
+    checks that ``model`` and ``data`` are the plan's (same pool size, same predictions)."""
+    from dltest.robustness import WORST_CASE, evaluate_robustness
+
+    if model is None or data is None:
+        raise DltestError("robust accuracy attacks the labeled inputs: give the plan's model and pool")
+    if len(data) != plan.pool_size:
+        raise DltestError(f"the pool has {len(data)} inputs, the plan's had {plan.pool_size}: give the plan's pool")
+    subset = data.subset(needed)
+    subset.y = torch.as_tensor(labels, dtype=torch.long)
+    subset.labeled = True
+    subset.classes = list(plan.classes)
+    report = evaluate_robustness(model, subset, list(attacks), seed=plan.seed, batch_size=batch_size, device=device,
+                                 progress=progress, eps=eps, steps=steps, alpha=alpha)
+    first = {p: j for j, p in reversed(list(enumerate(plan.positions)))}
+    expected = np.asarray([plan.predicted[first[p]] for p in needed]) == labels
+    clean = np.asarray([c == "1" for c in report.clean_inputs])
+    if (clean != expected).any():
+        where = needed[int(np.flatnonzero(clean != expected)[0])]
+        raise DltestError(f"the model predicts otherwise than the plan's model at index {where}: give the model "
+                          "and pool the plan was made with")
+    flags = {o.attack: np.asarray([c == "1" for c in o.robust_inputs]) for o in report.attacks}
+    if report.worst_case is not None:
+        flags[WORST_CASE] = np.asarray([c == "1" for c in report.worst_case.robust_inputs])
+    rows = [{"attack": o.attack, "settings": o.settings, "seconds": o.seconds, "attacked_inputs": o.n}
+            for o in report.attacks]
+    return flags, rows
+
+
+def effective_gain(figure: FigureEstimate) -> float | None:
+    """Labels used over the labels an SRS would need for the same width (< 1: the design saved labels)."""
+    if figure.srs_labels is None or figure.srs_labels == 0:
+        return None
+    return figure.labeled / figure.srs_labels
+

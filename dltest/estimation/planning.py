@@ -1,0 +1,197 @@
+"""Planning an estimate: one inference pass over the unlabeled pool, then a seeded draw of the
+inputs to label, with every draw's selection probability kept in the plan.
+
+The plan holds everything the estimate needs besides the labels (the drawn positions, their
+probabilities, the model's confidence and prediction at each, the pool moments), so that
+``dltest estimate`` needs neither the model nor the pool for clean accuracy.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from dltest import __version__
+from dltest.budget import parse_budget
+from dltest.data import ImageDataset
+from dltest.errors import DltestError
+from dltest.estimation.designs import DESIGNS, PoolScores, Sample, get_design
+from dltest.inference import INFERENCE_BATCH, PoolOutputs, infer
+from dltest.io import atomic_path, read_json, write_json
+from dltest.selectors.uncertainty import entropy, gini, least_confidence, margin
+
+SCORES: dict[str, Callable[[Tensor], Tensor]] = {
+    "entropy": entropy,
+    "deepgini": gini,
+    "lc": least_confidence,
+    "margin": lambda probs: 1.0 - margin(probs),  # small margins are uncertain: 1 - margin ranks them first
+}
+PLAN_KIND = "dltest estimate plan"
+
+
+def check_score(name: str) -> str:
+    if name not in SCORES:
+        raise DltestError(f"unknown score {name!r}; choose one of {', '.join(SCORES)}")
+    return name
+
+
+@dataclass
+class EstimationPlan:
+    """The inputs to label for an estimate, in draw order, and what the estimator needs of the pool."""
+
+    design: str
+    options: dict[str, Any]
+    budget: int
+    seed: int
+    score: str
+    dataset: str
+    split: str
+    pool_size: int
+    classes: list[str]
+    positions: list[int]  # pool positions, in draw order (repeats: drawn again, labeled once)
+    probability: list[float]  # per draw: selection probability (with replacement) or inclusion probability
+    confidence: list[float]  # per draw: the model's top probability
+    predicted: list[int]  # per draw: the model's class
+    source_index: list[int]  # per draw: position in the file / test set the pool came from
+    with_replacement: bool
+    moments: dict[str, float]
+    strata: list[int] | None = None
+    strata_sizes: list[int] | None = None
+    strata_mean_confidence: list[float] | None = None
+    model: dict[str, Any] | None = None
+    model_path: str | None = None
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def labels_needed(self) -> list[int]:
+        """The distinct pool positions to label, in first-draw order."""
+        return list(dict.fromkeys(self.positions))
+
+    def sample(self) -> Sample:
+        """The draws as the design's estimator reads them."""
+        return Sample(
+            design=self.design, pool_size=self.pool_size, positions=np.asarray(self.positions, dtype=np.int64),
+            probability=np.asarray(self.probability, float), confidence=np.asarray(self.confidence, float),
+            pool_mean_confidence=float(self.moments["mean_c"]), with_replacement=self.with_replacement,
+            moments=dict(self.moments),
+            strata=None if self.strata is None else np.asarray(self.strata, dtype=np.int64),
+            strata_sizes=None if self.strata_sizes is None else np.asarray(self.strata_sizes, dtype=np.int64),
+            strata_mean_confidence=None if self.strata_mean_confidence is None
+            else np.asarray(self.strata_mean_confidence, float),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"command": PLAN_KIND, "dltest_version": __version__, "seed": self.seed, **{
+            k: v for k, v in asdict(self).items() if k != "seed"}}
+
+    def save(self, path: str | os.PathLike) -> Path:
+        return write_json(path, self.to_dict())
+
+    def write_sheet(self, path: str | os.PathLike) -> Path:
+        """The labeling sheet: one row per input to label (index = pool position; source = its
+        position in the file or test set; its probability; how often it was drawn; an empty label)."""
+        draws: dict[int, int] = {}
+        first: dict[int, int] = {}
+        for j, position in enumerate(self.positions):
+            draws[position] = draws.get(position, 0) + 1
+            first.setdefault(position, j)
+        column = "selection_probability" if self.with_replacement else "inclusion_probability"
+        with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["index", "source", column, "draws", "label"])
+            for position in self.labels_needed:
+                j = first[position]
+                writer.writerow([position, self.source_index[j], f"{self.probability[j]:.6g}", draws[position], ""])
+        return Path(path)
+
+
+def load_plan(path: str | os.PathLike) -> EstimationPlan:
+    """A plan written by :meth:`EstimationPlan.save` (``dltest estimate plan``), checked."""
+    data = read_json(path)
+    if not isinstance(data, dict) or data.get("command") != PLAN_KIND:
+        raise DltestError(f"{path} is not a plan written by 'dltest estimate plan'")
+    fields = set(EstimationPlan.__dataclass_fields__)
+    try:
+        plan = EstimationPlan(**{k: v for k, v in data.items() if k in fields})
+    except TypeError as exc:
+        raise DltestError(f"{path} is not a complete estimate plan ({exc})") from None
+    if plan.design not in DESIGNS:
+        raise DltestError(f"{path}: unknown design {plan.design!r}")
+    lengths = {len(plan.positions), len(plan.probability), len(plan.confidence), len(plan.predicted)}
+    if len(lengths) != 1 or not plan.positions:
+        raise DltestError(f"{path}: the per-draw lists differ in length or are empty; write the plan again")
+    if min(plan.positions) < 0 or max(plan.positions) >= plan.pool_size:
+        raise DltestError(f"{path}: a drawn position lies outside the pool of {plan.pool_size}")
+    return plan
+
+
+def pool_scores(outputs: PoolOutputs, score: str = "entropy") -> PoolScores:
+    """Confidence (top probability) and the uncertainty ``score`` of every pool input, float64."""
+    probs = outputs.probs.double()
+    return PoolScores(probs.max(dim=1).values.numpy(), SCORES[check_score(score)](probs).numpy())
+
+
+def plan(
+    model: nn.Module | None = None,
+    data: ImageDataset | None = None,
+    *,
+    design: str = "active",
+    budget: int | str = 200,
+    seed: int = 0,
+    score: str = "entropy",
+    outputs: PoolOutputs | None = None,
+    batch_size: int = INFERENCE_BATCH,
+    device: str | None = None,
+    progress: bool = False,
+    model_name: str | None = None,
+    **options: Any,
+) -> EstimationPlan:
+    """Draw the inputs to label for estimating ``model``'s accuracy on ``data`` (unlabeled is fine).
+
+    One inference pass (or the given ``outputs``), then ``design``'s seeded draw of ``budget``
+    inputs (a count or a share like ``4%``); ``options`` are the design's (``strata``,
+    ``uniform_share``, ``proportional_share``); ``score`` ranks uncertainty for ``importance``.
+    """
+    import time
+
+    started = time.perf_counter()
+    chosen = get_design(design, **options)
+    check_score(score)
+    if data is None:
+        raise DltestError("plan needs the pool (data)")
+    count = parse_budget(budget, len(data))
+    if outputs is None:
+        if model is None:
+            raise DltestError("plan needs a model or its outputs on the pool")
+        outputs = infer(model, data, batch_size=batch_size, device=device, embeddings=False, progress=progress)
+    if len(outputs) != len(data):
+        raise DltestError(f"outputs cover {len(outputs)} inputs, the pool has {len(data)}")
+    scores = pool_scores(outputs, score)
+    sample = chosen.draw(scores, count, np.random.default_rng(seed))
+    predicted = outputs.predictions[torch.as_tensor(sample.positions)]
+    num_classes = outputs.logits.shape[1]
+    classes = list(data.classes) if len(data.classes) == num_classes else [str(i) for i in range(num_classes)]
+    notes = []
+    if sample.with_replacement:
+        notes.append(f"{sample.labels_needed} distinct inputs to label for {count} draws (a repeated draw is labeled once)")
+    return EstimationPlan(
+        design=chosen.name, options=chosen.options(), budget=count, seed=seed, score=score, dataset=data.name,
+        split=data.split, pool_size=len(data), classes=classes, positions=sample.positions.tolist(),
+        probability=sample.probability.tolist(), confidence=sample.confidence.tolist(), predicted=predicted.tolist(),
+        source_index=data.source_index[torch.as_tensor(sample.positions)].tolist(),
+        with_replacement=sample.with_replacement, moments=sample.moments,
+        strata=None if sample.strata is None else sample.strata.tolist(),
+        strata_sizes=None if sample.strata_sizes is None else sample.strata_sizes.tolist(),
+        strata_mean_confidence=None if sample.strata_mean_confidence is None
+        else sample.strata_mean_confidence.tolist(),
+        model={"source": model_name} if model_name else None, seconds=round(time.perf_counter() - started, 3),
+        notes=notes,
+    )
