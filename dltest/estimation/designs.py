@@ -281,30 +281,35 @@ class Stratified(Design):
 
 
 def neyman_counts(sizes: np.ndarray, spread: np.ndarray, budget: int) -> np.ndarray:
-    """Integer counts ``n_h ~ N_h S_h`` summing to ``budget``, each in [min(2, N_h), N_h]
-    (largest remainders; capped strata give their surplus to the others)."""
+    """Integer counts ``n_h ~ N_h S_h`` summing to ``budget``, each in [min(2, N_h), N_h]: a stratum
+    whose share falls below its floor or above its size is fixed there and the rest reallocated;
+    the last step rounds by largest remainders."""
     sizes = np.asarray(sizes, dtype=np.int64)
     floor = np.minimum(MIN_PER_STRATUM, sizes)
-    counts = floor.copy()
-    free = np.ones(len(sizes), dtype=bool)
-    while counts.sum() < budget:
-        left = budget - counts.sum()
+    counts = np.zeros(len(sizes), dtype=np.int64)
+    fixed = np.zeros(len(sizes), dtype=bool)
+    while not fixed.all():
+        free = ~fixed
+        left = budget - counts[fixed].sum()
         weights = np.where(free, sizes * spread, 0.0)
         if weights.sum() <= 0:
             weights = np.where(free, sizes.astype(float), 0.0)
-        share = weights / weights.sum() * (left + counts[free].sum())
-        target = np.where(free, np.maximum(share, counts), counts)
-        over = free & (target >= sizes)
-        if over.any():  # a stratum that would take all its members: take them, reallocate the rest
-            counts[over] = sizes[over]
-            free &= ~over
+        share = weights / weights.sum() * left
+        low, high = free & (share < floor), free & (share > sizes)
+        if low.any() or high.any():
+            bound = low if low.any() else high
+            counts[bound] = (floor if low.any() else sizes)[bound]
+            fixed |= bound
             continue
-        base = np.floor(target).astype(np.int64)
-        remainder = budget - base.sum()
-        order = np.argsort(-(target - base), kind="stable")
-        base[order[:remainder]] += 1
-        counts = np.minimum(base, sizes)
+        base = np.floor(share).astype(np.int64)
+        order = [h for h in np.argsort(-(share - base), kind="stable") if free[h]]
+        for h in order[: int(left - base[free].sum())]:
+            base[h] += 1
+        counts[free] = base[free]
         break
+    while counts.sum() < budget:  # every stratum fixed with labels left: fill those with room
+        room = sizes - counts
+        counts[int(np.argmax(room))] += 1
     return counts
 
 

@@ -1,0 +1,166 @@
+"""Operational accuracy estimation: coverage, bias, width and labels saved per design and budget.
+
+For MNIST and Fashion-MNIST, two pools each: the ``holdout`` split (5000 inputs) and a
+deliberately shifted pool (3000 inputs of the holdout drawn with class weights 1:2:...:10 and
+Gaussian pixel noise of sd 0.15, so the model is less accurate and less calibrated there).
+ONE inference pass per pool and model is cached (confidence, entropy, right or wrong); robust
+flags come from ONE run of the ``pgd`` evaluation preset over the whole pool. Then, per design
+and budget (50, 100, 200, 500 labels), 1000 seeded draws, each estimated as ``dltest estimate``
+does: the empirical coverage of the 95% interval, the bias, the mean width, and the labels a
+simple random sample needs for the same mean width (the exact expected Clopper-Pearson width
+under binomial sampling at the pool's true accuracy, solved for n).
+
+Clean accuracy uses the bundled standard models; robust accuracy the bundled robust models
+(the standard ones are near 0% under PGD, where there is nothing to estimate).
+
+    DLTEST_DATA=../shared/datasets OMP_NUM_THREADS=1 python benchmarks/bench_estimate.py \\
+        --out docs/bench-estimate.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy.stats import beta, binom
+
+from dltest import infer, load_dataset, load_model
+from dltest.data import ImageDataset
+from dltest.estimation import DESIGNS, get_design, pool_scores
+from dltest.estimation.estimating import floor_rate
+from dltest.robustness import evaluate_robustness
+from machine import machine  # benchmarks/machine.py (this script's folder is on sys.path)
+
+BUDGETS = (50, 100, 200, 500)
+DATASETS = ("mnist", "fashion-mnist")
+SHIFT_SIZE, SHIFT_NOISE = 3000, 0.15
+
+
+def shifted_pool(data: ImageDataset, seed: int = 0) -> ImageDataset:
+    """A class-imbalanced (weights 1..C), noisier subset of ``data``: a pool unlike the test set."""
+    gen = torch.Generator().manual_seed(seed)
+    weights = (data.y + 1).double()
+    positions = torch.multinomial(weights, SHIFT_SIZE, replacement=False, generator=gen).sort().values
+    part = data.subset(positions, split=f"{data.split}-shifted")
+    noisy = part.images() + SHIFT_NOISE * torch.randn(part.x.shape, generator=gen)
+    part.x = (noisy.clamp(0, 1) * 255).round().to(torch.uint8)
+    return part
+
+
+def cache_pool(model, data: ImageDataset, robust: bool) -> dict[str, np.ndarray]:
+    """The one inference pass (confidence, entropy, right or wrong) and, for ``robust``, PGD flags."""
+    outputs = infer(model, data, embeddings=False)
+    scores = pool_scores(outputs, "entropy")
+    correct = (outputs.predictions == data.y).numpy().astype(float)
+    cached = {"confidence": scores.confidence, "score": scores.score, "clean": correct}
+    if robust:
+        started = time.perf_counter()
+        report = evaluate_robustness(model, data, ["pgd"], seed=0)
+        cached["robust"] = np.asarray([c == "1" for c in report.attacks[0].robust_inputs], dtype=float)
+        cached["pgd_seconds"] = time.perf_counter() - started
+        cached["pgd_settings"] = report.attacks[0].settings
+    return cached
+
+
+def expected_cp_width(n: int, share: float) -> float:
+    """E[width of the exact 95% interval] of k / n with k ~ Binomial(n, share)."""
+    k = np.arange(n + 1)
+    pmf = binom.pmf(k, n, share)
+    keep = pmf > 1e-12
+    k, pmf = k[keep], pmf[keep]
+    low = np.where(k > 0, beta.ppf(0.025, np.maximum(k, 1e-9), n - k + 1), 0.0)
+    high = np.where(k < n, beta.ppf(0.975, k + 1, np.maximum(n - k, 1e-9)), 1.0)
+    return float((pmf * (high - low)).sum() / pmf.sum())
+
+
+def srs_labels_for_mean_width(width: float, share: float) -> int:
+    """The smallest n whose expected Clopper-Pearson width at ``share`` is at most ``width``."""
+    low, high = 1, 2
+    while expected_cp_width(high, share) > width:
+        low, high = high, high * 2
+        if high > 2**22:
+            return high
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (low, middle) if expected_cp_width(middle, share) <= width else (middle, high)
+    return high
+
+
+def repeat(design_name: str, cached: dict, figure: str, budget: int, draws: int, seed: int) -> dict:
+    """``draws`` seeded draws of one design at one budget, estimated as dltest estimate does."""
+    from dltest.estimation import PoolScores
+
+    pool = PoolScores(cached["confidence"], cached["score"])
+    y_pool = cached[figure]
+    truth = float(y_pool.mean())
+    design = get_design(design_name)
+    rng = np.random.default_rng(seed)
+    estimates, lows, highs, labels = (np.empty(draws) for _ in range(4))
+    for r in range(draws):
+        sample = design.draw(pool, budget, rng)
+        y = y_pool[sample.positions]
+        result = design.estimate(sample, y, 0.95, None if figure == "clean" else floor_rate(y))
+        estimates[r], lows[r], highs[r], labels[r] = result.estimate, result.low, result.high, sample.labels_needed
+    widths = highs - lows
+    covered = (lows <= truth) & (truth <= highs)
+    srs_labels = srs_labels_for_mean_width(float(widths.mean()), truth)
+    return {
+        "design": design_name, "budget": budget, "draws": draws, "truth": truth,
+        "coverage": float(covered.mean()), "bias": float(estimates.mean() - truth),
+        "rmse": float(np.sqrt(((estimates - truth) ** 2).mean())), "mean_width": float(widths.mean()),
+        "mean_labels": float(labels.mean()), "srs_labels_same_width": srs_labels,
+        "label_ratio_vs_srs": float(labels.mean() / srs_labels),
+        "misses_low": int((highs < truth).sum()), "misses_high": int((lows > truth).sum()),
+    }
+
+
+def run(draws: int, budgets: tuple[int, ...], datasets: tuple[str, ...]) -> dict:
+    rows, pools = [], []
+    for name in datasets:
+        holdout = load_dataset(name, "holdout")
+        for pool_name, data in (("holdout", holdout), ("shifted", shifted_pool(holdout))):
+            for figure, robust_model in (("clean", False), ("robust", True)):
+                model, info = load_model(dataset=name, robust=robust_model)
+                started = time.perf_counter()
+                cached = cache_pool(model, data, robust=figure == "robust")
+                pools.append({"dataset": name, "pool": pool_name, "figure": figure, "model": info.source,
+                              "size": len(data), "truth": float(cached[figure].mean()),
+                              "mean_confidence": float(cached["confidence"].mean()),
+                              "cache_seconds": round(time.perf_counter() - started, 1),
+                              "pgd": cached.get("pgd_settings")})
+                print(f"{name}/{pool_name} {figure}: {len(data)} inputs, truth {cached[figure].mean():.4f}, "
+                      f"mean confidence {cached['confidence'].mean():.4f}", flush=True)
+                for budget in budgets:
+                    for design in DESIGNS:
+                        started = time.perf_counter()
+                        row = repeat(design, cached, figure, budget, draws, seed=budget)
+                        row.update(dataset=name, pool=pool_name, figure=figure,
+                                   seconds=round(time.perf_counter() - started, 1))
+                        rows.append(row)
+                        print(f"  n={budget:3d} {design:10s} coverage {row['coverage']:.3f} bias {row['bias']:+.4f} "
+                              f"width {row['mean_width']:.4f} labels/SRS {row['label_ratio_vs_srs']:.2f}", flush=True)
+    return {"pools": pools, "rows": rows}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--draws", type=int, default=1000)
+    parser.add_argument("--budgets", default=",".join(map(str, BUDGETS)))
+    parser.add_argument("--datasets", default=",".join(DATASETS))
+    parser.add_argument("--out", type=Path, default=Path("docs/bench-estimate.json"))
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    started = time.perf_counter()
+    result = run(args.draws, tuple(int(b) for b in args.budgets.split(",")), tuple(args.datasets.split(",")))
+    result.update(machine=machine(), seconds=round(time.perf_counter() - started, 1), draws=args.draws,
+                  command="python benchmarks/bench_estimate.py --out " + str(args.out))
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {args.out} in {result['seconds']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

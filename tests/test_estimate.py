@@ -1,0 +1,305 @@
+"""dltest estimate: each design's estimator against hand-computed values, coverage on a synthetic
+pool of known accuracy, the plan/estimate CLI round trip on a small MNIST slice, gate --estimate."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from dltest.analysis.intervals import clopper_pearson
+from dltest.cli import app
+from dltest.errors import DltestError
+from dltest.estimation import DESIGNS, PoolScores, Sample, get_design
+from dltest.estimation.designs import _normal, _tuned_lambda, neyman_counts
+from dltest.estimation.estimating import srs_labels_for_width
+
+runner = CliRunner()
+
+
+def _sample(design: str, positions, probability, confidence, pool_size, **extra) -> Sample:
+    moments = extra.pop("moments", {"mean_c": 0.5, "mean_c2": 0.25})
+    return Sample(design, pool_size, np.asarray(positions), np.asarray(probability, float),
+                  np.asarray(confidence, float), moments["mean_c"], extra.pop("with_replacement", False),
+                  moments, **extra)
+
+
+# --- each estimator against values computed by hand ------------------------------------------
+
+
+def test_srs_is_k_over_n_with_the_clopper_pearson_interval():
+    sample = _sample("srs", [0, 3, 5, 7], [0.5] * 4, [0.9] * 4, 8)
+    result = get_design("srs").estimate(sample, np.array([1, 1, 0, 1]))
+    exact = clopper_pearson(3, 4)
+    assert result.estimate == 0.75
+    assert (result.low, result.high) == pytest.approx((exact.low, exact.high))
+
+
+def test_the_interval_is_clopper_pearson_at_the_effective_sample_size():
+    # p = 0.8 with the variance of 100 simple random labels: n_eff = 100, k = 80
+    result = _normal(0.8, 0.8 * 0.2 / 100, 0.95, n=50)
+    exact = clopper_pearson(80, 100)
+    assert (result.low, result.high) == pytest.approx((exact.low, exact.high), abs=1e-9)
+    assert result.standard_error == pytest.approx(0.04)
+
+
+def test_stratified_mean_and_variance_by_hand():
+    # strata of 4 and 4; stratum 0: labels 1, 0 (mean 0.5, variance 0.5 > floor 0.6 * 0.4);
+    # stratum 1: labels 1, 1 (variance 0, floored at 0.9 * 0.1 = 0.09); fpc = 1 - 2/4 each.
+    sample = _sample("stratified", [0, 1, 4, 5], [0.5] * 4, [0.5, 0.6, 0.9, 0.95], 8,
+                     strata=np.array([0, 0, 1, 1]), strata_sizes=np.array([4, 4]),
+                     strata_mean_confidence=np.array([0.6, 0.9]))
+    result = get_design("stratified").estimate(sample, np.array([1, 0, 1, 1]))
+    assert result.estimate == pytest.approx(0.5 * 0.5 + 0.5 * 1.0)
+    variance = 0.25 * 0.5 * 0.5 / 2 + 0.25 * 0.5 * 0.09 / 2
+    assert result.standard_error == pytest.approx(math.sqrt(variance))
+
+
+def test_importance_is_one_minus_the_hansen_hurwitz_error_rate():
+    # N = 4; draws of positions 0, 2, 2 with per-draw probabilities 0.1, 0.4, 0.4; only the second is wrong
+    sample = _sample("importance", [0, 2, 2], [0.1, 0.4, 0.4], [0.9, 0.6, 0.6], 4, with_replacement=True,
+                     moments={"mean_c": 0.9, "mean_c2": 0.85, "s0": 1.0, "s1": 0.95, "s2": 0.9})
+    result = get_design("importance").estimate(sample, np.array([1, 0, 1]))
+    terms = np.array([0.0, 1 / (4 * 0.4), 0.0])  # (1 - y) / (N q)
+    assert result.estimate == pytest.approx(1 - terms.mean())  # 0.791667
+    assert result.standard_error == pytest.approx(math.sqrt(terms.var(ddof=1) / 3))  # above the floor 0.04
+
+
+def test_ppi_is_lambda_mean_f_plus_the_mean_residual():
+    # lambda = cov(y, f) / var(f) = 2.27 -> clipped to 1; residuals y - f = 0.1, -0.5, 0.3, 0.1 (mean 0)
+    sample = _sample("ppi", [1, 2, 3, 4], [0.4] * 4, [0.9, 0.5, 0.7, 0.9], 10,
+                     moments={"mean_c": 0.8, "mean_c2": 0.7})
+    result = get_design("ppi").estimate(sample, np.array([1, 0, 1, 1]))
+    assert result.lam == 1.0
+    assert result.estimate == pytest.approx(0.8)
+    assert result.standard_error == pytest.approx(math.sqrt((1 - 4 / 10) * 0.12 / 4))  # 0.12 > floor 0.1
+
+
+def test_active_inference_is_the_augmented_ipw_estimate():
+    # N = 5, q = 0.2, 0.4, 0.1 -> weights 1/(N q) = 1, 0.5, 2; lambda clips to 1;
+    # terms (y - f) w = 0.1, -0.1, 0.8
+    sample = _sample("active", [0, 1, 2], [0.2, 0.4, 0.1], [0.9, 0.2, 0.6], 5, with_replacement=True,
+                     moments={"mean_c": 0.6, "mean_c2": 0.4, "s0": 2.0, "s1": 0.3, "s2": 0.25})
+    result = get_design("active").estimate(sample, np.array([1, 0, 1]))
+    terms = np.array([0.1, -0.1, 0.8])
+    assert result.lam == 1.0
+    assert result.estimate == pytest.approx(0.6 + terms.mean())
+    assert result.standard_error == pytest.approx(math.sqrt(terms.var(ddof=1) / 3))
+
+
+def test_power_tuning_and_the_floor_of_an_all_correct_sample():
+    assert _tuned_lambda(np.array([1.0, 0, 1, 0]), np.array([1.0, 0, 1, 1])) == pytest.approx(2 / 3)
+    # all labels right: the sample variance is 0, the floor (confidence 0.9 anticipates 0.09) keeps a width
+    sample = _sample("ppi", [0, 1, 2, 3], [0.04] * 4, [0.9] * 4, 100, moments={"mean_c": 0.9, "mean_c2": 0.81})
+    result = get_design("ppi").estimate(sample, np.ones(4))
+    assert result.standard_error == pytest.approx(math.sqrt(0.96 * 0.09 / 4))
+    assert result.low < 0.9 < result.high
+
+
+def test_neyman_counts_follow_size_times_spread_with_floors_and_caps():
+    assert neyman_counts(np.array([100, 100]), np.array([0.1, 0.3]), 40).tolist() == [10, 30]
+    assert neyman_counts(np.array([100, 100, 5]), np.array([0.01, 0.5, 0.5]), 20).tolist() == [2, 16, 2]
+    assert neyman_counts(np.array([3, 100, 5]), np.array([0.9, 0.01, 0.5]), 20).tolist() == [3, 12, 5]
+
+
+def test_draws_have_their_stated_probabilities():
+    pool = PoolScores(np.linspace(0.5, 1.0, 100), np.linspace(1.0, 0.0, 100))
+    importance = get_design("importance", uniform_share=0.5)
+    q = importance.probabilities(pool)
+    assert q.sum() == pytest.approx(1.0)
+    assert q.min() == pytest.approx(0.5 / 100)  # the uniform share bounds every weight 1/(N q) by 2
+    sample = importance.draw(pool, 30, np.random.default_rng(0))
+    assert np.allclose(sample.probability, q[sample.positions])
+    srs = get_design("srs").draw(pool, 30, np.random.default_rng(0))
+    assert len(set(srs.positions.tolist())) == 30 and np.allclose(srs.probability, 0.3)
+    strat = get_design("stratified", strata=4).draw(pool, 20, np.random.default_rng(0))
+    assert len(set(strat.positions.tolist())) == 20
+    assert sorted(np.unique(strat.strata).tolist()) == [0, 1, 2, 3]
+
+
+def test_srs_labels_for_a_width_is_the_smallest_exact_interval_that_fits():
+    width = clopper_pearson(90, 100).high - clopper_pearson(90, 100).low
+    assert srs_labels_for_width(width, 0.9) == 100
+    assert srs_labels_for_width(0.0, 0.9) is None
+
+
+def test_bad_design_options_are_one_line_errors():
+    with pytest.raises(DltestError, match="unknown design 'cem'"):
+        get_design("cem")
+    with pytest.raises(DltestError, match="does not take 'strata'"):
+        get_design("srs", strata=3)
+    with pytest.raises(DltestError, match="uniform share must be in"):
+        get_design("active", uniform_share=0)
+
+
+# --- coverage on a synthetic pool of known accuracy -----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def synthetic_pool():
+    """2000 inputs; the model is right with probability its confidence (mildly overconfident)."""
+    rng = np.random.default_rng(7)
+    confidence = 1 - 0.5 * rng.beta(0.6, 3.0, size=2000)
+    right = (rng.random(2000) < confidence - 0.03).astype(float)
+    entropy_like = 1 - confidence
+    return PoolScores(confidence, entropy_like), right
+
+
+@pytest.mark.parametrize("design", list(DESIGNS))
+def test_coverage_and_bias_on_a_pool_of_known_accuracy(synthetic_pool, design):
+    pool, right = synthetic_pool
+    truth = right.mean()
+    chosen = get_design(design)
+    rng = np.random.default_rng(1)
+    hits, estimates = [], []
+    for _ in range(300):
+        sample = chosen.draw(pool, 100, rng)
+        result = chosen.estimate(sample, right[sample.positions])
+        hits.append(result.low <= truth <= result.high)
+        estimates.append(result.estimate)
+    assert np.mean(hits) >= 0.9
+    assert abs(np.mean(estimates) - truth) < 0.01  # unbiased up to the noise of 300 draws
+
+
+# --- the command line on a small MNIST slice --------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def mnist_slice(tmp_path_factory):
+    """400 holdout images as an unlabeled pool file, their labels beside it."""
+    from dltest import load_dataset
+
+    folder = tmp_path_factory.mktemp("estimate")
+    data = load_dataset("mnist", "holdout")
+    np.savez(folder / "pool.npz", x=data.x[:400, 0].numpy())
+    np.savez(folder / "labeled.npz", x=data.x[:400, 0].numpy(), y=data.y[:400].numpy())
+    return folder, data.y[:400].numpy()
+
+
+def _model_path():
+    from dltest.checkpoint import pretrained_path
+
+    return str(pretrained_path("mnist"))
+
+
+def _fill_sheet(sheet, labels, out):
+    rows = list(csv.DictReader(open(sheet)))
+    with open(out, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["index", "source", "label"])
+        for row in rows:
+            writer.writerow([row["index"], row["source"], int(labels[int(row["index"])])])
+    return rows
+
+
+def test_plan_and_estimate_round_trip(mnist_slice):
+    folder, labels = mnist_slice
+    plan, sheet, filled, out = (folder / n for n in ("plan.json", "sheet.csv", "labels.csv", "estimate.json"))
+    result = runner.invoke(app, ["estimate", "plan", "--budget", "40", "-d", str(folder / "pool.npz"), "-m",
+                                 _model_path(), "--design", "srs", "--seed", "3", "--out", str(plan),
+                                 "--csv", str(sheet)])
+    assert result.exit_code == 0, result.output
+    drawn = json.loads(plan.read_text())
+    assert list(drawn)[:3] == ["command", "dltest_version", "seed"] and drawn["seed"] == 3
+    rows = _fill_sheet(sheet, labels, filled)
+    assert len(rows) == 40 and {float(r["inclusion_probability"]) for r in rows} == {0.1}
+    result = runner.invoke(app, ["estimate", "--plan", str(plan), "--labels", str(filled), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    accuracy = report["figures"][0]
+    right = sum(int(labels[p]) == c for p, c in zip(drawn["positions"], drawn["predicted"]))
+    assert accuracy["figure"] == "accuracy" and accuracy["estimate"] == right / 40  # SRS: k / n
+    exact = clopper_pearson(right, 40)
+    assert (accuracy["low"], accuracy["high"]) == pytest.approx((exact.low, exact.high))
+    assert accuracy["labeled"] == 40 and report["design"] == "srs"
+
+
+def test_estimate_with_attacks_and_pool_labels(mnist_slice):
+    folder, _ = mnist_slice
+    plan, out = folder / "plan-active.json", folder / "estimate-active.json"
+    result = runner.invoke(app, ["estimate", "plan", "--budget", "20", "-d", str(folder / "pool.npz"), "-m",
+                                 _model_path(), "--design", "active", "--out", str(plan)])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["estimate", "--plan", str(plan), "--labels", "pool", "-d",
+                                 str(folder / "labeled.npz"), "-m", _model_path(), "--attacks", "fgsm",
+                                 "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    figures = {f["figure"]: f for f in json.loads(out.read_text())["figures"]}
+    assert set(figures) == {"accuracy", "fgsm"}
+    assert figures["fgsm"]["estimate"] <= figures["accuracy"]["estimate"]
+    assert figures["accuracy"]["labeled"] == len(set(json.loads(plan.read_text())["positions"]))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["plan", "--design", "cem"], "unknown design 'cem'"),
+    (["plan", "--design", "srs", "--score", "deepgini"], "--score applies to the importance design"),
+    (["plan", "--design", "srs", "--strata", "3"], "does not take 'strata'"),
+    (["plan", "--budget", "ten"], "neither a count"),
+    ([], "give --plan"),
+])
+def test_bad_usage_exits_2_with_one_line(tmp_path, args, message):
+    out = tmp_path / "out.json"
+    result = runner.invoke(app, ["estimate", *args, "--out", str(out)] if args else ["estimate"])
+    assert result.exit_code == 2
+    assert message in result.output and len(result.output.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_missing_labels_and_a_file_that_is_no_plan_exit_2(mnist_slice, tmp_path):
+    folder, labels = mnist_slice
+    plan = folder / "plan.json"
+    if not plan.exists():
+        test_plan_and_estimate_round_trip(mnist_slice)
+    partial = tmp_path / "partial.csv"
+    partial.write_text("index,label\n" + f"{json.loads(plan.read_text())['positions'][0]},3\n")
+    out = tmp_path / "e.json"
+    result = runner.invoke(app, ["estimate", "--plan", str(plan), "--labels", str(partial), "--out", str(out)])
+    assert result.exit_code == 2 and "has no label for 39 of the 40 inputs" in result.output and not out.exists()
+    bogus = tmp_path / "bogus.json"
+    bogus.write_text('{"command": "dltest select"}')
+    result = runner.invoke(app, ["estimate", "--plan", str(bogus), "--labels", str(partial), "--out", str(out)])
+    assert result.exit_code == 2 and "is not a plan" in result.output
+
+
+# --- dltest gate --estimate ---------------------------------------------------------------------
+
+
+def _estimate_file(tmp_path, low=0.93, estimate=0.96, high=0.98):
+    path = tmp_path / "estimate.json"
+    path.write_text(json.dumps({
+        "command": "dltest estimate", "dltest_version": "0", "seed": 0, "design": "active", "interval": "x",
+        "dataset": "mnist", "figures": [
+            {"figure": "accuracy", "estimate": estimate, "low": low, "high": high, "confidence": 0.95},
+            {"figure": "pgd", "estimate": 0.6, "low": 0.5, "high": 0.7, "confidence": 0.95}]}))
+    return path
+
+
+def test_gate_decides_on_the_intervals_lower_end(tmp_path):
+    path, out = _estimate_file(tmp_path), tmp_path / "gate.json"
+    passed = runner.invoke(app, ["gate", "--estimate", str(path), "--min-accuracy", "0.93", "--out", str(out)])
+    assert passed.exit_code == 0, passed.output
+    report = json.loads(out.read_text())
+    assert report["passed"] and report["bars"][0]["low"] == 0.93
+    failed = runner.invoke(app, ["gate", "--estimate", str(path), "--min-accuracy", "0.95", "--min-robust",
+                                 "pgd=0.4", "--out", str(out)])
+    assert failed.exit_code == 1  # the estimate 0.96 is above 0.95, its lower end 0.93 is not
+    bars = {b["figure"]: b["passed"] for b in json.loads(out.read_text())["bars"]}
+    assert bars == {"accuracy": False, "pgd": True}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--min-accuracy", "0.9", "--confidence", "0.9"], "at 95% confidence"),
+    (["--min-robust", "square=0.5"], "has no figure 'square'"),
+    (["--max-drop", "0.01", "--baseline", "gate.json"], "minimums only"),
+])
+def test_gate_estimate_mismatches_exit_2(tmp_path, args, message):
+    path = _estimate_file(tmp_path)
+    (tmp_path / "gate.json").write_text("{}")
+    out = tmp_path / "g.json"
+    result = runner.invoke(app, ["gate", "--estimate", str(path), *args, "--out", str(out)])
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert not out.exists()
