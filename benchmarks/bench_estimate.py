@@ -51,8 +51,22 @@ def shifted_pool(data: ImageDataset, seed: int = 0) -> ImageDataset:
     return part
 
 
-def cache_pool(model, data: ImageDataset, robust: bool) -> dict[str, np.ndarray]:
-    """The one inference pass (confidence, entropy, right or wrong) and, for ``robust``, PGD flags."""
+def cache_pool(model, data: ImageDataset, robust: bool, path: Path | None = None) -> dict:
+    """The one inference pass (confidence, entropy, right or wrong) and, for ``robust``, PGD flags;
+    kept in ``path`` (an .npz) when given, so that a rerun skips the attack."""
+    if path is not None and path.is_file():
+        with np.load(path, allow_pickle=False) as f:
+            cached = {k: f[k] for k in f.files if k != "pgd_settings"}
+            if "pgd_settings" in f.files:
+                cached["pgd_settings"] = json.loads(str(f["pgd_settings"]))
+        return cached
+    cached = _compute_pool(model, data, robust)
+    if path is not None:
+        np.savez(path, **{k: (json.dumps(v) if k == "pgd_settings" else v) for k, v in cached.items()})
+    return cached
+
+
+def _compute_pool(model, data: ImageDataset, robust: bool) -> dict:
     outputs = infer(model, data, embeddings=False)
     scores = pool_scores(outputs, "entropy")
     correct = (outputs.predictions == data.y).numpy().astype(float)
@@ -118,7 +132,7 @@ def repeat(design_name: str, cached: dict, figure: str, budget: int, draws: int,
     }
 
 
-def run(draws: int, budgets: tuple[int, ...], datasets: tuple[str, ...]) -> dict:
+def run(draws: int, budgets: tuple[int, ...], datasets: tuple[str, ...], cache: Path | None = None) -> dict:
     rows, pools = [], []
     for name in datasets:
         holdout = load_dataset(name, "holdout")
@@ -126,12 +140,14 @@ def run(draws: int, budgets: tuple[int, ...], datasets: tuple[str, ...]) -> dict
             for figure, robust_model in (("clean", False), ("robust", True)):
                 model, info = load_model(dataset=name, robust=robust_model)
                 started = time.perf_counter()
-                cached = cache_pool(model, data, robust=figure == "robust")
+                where = cache / f"{name}-{pool_name}-{figure}.npz" if cache else None
+                cached = cache_pool(model, data, robust=figure == "robust", path=where)
                 pools.append({"dataset": name, "pool": pool_name, "figure": figure, "model": info.source,
                               "size": len(data), "truth": float(cached[figure].mean()),
                               "mean_confidence": float(cached["confidence"].mean()),
                               "cache_seconds": round(time.perf_counter() - started, 1),
-                              "pgd": cached.get("pgd_settings")})
+                              "pgd": cached.get("pgd_settings"),
+                              "pgd_seconds": round(float(cached["pgd_seconds"]), 1) if "pgd_seconds" in cached else None})
                 print(f"{name}/{pool_name} {figure}: {len(data)} inputs, truth {cached[figure].mean():.4f}, "
                       f"mean confidence {cached['confidence'].mean():.4f}", flush=True)
                 for budget in budgets:
@@ -146,16 +162,67 @@ def run(draws: int, budgets: tuple[int, ...], datasets: tuple[str, ...]) -> dict
     return {"pools": pools, "rows": rows}
 
 
+def markdown(result: dict) -> str:
+    """One table per pool and figure: per design and budget, coverage / mean width / labels vs SRS;
+    then the goals, checked."""
+    rows = result["rows"]
+    budgets = sorted({r["budget"] for r in rows})
+    lines = []
+    for pool in result["pools"]:
+        mine = [r for r in rows if (r["dataset"], r["pool"], r["figure"]) == (pool["dataset"], pool["pool"], pool["figure"])]
+        lines += [f"**{pool['dataset']} / {pool['pool']}, {pool['figure']} accuracy** ({pool['size']} inputs, "
+                  f"true {100 * pool['truth']:.2f}%, mean confidence {100 * pool['mean_confidence']:.2f}%; "
+                  f"{pool['model']})", "",
+                  "| design | " + " | ".join(f"n={b}" for b in budgets) + " | max abs bias |",
+                  "|---|" + "---|" * (len(budgets) + 1)]
+        for design in DESIGNS:
+            cells = {r["budget"]: r for r in mine if r["design"] == design}
+            text = [f"{100 * cells[b]['coverage']:.1f}% / {cells[b]['mean_width']:.4f} / {cells[b]['label_ratio_vs_srs']:.2f}"
+                    for b in budgets]
+            bias = max(abs(cells[b]["bias"]) for b in budgets)
+            lines.append(f"| {design} | " + " | ".join(text) + f" | {bias:.4f} |")
+        lines.append("")
+    return "\n".join(lines + goals(rows))
+
+
+def goals(rows: list[dict]) -> list[str]:
+    """The issue's goals, checked on every cell."""
+    under = [r for r in rows if r["coverage"] < 0.94]
+    lines = [f"- coverage >= 94%: {len(rows) - len(under)} of {len(rows)} cells; below: "
+             + (", ".join(f"{r['dataset']}/{r['pool']} {r['figure']} {r['design']} n={r['budget']} "
+                          f"({100 * r['coverage']:.1f}%)" for r in under) or "none")]
+    cells = {}
+    for r in rows:
+        cells.setdefault((r["dataset"], r["pool"], r["figure"], r["budget"]), {})[r["design"]] = r
+    best_ok = active_ok = 0
+    for key, by_design in sorted(cells.items()):
+        valid = [d for d in by_design.values() if d["coverage"] >= 0.94]
+        best = min(valid, key=lambda d: d["label_ratio_vs_srs"]) if valid else None
+        best_ok += best is not None and best["label_ratio_vs_srs"] <= 0.5
+        saving = 1 - by_design["active"]["label_ratio_vs_srs"] / by_design["ppi"]["label_ratio_vs_srs"]
+        active_ok += saving >= 0.2
+    lines.append(f"- best design (of those covering >= 94%) <= 50% of SRS labels: {best_ok} of {len(cells)} cells")
+    lines.append(f"- active inference >= 20% fewer labels than PPI++ (same width): {active_ok} of {len(cells)} cells")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--draws", type=int, default=1000)
     parser.add_argument("--budgets", default=",".join(map(str, BUDGETS)))
     parser.add_argument("--datasets", default=",".join(DATASETS))
     parser.add_argument("--out", type=Path, default=Path("docs/bench-estimate.json"))
+    parser.add_argument("--cache", type=Path, help="Folder that keeps each pool's outputs and PGD flags between runs.")
+    parser.add_argument("--table", type=Path, help="Print the Markdown tables of this result JSON and exit.")
     args = parser.parse_args()
+    if args.table:
+        print(markdown(json.loads(args.table.read_text())))
+        return
     torch.set_num_threads(1)
     started = time.perf_counter()
-    result = run(args.draws, tuple(int(b) for b in args.budgets.split(",")), tuple(args.datasets.split(",")))
+    if args.cache:
+        args.cache.mkdir(parents=True, exist_ok=True)
+    result = run(args.draws, tuple(int(b) for b in args.budgets.split(",")), tuple(args.datasets.split(",")), args.cache)
     result.update(machine=machine(), seconds=round(time.perf_counter() - started, 1), draws=args.draws,
                   command="python benchmarks/bench_estimate.py --out " + str(args.out))
     args.out.write_text(json.dumps(result, indent=1) + "\n")

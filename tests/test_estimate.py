@@ -40,11 +40,18 @@ def test_srs_is_k_over_n_with_the_clopper_pearson_interval():
 
 
 def test_the_interval_is_clopper_pearson_at_the_effective_sample_size():
-    # p = 0.8 with the variance of 100 simple random labels: n_eff = 100, k = 80
+    # p = 0.8 with the variance of 100 simple random labels, from 50 labels: n_eff = 100 (z / t_49)^2
+    from scipy.stats import beta, norm, t
+
     result = _normal(0.8, 0.8 * 0.2 / 100, 0.95, n=50)
-    exact = clopper_pearson(80, 100)
-    assert (result.low, result.high) == pytest.approx((exact.low, exact.high), abs=1e-9)
+    n_eff = 100 * (norm.ppf(0.975) / t.ppf(0.975, 49)) ** 2
+    k = 0.8 * n_eff
+    assert n_eff == pytest.approx(95.1, abs=0.1)
+    assert result.low == pytest.approx(beta.ppf(0.025, k, n_eff - k + 1), abs=1e-9)
+    assert result.high == pytest.approx(beta.ppf(0.975, k + 1, n_eff - k), abs=1e-9)
     assert result.standard_error == pytest.approx(0.04)
+    exact = clopper_pearson(80, 100)  # without the correction it would be the exact interval of 80 / 100
+    assert result.low < exact.low and result.high > exact.high
 
 
 def test_stratified_mean_and_variance_by_hand():

@@ -54,7 +54,8 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
-from scipy.stats import beta
+from scipy.stats import beta, norm
+from scipy.stats import t as t_dist
 
 from dltest.analysis.intervals import clopper_pearson
 from dltest.errors import DltestError
@@ -133,10 +134,11 @@ class PoolScores:
 
 
 def _normal(estimate: float, variance: float, confidence: float, lam: float | None = None, n: int = 0) -> Result:
-    """The interval of a design-based estimate with ``variance``: Clopper-Pearson at the effective
-    sample size ``n_eff = p (1 - p) / variance`` (Korn & Graubard 1998), which keeps the exact
-    interval's shape near 0 and 1 where a normal interval undercovers; ``p`` is kept
-    ``1 / (2 n)`` away from 0 and 1 so that an all-correct sample keeps a width."""
+    """The interval of a design-based estimate with ``variance`` from ``n`` labels: Clopper-Pearson
+    at the effective sample size ``n_eff = p (1 - p) / variance``, shrunk by ``(z / t_{n-1})^2``
+    (Korn & Graubard 1998), which keeps the exact interval's shape near 0 and 1 where a normal
+    interval undercovers; ``p`` is kept ``1 / (2 n)`` away from 0 and 1 so that an all-correct
+    sample keeps a width."""
     se = math.sqrt(max(variance, 0.0))
     point = min(max(float(estimate), 0.0), 1.0)
     edge = 0.5 / max(n, 1)
@@ -144,6 +146,8 @@ def _normal(estimate: float, variance: float, confidence: float, lam: float | No
     if se == 0:
         return Result(float(estimate), point, point, 0.0, confidence, lam)
     n_eff = p * (1 - p) / se**2
+    if n > 1:  # Korn & Graubard's degrees-of-freedom correction: n_eff (z / t_{n-1})^2
+        n_eff *= (norm.ppf(0.5 + confidence / 2) / t_dist.ppf(0.5 + confidence / 2, n - 1)) ** 2
     alpha = (1 - confidence) / 2
     k = point * n_eff
     low = 0.0 if k <= 0 else float(beta.ppf(alpha, k, n_eff - k + 1))
