@@ -121,6 +121,9 @@ def estimate_command(
     download: Download = False,
     device: Device = None,
     trust_model: TrustModel = False,
+    arch: Arch = None,
+    arch_kwargs: ArchKwargs = None,
+    normalize: Normalize = None,
 ) -> None:
     """Estimate accuracy on the plan's pool from its labels (subcommand 'plan' draws the inputs to label)."""
     if ctx.invoked_subcommand is not None:
@@ -143,7 +146,8 @@ def estimate_command(
     given = read_label_file(label_file) if label_file is not None else None
     net = data = None
     if names or given is None:
-        data, net = _plan_pool(drawn, names, model, dataset, split, data_root, download, trust_model)
+        data, net = _plan_pool(drawn, names, model, dataset, split, data_root, download, trust_model,
+                               arch, arch_kwargs, normalize)
     if given is None:
         data.require_labels("--labels pool")
         given = data.y.numpy()
@@ -156,8 +160,10 @@ def estimate_command(
 
 
 def _plan_pool(drawn: EstimationPlan, attacks: list[str], model: Path | None, dataset: str | None, split: str | None,
-               data_root: Path | None, download: bool, trust_model: bool):
-    """The plan's pool (and its model when attacks need it)."""
+               data_root: Path | None, download: bool, trust_model: bool, arch: str | None = None,
+               arch_kwargs: str | None = None, normalize: str | None = None):
+    """The plan's pool (and its model when attacks need it, loaded as the plan's was: give the same
+    --arch / --normalize)."""
     name, part = dataset or drawn.dataset, split or drawn.split
     if not attacks:
         data = load_dataset(name, part, root=data_root, download=download or None)
@@ -165,7 +171,8 @@ def _plan_pool(drawn: EstimationPlan, attacks: list[str], model: Path | None, da
             raise DltestError(f"{name}/{part} has {len(data)} inputs, the plan's pool {drawn.pool_size}: give the plan's pool")
         return data, None
     path = model or (Path(drawn.model_path) if drawn.model_path else None)
-    data, net, _ = load_data_and_model(name, part, path, data_root, download, trust_model, need_labels=False)
+    data, net, _ = load_data_and_model(name, part, path, data_root, download, trust_model, arch, arch_kwargs,
+                                       normalize, need_labels=False)
     return data, net
 
 

@@ -337,9 +337,9 @@ def stratified_estimate(y: np.ndarray, strata: np.ndarray, sizes: np.ndarray, an
 
 
 @dataclass(frozen=True)
-class Importance(Design):
-    name: str = "importance"
-    summary: str = "draws with probability from an uncertainty score (mixed with uniform); Hansen-Hurwitz"
+class WeightedDraws(Design):
+    """``n`` draws with replacement with per-draw probabilities ``q`` mixed with the uniform."""
+
     interval: str = ("the draws' variance, floored at the variance the confidence anticipates; Clopper-Pearson at the "
                      "effective sample size (asymptotically valid; weights bounded by 1/uniform_share)")
     uniform_share: float = DEFAULT_UNIFORM_SHARE
@@ -348,13 +348,22 @@ class Importance(Design):
         return {"uniform_share": self.uniform_share}
 
     def probabilities(self, pool: PoolScores) -> np.ndarray:
-        return mix_with_uniform(pool.score, self.uniform_share)
+        raise NotImplementedError
 
     def draw(self, pool: PoolScores, budget: int, rng: np.random.Generator) -> Sample:
         _check_budget(budget, len(pool))
         q = self.probabilities(pool)
         positions = rng.choice(len(pool), size=budget, replace=True, p=q)
         return _sample(self.name, pool, positions, q[positions], True, q)
+
+
+@dataclass(frozen=True)
+class Importance(WeightedDraws):
+    name: str = "importance"
+    summary: str = "draws with probability from an uncertainty score (mixed with uniform); Hansen-Hurwitz"
+
+    def probabilities(self, pool: PoolScores) -> np.ndarray:
+        return mix_with_uniform(pool.score, self.uniform_share)
 
     def estimate(self, sample: Sample, y: np.ndarray, confidence: float = 0.95, rate: float | None = None) -> Result:
         y = _outcomes(y, sample)
@@ -397,25 +406,13 @@ class PredictionPowered(Design):
 
 
 @dataclass(frozen=True)
-class ActiveInference(Design):
+class ActiveInference(WeightedDraws):
     name: str = "active"
     summary: str = "active inference: draws with probability ~ sqrt(f(1-f)) (mixed with uniform), AIPW, power-tuned"
-    interval: str = ("the draws' variance, floored at the variance the confidence anticipates; Clopper-Pearson at the "
-                     "effective sample size (asymptotically valid; weights bounded by 1/uniform_share)")
-    uniform_share: float = DEFAULT_UNIFORM_SHARE
-
-    def options(self) -> dict:
-        return {"uniform_share": self.uniform_share}
 
     def probabilities(self, pool: PoolScores) -> np.ndarray:
         c = pool.confidence
         return mix_with_uniform(np.sqrt(c * (1 - c)), self.uniform_share)
-
-    def draw(self, pool: PoolScores, budget: int, rng: np.random.Generator) -> Sample:
-        _check_budget(budget, len(pool))
-        q = self.probabilities(pool)
-        positions = rng.choice(len(pool), size=budget, replace=True, p=q)
-        return _sample(self.name, pool, positions, q[positions], True, q)
 
     def estimate(self, sample: Sample, y: np.ndarray, confidence: float = 0.95, rate: float | None = None) -> Result:
         y = _outcomes(y, sample)
