@@ -310,3 +310,24 @@ def test_gate_estimate_mismatches_exit_2(tmp_path, args, message):
     result = runner.invoke(app, ["gate", "--estimate", str(path), *args, "--out", str(out)])
     assert result.exit_code == 2 and message in result.output, result.output
     assert not out.exists()
+
+
+def test_labels_by_index_or_class_name_from_csv_and_npz(tmp_path):
+    from types import SimpleNamespace
+
+    from dltest.estimation import labels_for, read_label_file
+
+    plan = SimpleNamespace(labels_needed=[4, 1], pool_size=6, classes=["cat", "dog", "7"])
+    sheet = tmp_path / "labels.csv"
+    sheet.write_text("index,source,label\n1,11,dog\n4,14,2\n")
+    assert labels_for(plan, read_label_file(sheet)).tolist() == [2, 1]  # in the plan's order
+    np.savez(tmp_path / "pairs.npz", index=np.array([1, 4]), label=np.array([0, 1]))
+    assert labels_for(plan, read_label_file(tmp_path / "pairs.npz")).tolist() == [1, 0]
+    np.savez(tmp_path / "all.npz", y=np.array([0, 1, 2, 0, 2, 1]))
+    assert labels_for(plan, read_label_file(tmp_path / "all.npz")).tolist() == [2, 1]
+    sheet.write_text("index,label\n1,bird\n4,0\n")
+    with pytest.raises(DltestError, match="label 'bird' of index 1 is neither a class index nor a class name"):
+        labels_for(plan, read_label_file(sheet))
+    sheet.write_text("index,label\n1,0\n1,1\n")
+    with pytest.raises(DltestError, match="index 1 appears twice"):
+        read_label_file(sheet)
