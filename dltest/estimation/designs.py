@@ -199,7 +199,7 @@ class Design:
     name: str = ""
     summary: str = ""
     interval: str = ""  # the interval and why it is valid
-    valid: bool = True  # False: no valid interval (only offered with that said)
+    validity: str = "asymptotic"  # "exact": at every n; "asymptotic": a central limit theorem
 
     def draw(self, pool: PoolScores, budget: int, rng: np.random.Generator) -> Sample:
         raise NotImplementedError
@@ -219,6 +219,7 @@ class SimpleRandom(Design):
     name: str = "srs"
     summary: str = "simple random sampling; k/n with the exact Clopper-Pearson interval"
     interval: str = "exact Clopper-Pearson (valid at every n; conservative)"
+    validity: str = "exact"
 
     def draw(self, pool: PoolScores, budget: int, rng: np.random.Generator) -> Sample:
         n_pool = len(pool)

@@ -155,7 +155,7 @@ def estimate(
                                len(needed), len(plan.positions))
                for name, y in outcomes.items()]
     return EstimateResult(
-        design=plan.design, interval=design.interval, valid="exact" if plan.design == "srs" else "asymptotic",
+        design=plan.design, interval=design.interval, valid=design.validity,
         dataset=plan.dataset, split=plan.split, pool_size=plan.pool_size, seed=plan.seed, figures=figures,
         attacks=attack_rows, model=plan.model, seconds=round(time.perf_counter() - started, 3),
     )
