@@ -331,3 +331,11 @@ def test_labels_by_index_or_class_name_from_csv_and_npz(tmp_path):
     sheet.write_text("index,label\n1,0\n1,1\n")
     with pytest.raises(DltestError, match="index 1 appears twice"):
         read_label_file(sheet)
+
+
+def test_gate_refuses_a_file_that_is_no_estimate(tmp_path):
+    path, out = tmp_path / "plan.json", tmp_path / "g.json"
+    path.write_text('{"command": "dltest estimate plan", "figures": []}')
+    result = runner.invoke(app, ["gate", "--estimate", str(path), "--min-accuracy", "0.9", "--out", str(out)])
+    assert result.exit_code == 2 and "is not an estimate written by 'dltest estimate --out'" in result.output
+    assert not out.exists()
