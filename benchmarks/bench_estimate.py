@@ -31,7 +31,7 @@ from scipy.stats import beta, binom
 from dltest import infer, load_dataset, load_model
 from dltest.data import ImageDataset
 from dltest.estimation import DESIGNS, get_design, pool_scores
-from dltest.estimation.estimating import floor_rate
+from dltest.estimation.estimating import estimate_outcome
 from dltest.robustness import evaluate_robustness
 from machine import machine  # benchmarks/machine.py (this script's folder is on sys.path)
 
@@ -117,7 +117,7 @@ def repeat(design_name: str, cached: dict, figure: str, budget: int, draws: int,
     for r in range(draws):
         sample = design.draw(pool, budget, rng)
         y = y_pool[sample.positions]
-        result = design.estimate(sample, y, 0.95, None if figure == "clean" else floor_rate(y))
+        result = estimate_outcome(design, sample, y, cached["clean"][sample.positions], figure == "clean", 0.95)
         estimates[r], lows[r], highs[r], labels[r] = result.estimate, result.low, result.high, sample.labels_needed
     widths = highs - lows
     covered = (lows <= truth) & (truth <= highs)

@@ -339,3 +339,21 @@ def test_gate_refuses_a_file_that_is_no_estimate(tmp_path):
     result = runner.invoke(app, ["gate", "--estimate", str(path), "--min-accuracy", "0.9", "--out", str(out)])
     assert result.exit_code == 2 and "is not an estimate written by 'dltest estimate --out'" in result.output
     assert not out.exists()
+
+
+def test_a_robust_figure_drops_the_confidence_floor_once_both_outcomes_show():
+    from dltest.estimation.estimating import estimate_outcome, survival_share
+
+    design = get_design("ppi")
+    confidence = np.full(20, 0.95)
+    sample = _sample("ppi", list(range(20)), [0.2] * 20, confidence, 100, moments={"mean_c": 0.95, "mean_c2": 0.9025})
+    clean = np.ones(20)
+    many = np.array([1.0] * 14 + [0.0] * 6)  # 6 non-robust: the sample's variance alone
+    result = estimate_outcome(design, sample, many, clean, False, 0.95)
+    residual = many - result.lam * confidence
+    assert result.standard_error == pytest.approx(math.sqrt((1 - 20 / 100) * residual.var(ddof=1) / 20))
+    few = np.array([1.0] * 18 + [0.0] * 2)  # 2 non-robust: the floor at survival 0.9 x confidence
+    assert survival_share(few, clean) == pytest.approx(0.9)
+    floored = estimate_outcome(design, sample, few, clean, False, 0.95)
+    assert floored.standard_error == pytest.approx(design.estimate(sample, few, 0.95, 0.9).standard_error)
+    assert floored.standard_error > design.estimate(sample, few, 0.95, 0.9, floor=False).standard_error

@@ -204,10 +204,12 @@ class Design:
     def draw(self, pool: PoolScores, budget: int, rng: np.random.Generator) -> Sample:
         raise NotImplementedError
 
-    def estimate(self, sample: Sample, y: np.ndarray, confidence: float = 0.95, rate: float | None = None) -> Result:
+    def estimate(self, sample: Sample, y: np.ndarray, confidence: float = 0.95, survival: float = 1.0,
+                 floor: bool = True) -> Result:
         """The estimate from ``y`` (0/1 outcome of every draw, in draw order). The variance floor
-        assumes each input is right with probability ``rate``, or with its confidence when None
-        (clean accuracy; for robust accuracy the confidence predicts nothing: pass a rate)."""
+        assumes input i has outcome 1 with probability ``survival * f_i``: its confidence for
+        clean accuracy (``survival = 1``); for robust accuracy, scaled by the share of the right
+        inputs that survive the attack. ``floor=False``: the sample's variance alone."""
         raise NotImplementedError
 
     def options(self) -> dict:
@@ -227,7 +229,8 @@ class SimpleRandom(Design):
         positions = rng.choice(n_pool, size=budget, replace=False)
         return _sample(self.name, pool, positions, np.full(budget, budget / n_pool), False)
 
-    def estimate(self, sample: Sample, y: np.ndarray, confidence: float = 0.95, rate: float | None = None) -> Result:
+    def estimate(self, sample: Sample, y: np.ndarray, confidence: float = 0.95, survival: float = 1.0,
+                 floor: bool = True) -> Result:
         y = _outcomes(y, sample)
         k, n = int(y.sum()), len(y)
         iv = clopper_pearson(k, n, confidence)
@@ -277,11 +280,12 @@ class Stratified(Design):
         sample.strata_mean_confidence = np.bincount(stratum, weights=pool.confidence, minlength=len(sizes)) / sizes
         return sample
 
-    def estimate(self, sample: Sample, y: np.ndarray, confidence: float = 0.95, rate: float | None = None) -> Result:
+    def estimate(self, sample: Sample, y: np.ndarray, confidence: float = 0.95, survival: float = 1.0,
+                 floor: bool = True) -> Result:
         y = _outcomes(y, sample)
         if sample.strata is None or sample.strata_sizes is None:
             raise DltestError("a stratified estimate needs the strata of the plan")
-        anticipated = np.asarray(sample.strata_mean_confidence) if rate is None else np.full(len(sample.strata_sizes), rate)
+        anticipated = survival * np.asarray(sample.strata_mean_confidence) if floor else None
         return stratified_estimate(y, sample.strata, np.asarray(sample.strata_sizes), anticipated, confidence)
 
 
@@ -318,7 +322,7 @@ def neyman_counts(sizes: np.ndarray, spread: np.ndarray, budget: int) -> np.ndar
     return counts
 
 
-def stratified_estimate(y: np.ndarray, strata: np.ndarray, sizes: np.ndarray, anticipated: np.ndarray,
+def stratified_estimate(y: np.ndarray, strata: np.ndarray, sizes: np.ndarray, anticipated: np.ndarray | None,
                         confidence: float = 0.95) -> Result:
     """``sum_h W_h ybar_h`` with the variance ``sum_h W_h^2 (1 - n_h/N_h) s_h^2 / n_h``, ``s_h^2``
     the larger of the labels' variance and ``p_h (1 - p_h)`` (``p_h = anticipated[h]``, e.g. the
@@ -331,7 +335,7 @@ def stratified_estimate(y: np.ndarray, strata: np.ndarray, sizes: np.ndarray, an
     weights = sizes / sizes.sum()
     mean_h = k_h / n_h
     sample_var = np.where(n_h > 1, (k_h - n_h * mean_h**2) / np.maximum(n_h - 1, 1), 0.0)
-    s2 = np.maximum(sample_var, anticipated * (1 - anticipated))
+    s2 = sample_var if anticipated is None else np.maximum(sample_var, anticipated * (1 - anticipated))
     fpc = 1 - n_h / sizes
     variance = float((weights**2 * fpc * s2 / n_h).sum())
     return _normal(float((weights * mean_h).sum()), variance, confidence, n=len(y))
@@ -366,15 +370,14 @@ class Importance(WeightedDraws):
     def probabilities(self, pool: PoolScores) -> np.ndarray:
         return mix_with_uniform(pool.score, self.uniform_share)
 
-    def estimate(self, sample: Sample, y: np.ndarray, confidence: float = 0.95, rate: float | None = None) -> Result:
+    def estimate(self, sample: Sample, y: np.ndarray, confidence: float = 0.95, survival: float = 1.0,
+                 floor: bool = True) -> Result:
         y = _outcomes(y, sample)
         errors = (1 - y) / (sample.pool_size * sample.probability)  # Hansen-Hurwitz terms of the error rate
         m = sample.moments
-        if rate is None:  # Var of a term if every input is right with probability its confidence
-            anticipated = m["s0"] - m["s1"] - (1 - m["mean_c"]) ** 2
-        else:
-            anticipated = (1 - rate) * m["s0"] - (1 - rate) ** 2
-        return _normal(1 - float(errors.mean()), _floored_variance(errors, anticipated), confidence, n=len(y))
+        # Var of a term if input i is right with probability survival * f_i
+        anticipated = m["s0"] - survival * m["s1"] - (1 - survival * m["mean_c"]) ** 2
+        return _normal(1 - float(errors.mean()), _floored_variance(errors, anticipated if floor else 0.0), confidence, n=len(y))
 
 
 @dataclass(frozen=True)
@@ -389,7 +392,8 @@ class PredictionPowered(Design):
         sample.design = self.name
         return sample
 
-    def estimate(self, sample: Sample, y: np.ndarray, confidence: float = 0.95, rate: float | None = None) -> Result:
+    def estimate(self, sample: Sample, y: np.ndarray, confidence: float = 0.95, survival: float = 1.0,
+                 floor: bool = True) -> Result:
         y = _outcomes(y, sample)
         f = sample.confidence
         n, n_pool = len(y), sample.pool_size
@@ -397,12 +401,10 @@ class PredictionPowered(Design):
         residual = y - lam * f
         estimate = lam * sample.pool_mean_confidence + float(residual.mean())
         m = sample.moments
-        pool_var = m["mean_c2"] - m["mean_c"] ** 2
-        if rate is None:  # Var(y - lam f) if every input is right with probability its confidence
-            anticipated = m["mean_c"] - m["mean_c2"] + (1 - lam) ** 2 * pool_var
-        else:
-            anticipated = rate * (1 - rate) + lam**2 * pool_var
-        variance = (1 - n / n_pool) * _floored_variance(residual, anticipated)
+                # Var(y - lam f) if input i is right with probability survival * f_i
+        rho = survival
+        anticipated = rho * m["mean_c"] - (2 * lam * rho - lam**2) * m["mean_c2"] - ((rho - lam) * m["mean_c"]) ** 2
+        variance = (1 - n / n_pool) * _floored_variance(residual, anticipated if floor else 0.0)
         return _normal(estimate, variance, confidence, lam, n=n)
 
 
@@ -415,7 +417,8 @@ class ActiveInference(WeightedDraws):
         c = pool.confidence
         return mix_with_uniform(np.sqrt(c * (1 - c)), self.uniform_share)
 
-    def estimate(self, sample: Sample, y: np.ndarray, confidence: float = 0.95, rate: float | None = None) -> Result:
+    def estimate(self, sample: Sample, y: np.ndarray, confidence: float = 0.95, survival: float = 1.0,
+                 floor: bool = True) -> Result:
         y = _outcomes(y, sample)
         weight = 1.0 / (sample.pool_size * sample.probability)
         a, b = y * weight, sample.confidence * weight
@@ -423,10 +426,10 @@ class ActiveInference(WeightedDraws):
         terms = a - lam * b
         estimate = lam * sample.pool_mean_confidence + float(terms.mean())
         m = sample.moments
-        r_s0, r_s1, mean_r = (m["s1"], m["s2"], m["mean_c"]) if rate is None else (rate * m["s0"], rate * m["s1"], rate)
-        second = r_s0 - 2 * lam * r_s1 + lam**2 * m["s2"]  # E[term^2] if input i is right with probability r_i
-        anticipated = second - (mean_r - lam * m["mean_c"]) ** 2
-        return _normal(estimate, _floored_variance(terms, anticipated), confidence, lam, n=len(y))
+        # E[term^2] if input i is right with probability survival * f_i
+        second = survival * m["s1"] - (2 * lam * survival - lam**2) * m["s2"]
+        anticipated = second - ((survival - lam) * m["mean_c"]) ** 2
+        return _normal(estimate, _floored_variance(terms, anticipated if floor else 0.0), confidence, lam, n=len(y))
 
 
 def _sample(design: str, pool: PoolScores, positions: np.ndarray, probability: np.ndarray,

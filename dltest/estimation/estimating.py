@@ -98,11 +98,26 @@ def srs_labels_for_width(width: float, share: float, confidence: float = 0.95) -
     return 1 if fits(1) else high
 
 
-def floor_rate(y: np.ndarray) -> float:
-    """The share of 1s among the draws, kept 1/(2n) from 0 and 1: the rate behind the variance
-    floor of a robust figure (the model's confidence says nothing of robustness)."""
-    edge = 0.5 / len(y)
-    return float(np.clip(np.mean(y), edge, 1 - edge))
+def survival_share(y: np.ndarray, clean: np.ndarray) -> float:
+    """Of the draws the model gets right, the share still right under attack (at least 1/(2n)):
+    the variance floor of a robust figure scales the confidence by it."""
+    right = float(np.sum(clean))
+    return float(np.clip(np.sum(y) / right if right else 0.0, 0.5 / len(y), 1.0))
+
+
+MIN_OUTCOMES = 5  # a robust figure's sample with fewer of either outcome falls back on the floor
+
+
+def estimate_outcome(design: Any, sample: Any, y: np.ndarray, clean: np.ndarray, is_clean: bool,
+                     confidence: float) -> Any:
+    """Clean accuracy always keeps the confidence floor (a calibrated model predicts its errors).
+    A robust figure uses its sample's variance alone once the sample holds at least
+    ``MIN_OUTCOMES`` of both outcomes: the confidence says little about robustness, and a floor
+    drawn from it overstates the variance where non-robust inputs gather among uncertain ones."""
+    if is_clean:
+        return design.estimate(sample, y, confidence)
+    floor = min(float(y.sum()), float(len(y) - y.sum())) < MIN_OUTCOMES
+    return design.estimate(sample, y, confidence, survival_share(y, clean), floor=floor)
 
 
 def figure_estimate(name: str, result: Result, labeled: int, draws: int) -> FigureEstimate:
@@ -151,7 +166,8 @@ def estimate(
             per_position = dict(zip(needed, flags.tolist()))
             outcomes[name] = np.asarray([per_position[p] for p in plan.positions], dtype=float)
     sample = plan.sample()
-    figures = [figure_estimate(name, design.estimate(sample, y, confidence, None if name == ACCURACY else floor_rate(y)),
+    clean = outcomes[ACCURACY]
+    figures = [figure_estimate(name, estimate_outcome(design, sample, y, clean, name == ACCURACY, confidence),
                                len(needed), len(plan.positions))
                for name, y in outcomes.items()]
     return EstimateResult(
