@@ -39,9 +39,11 @@ Designs:
 Intervals. ``srs`` is exact. The others are asymptotically valid (a central limit theorem):
 their variance is the larger of the sample estimate and the variance a calibrated model
 anticipates from its confidence (a small sample without errors otherwise claims zero
-variance), and it becomes an interval as Clopper-Pearson at the effective sample size
-``p (1 - p) / variance`` (Korn & Graubard 1998), which keeps the exact interval's shape near
-100% where a normal interval undercovers. Their coverage is measured, not guaranteed:
+variance; for robust accuracy the caller scales the confidence by the observed survival share
+or drops the floor, see :mod:`dltest.estimation.estimating`), and it becomes an interval as
+Clopper-Pearson at the effective sample size ``p (1 - p) / variance`` shrunk by
+``(z / t_{n-1})^2`` (Korn & Graubard 1998), which keeps the exact interval's shape near 100%
+where a normal interval undercovers. Their coverage is measured, not guaranteed:
 docs/estimate.md gives it per pool and budget.
 
 Everything here is numpy on arrays, so a benchmark can redraw a design thousands of times.
