@@ -255,8 +255,8 @@ class ModelAdapter(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if name == "model":
-                raise
+            if name == "model" or (name.startswith("__") and name.endswith("__")):
+                raise  # protocols (__deepcopy__, __getstate__) are the adapter's own: a copy stays an adapter
             return getattr(super().__getattr__("model"), name)
 
     @property

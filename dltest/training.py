@@ -29,6 +29,7 @@ from dltest.adversarial_training import AdversarialTraining
 from dltest.attacks import PGDAdversary
 from dltest.data import ImageDataset, fingerprint
 from dltest.errors import DltestError
+from dltest.inference import PROBE_SIZE, adapt
 from dltest.io import atomic_path
 from dltest.progress import progress_bar
 from dltest.runtime import MAX_TORCH_SEED, check_seed, data_parallel, stream_seed, gather, rank, resolve_device, seeded, shard_positions, world_size
@@ -144,6 +145,9 @@ def _train(model, train_data, val_data, config, adversary, method, val_adversary
     model = model.to(device)
     fast = _CudaSpeedups(config, device)
     model = fast.prepare_model(model)
+    # the user's module trains and is saved; its scores are read as inference reads them (tuple,
+    # dict, .logits or probability outputs -> logits); a zoo model is its own scorer
+    scorer = _scorer(model, train_data, device)
     optimizer = _optimizer(model, config)
     steps_per_epoch = math.ceil(len(train_data) / config.batch_size)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
@@ -166,7 +170,7 @@ def _train(model, train_data, val_data, config, adversary, method, val_adversary
     started = time.perf_counter()
     warmup = method.warmup_epochs if method else 0.0
     ranks = world_size()
-    net = data_parallel(model, device)  # ``model`` itself where there is one process
+    net = data_parallel(scorer, device)  # ``scorer`` itself where there is one process
     for epoch in range(start_epoch, config.epochs):
         if stopped:
             break
@@ -194,9 +198,9 @@ def _train(model, train_data, val_data, config, adversary, method, val_adversary
                         loss, logits = method.loss(net, x, y, eps)
                     else:
                         if adversary is not None:
-                            model.eval()
-                            x = adversary(model, x, y).detach()
-                        model.train()
+                            scorer.eval()
+                            x = adversary(scorer, x, y).detach()
+                        scorer.train()
                         logits = net(x)
                         loss = F.cross_entropy(logits.float(), y)
                     if ranks > 1:  # this share's mean x its size x ranks / global batch: DDP's average is the global mean
@@ -218,7 +222,7 @@ def _train(model, train_data, val_data, config, adversary, method, val_adversary
         score = record["train_accuracy"]
         degenerate = False
         if val_data is not None:
-            predicted = predictions(model, val_data, device=device)
+            predicted = predictions(scorer, val_data, device=device)
             record["val_accuracy"] = float((predicted == val_data.y).double().mean()) if len(val_data) else 0.0
             record["val_top_class_share"] = round(top_class_share(predicted), 6)
             degenerate = is_degenerate(predicted, val_data.y)
@@ -226,7 +230,7 @@ def _train(model, train_data, val_data, config, adversary, method, val_adversary
                 record["degenerate"] = True
             score = record["val_accuracy"]
             if val_adversary is not None:
-                record["val_robust_accuracy"] = accuracy(model, val_data, device=device, adversary=val_adversary)
+                record["val_robust_accuracy"] = accuracy(scorer, val_data, device=device, adversary=val_adversary)
                 score = record["val_robust_accuracy"]
         history.append(record)
         warmed_up = epoch + 1 >= warmup
@@ -285,12 +289,18 @@ def predictions(model: nn.Module, data: ImageDataset, *, device: str | torch.dev
                 batch_size: int = 256) -> Tensor:
     """The model's predicted class of every input of ``data`` (on the CPU), model in eval mode."""
     device = resolve_device(device)
+    model = _scorer(model, data, device)
     model.eval()
     parts = [torch.empty(0, dtype=torch.long)]
     with torch.inference_mode():
         for x, _ in data.batches(batch_size, device):
             parts.append(model(x).argmax(1).cpu())
     return torch.cat(parts)
+
+
+def _scorer(model: nn.Module, data: ImageDataset, device: torch.device) -> nn.Module:
+    """``model`` read as inference reads it (:func:`~dltest.inference.adapt`), probed on ``data``."""
+    return adapt(model, data.images(slice(0, PROBE_SIZE), device)) if len(data) else model
 
 
 def top_class_share(predicted: Tensor) -> float:
@@ -320,6 +330,7 @@ def accuracy(
 ) -> float:
     """Share of ``data`` classified correctly, model in eval mode; under ``adversary`` if given."""
     device = resolve_device(device)
+    model = _scorer(model, data, device)
     model.eval()
     correct = 0
     for x, y in data.batches(batch_size, device):

@@ -43,7 +43,7 @@ from dltest.attacks import attack_preset, parse_attack_list
 from dltest.checkpoint import resolve_arch, save_checkpoint, state_digest
 from dltest.data import ImageDataset
 from dltest.errors import DltestError
-from dltest.inference import infer
+from dltest.inference import class_scores, infer
 from dltest.io import atomic_path, parse_json_text, read_json, write_json
 from dltest.profiles import PROFILES, dataset_profile
 from dltest.robustness import evaluate_robustness
@@ -379,7 +379,7 @@ def _zoo_or_user_model(config: RobustALConfig, data: ImageDataset) -> Callable[[
 def _check_model_fits(factory: Callable[[], nn.Module], data: ImageDataset) -> None:
     try:
         with seeded(0), torch.no_grad():
-            out = factory().eval()(data.images(slice(0, 2)))
+            out = class_scores(factory().eval()(data.images(slice(0, 2))))  # tuple, dict, .logits: as inference reads them
     except DltestError:
         raise
     except Exception as exc:
