@@ -10,27 +10,41 @@ data -> model -> outputs -> selector -> attack -> trainer -> report::
 
 __version__ = "0.1.0"
 
-from dltest.checkpoint import load_model, save_checkpoint  # noqa: E402
-from dltest.data import ImageDataset, load_dataset  # noqa: E402
-from dltest.errors import DltestError  # noqa: E402
-from dltest.inference import PoolOutputs, infer  # noqa: E402
-from dltest.selection import SelectionResult, load_selection, select  # noqa: E402
-from dltest.selectors import REGISTRY as SELECTORS  # noqa: E402
-from dltest.training import TrainConfig, accuracy, train  # noqa: E402
-from dltest.attacks import (  # noqa: E402
-    ATTACKS, AdversarialExamples, AttackSpec, LinfPGD, attack_preset, build_attack, generate_adversarial,
-    load_adversarial, pgd_adversary, pgd_linf,
-)
-from dltest.profiles import DatasetProfile, dataset_profile  # noqa: E402
-from dltest.robustness import RobustnessReport, RobustnessWarning, evaluate_robustness  # noqa: E402
-from dltest.workflows.retrain import RetrainResult, retrain  # noqa: E402
-from dltest.estimation import EstimateResult, EstimationPlan, FigureEstimate, estimate, load_plan, plan  # noqa: E402
+# The public names, imported on first use (PEP 562): ``import dltest`` (the pytest plugin, the
+# command line's --help and --version) must not pay for torch until something needs it.
+_EXPORTS = {
+    "load_model": "dltest.checkpoint", "save_checkpoint": "dltest.checkpoint",
+    "ImageDataset": "dltest.data", "load_dataset": "dltest.data",
+    "DltestError": "dltest.errors",
+    "PoolOutputs": "dltest.inference", "infer": "dltest.inference",
+    "SelectionResult": "dltest.selection", "load_selection": "dltest.selection", "select": "dltest.selection",
+    "SELECTORS": "dltest.selectors",
+    "TrainConfig": "dltest.training", "accuracy": "dltest.training", "train": "dltest.training",
+    **dict.fromkeys(["ATTACKS", "AdversarialExamples", "AttackSpec", "LinfPGD", "attack_preset", "build_attack",
+                     "generate_adversarial", "load_adversarial", "pgd_adversary", "pgd_linf"], "dltest.attacks"),
+    "DatasetProfile": "dltest.profiles", "dataset_profile": "dltest.profiles",
+    "RobustnessReport": "dltest.robustness", "RobustnessWarning": "dltest.robustness",
+    "evaluate_robustness": "dltest.robustness",
+    "RetrainResult": "dltest.workflows.retrain", "retrain": "dltest.workflows.retrain",
+    **dict.fromkeys(["EstimateResult", "EstimationPlan", "FigureEstimate", "estimate", "load_plan", "plan"],
+                    "dltest.estimation"),
+}
+_RENAMED = {"SELECTORS": "REGISTRY"}
 
-__all__ = [
-    "ATTACKS", "AdversarialExamples", "AttackSpec", "DatasetProfile", "LinfPGD", "RetrainResult", "RobustnessReport",
-    "RobustnessWarning", "attack_preset", "build_attack", "dataset_profile", "evaluate_robustness", "generate_adversarial",
-    "load_adversarial", "pgd_adversary", "pgd_linf", "retrain",
-    "EstimateResult", "EstimationPlan", "FigureEstimate", "estimate", "load_plan", "plan",
-    "DltestError", "ImageDataset", "PoolOutputs", "SELECTORS", "SelectionResult", "TrainConfig",
-    "accuracy", "infer", "load_dataset", "load_model", "load_selection", "save_checkpoint", "select", "train",
-]
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    """Import a public name's module on first access, and keep the name."""
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'dltest' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), _RENAMED.get(name, name))
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -11,23 +11,19 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
-import torch
 import typer
-from rich.console import Console
-from rich.table import Table
 
 from dltest import __version__
-from dltest.analysis.bias import BINS, CHARACTERISTICS, selection_bias
-from dltest.analysis.compare import bias_robustness_correlations, compare_functions, ordered_characteristics
-from dltest.analysis.runs import Run, all_records, load_run, load_runs
+from dltest.cli.defaults import BINS, INFERENCE_BATCH
 from dltest.cli.app import app
 from dltest.cli.options import BatchSize, DataRoot, Device, Download, TrustModel, load_data_and_model
 from dltest.errors import DltestError
-from dltest.inference import INFERENCE_BATCH, infer
-from dltest.io import check_outputs, check_writable, write_json
-from dltest.selection import load_selection
+
+if TYPE_CHECKING:  # for type hints only: the commands import these when they run
+    from dltest.analysis.runs import Run
+    from rich.console import Console
 
 analyze_app = typer.Typer(
     help="Analyses of selections and robust active-learning runs: selection bias, bias-robustness "
@@ -60,6 +56,10 @@ def bias_command(
     trust_model: TrustModel = False,
 ) -> None:
     """Selection bias (JSD base 2) of entropy, gini, lc, margin and label: selected set vs pool."""
+    from dltest.analysis.runs import load_run
+    from dltest.io import check_outputs, write_json
+    from rich.console import Console
+
     out = out or Path(f"bias-{source.stem if source.is_file() else source.resolve().name}.json")
     check_outputs({"--out": out}, {"SOURCE": source, "--model": model, "--dataset": dataset, "--labeled": labeled})
     if source.is_dir():
@@ -92,6 +92,11 @@ def correlation_command(
     no_plot: NoPlot = False,
 ) -> None:
     """Per stage, Pearson r across functions between selection bias and robust accuracy (Figure 3)."""
+    from dltest.analysis.compare import bias_robustness_correlations, ordered_characteristics
+    from dltest.analysis.runs import all_records, load_runs
+    from dltest.io import check_writable, write_json
+    from rich.table import Table
+
     out = check_writable(out)
     _refuse_writing_into_runs(_with_figure(out, no_plot), runs)
     loaded = load_runs(runs)
@@ -133,6 +138,11 @@ def compare_command(
     out: Annotated[Optional[Path], typer.Option(help="JSON output (default: compare-<A>-<B>.json).")] = None,
 ) -> None:
     """Wilcoxon signed-rank test between functions' robust accuracies, paired by seed, stage, attack."""
+    from dltest.analysis.compare import compare_functions
+    from dltest.analysis.runs import all_records, load_runs
+    from dltest.io import check_writable, write_json
+    from rich.table import Table
+
     if not 0 < alpha < 1:
         raise DltestError(f"--alpha must lie in (0, 1), got {alpha}")
     if out:
@@ -180,6 +190,11 @@ def _refuse_writing_into_runs(outputs: dict[str, Path], runs: list[Path]) -> Non
 
 def _selection_bias(path: Path, model, dataset, split, labeled, bins, data_root, download, device, batch_size,
                     trust) -> dict[str, Any]:
+    import torch
+    from dltest.analysis.bias import selection_bias
+    from dltest.inference import infer
+    from dltest.selection import load_selection
+
     selection = load_selection(str(path))
     dataset = dataset or selection.dataset
     if not dataset:
@@ -220,6 +235,8 @@ def _selection_bias(path: Path, model, dataset, split, labeled, bins, data_root,
 
 
 def _print_selection_bias(report: dict[str, Any]) -> None:
+    from rich.table import Table
+
     console = _console()
     table = Table(title=f"bias of {report['metric']} ({report['selected']} of {report['pool_size']} inputs, "
                         f"{report['dataset']}/{report['split']}): JSD base 2, 0 = the pool's distribution")
@@ -245,6 +262,10 @@ def _run_bias(run: Run) -> dict[str, Any]:
 
 
 def _print_run_bias(report: dict[str, Any]) -> None:
+    from dltest.analysis.bias import CHARACTERISTICS
+    from dltest.analysis.compare import ordered_characteristics
+    from rich.table import Table
+
     rows = [r for r in report["records"] if r["bias"]]
     characteristics = ordered_characteristics({c for r in rows for c in r["bias"]}) or list(CHARACTERISTICS)
     table = Table(title=f"selection bias per stage, {report['dataset']}, seed {report['seed']} (JSD base 2)")
@@ -285,6 +306,8 @@ def _names(value: str | None, flag: str) -> list[str] | None:
 
 
 def _console() -> Console:
+    from rich.console import Console
+
     return Console(width=max(Console().width, 120))  # wide tables stay readable in pipes and logs
 
 

@@ -14,13 +14,13 @@ import warnings
 from contextlib import contextmanager, redirect_stdout
 from typing import Annotated, Any, Iterator, Optional
 
-from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError  # typer's vendored click
+from typer._click.core import Context  # typer's vendored click
+from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError
 import typer
 from typer.core import TyperGroup
 
 from dltest import __version__
 from dltest.errors import DltestError
-from dltest.runtime import distributed, is_main
 
 
 class _Group(TyperGroup):
@@ -32,7 +32,7 @@ class _Group(TyperGroup):
                 warnings.simplefilter("ignore", DeprecationWarning)
                 return super().invoke(ctx)
         except DltestError as exc:
-            if is_main() or "failed or left the run" in str(exc):  # other ranks' errors repeat rank 0's
+            if _is_main() or "failed or left the run" in str(exc):  # other ranks' errors repeat rank 0's
                 typer.echo(f"error: {exc.cli_message}", err=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
@@ -46,6 +46,7 @@ class _Group(TyperGroup):
             raise typer.Exit(2) from None
 
     def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        _flags_without_type(self)
         if not standalone_mode:
             return super().main(*args, standalone_mode=False, **kwargs)
         try:
@@ -60,6 +61,28 @@ class _Group(TyperGroup):
             typer.echo("aborted", err=True)
             sys.exit(1)
         sys.exit(code if isinstance(code, int) else 0)
+
+
+def _flags_without_type(command: Any) -> None:
+    """Show a boolean flag as the flag alone in the help (``--download``), not ``--download <bool>``:
+    a flag takes no value."""
+    help_option = command.get_help_option(Context(command))  # made once and kept by the command
+    for param in [*command.params, *([help_option] if help_option is not None else [])]:
+        if getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+    for sub in getattr(command, "commands", {}).values():
+        _flags_without_type(sub)
+
+
+PIPED_HELP_WIDTH = 100  # columns of the help in a file or a CI log (rich would use 80: 28 for the text)
+
+
+def _readable_help_when_piped() -> None:
+    """Help that goes to a pipe or a file is laid out for :data:`PIPED_HELP_WIDTH` columns,
+    unless the user set a width (``COLUMNS``, ``TERMINAL_WIDTH``); a terminal keeps its own."""
+    if sys.stdout.isatty() or os.environ.get("COLUMNS") or os.environ.get("TERMINAL_WIDTH"):
+        return
+    os.environ["TERMINAL_WIDTH"] = str(PIPED_HELP_WIDTH)  # read by typer's help formatter when it is imported
 
 
 def _one_line(exc: ClickException) -> str:
@@ -118,11 +141,35 @@ def _root(
     """dltest: select, attack, retrain and gate deep-learning image classifiers."""
 
 
+def _alone() -> bool:
+    """No torchrun group around this process (``WORLD_SIZE`` unset or 1)."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1")) <= 1
+    except ValueError:
+        return False  # dltest.runtime reports a malformed WORLD_SIZE
+
+
+def _is_main() -> bool:
+    """Rank 0 or a process alone; torch is imported only under torchrun."""
+    if _alone():
+        return True
+    from dltest.runtime import is_main
+
+    return is_main()
+
+
 def main() -> None:
     """Console-script entry point; under ``torchrun`` each process joins the group first, and
-    only rank 0 prints (the others' standard output goes nowhere)."""
+    only rank 0 prints (the others' standard output goes nowhere). Alone, nothing heavy is
+    imported before a command needs it (``--help`` and ``--version`` stay fast)."""
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _interrupt)
+    _readable_help_when_piped()
+    if _alone():
+        app(prog_name="dltest")
+        sys.exit(0)
+    from dltest.runtime import distributed, is_main
+
     with distributed():
         if is_main():
             app(prog_name="dltest")

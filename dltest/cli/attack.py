@@ -6,10 +6,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
-from dltest.attacks import PURPOSES, attack_preset, check_attack_name, generate_adversarial, parse_eps
 from dltest.cli.app import app, output_header
 from dltest.cli.options import (
     Arch, ArchKwargs, Normalize,
@@ -17,9 +14,6 @@ from dltest.cli.options import (
     load_data_and_model,
 )
 from dltest.errors import DltestError
-from dltest.io import check_outputs, read_json, write_json
-from dltest.runtime import resolve_device
-from dltest.selection import load_selection
 
 
 @app.command("attack")
@@ -47,6 +41,13 @@ def attack_command(
     normalize: Normalize = None,
 ) -> None:
     """Generate adversarial examples from selected inputs, for `dltest retrain` or your own use."""
+    from dltest.attacks import PURPOSES, attack_preset, check_attack_name, generate_adversarial, parse_eps
+    from dltest.io import check_outputs, read_json, write_json
+    from dltest.runtime import resolve_device
+    from dltest.selection import load_selection
+    from rich.console import Console
+    from rich.table import Table
+
     check_attack_name(attack)
     if purpose not in PURPOSES:
         raise DltestError(f"unknown purpose {purpose!r}; choose train or eval")

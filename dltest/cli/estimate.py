@@ -10,28 +10,21 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
-from dltest.attacks import parse_attack_list, parse_eps
 from dltest.budget import parse_budget
 from dltest.cli.app import app, robustness_warnings_as_lines
 from dltest.cli.options import (
     Arch, ArchKwargs, BatchSize, DataRoot, Dataset, Device, Download, ModelPath, Normalize, Seed, Split, TrustModel,
     load_data_and_model,
 )
-from dltest.data import load_dataset
 from dltest.errors import DltestError
-from dltest.estimation import (
-    DESIGNS, SCORES, EstimateResult, EstimationPlan, estimate, get_design, load_plan, plan, read_label_file,
-)
-from dltest.estimation.gating import decide_on_estimate, estimate_gate_report, load_estimate
-from dltest.inference import INFERENCE_BATCH
-from dltest.io import check_outputs, write_json
-from dltest.runtime import resolve_device
+from dltest.cli.defaults import DESIGNS, INFERENCE_BATCH, SCORES
+
+if TYPE_CHECKING:  # for type hints only: the commands import these when they run
+    from dltest.estimation import EstimateResult, EstimationPlan
 
 POOL_LABELS = "pool"
 
@@ -67,6 +60,10 @@ def plan_command(
     normalize: Normalize = None,
 ) -> None:
     """Draw the inputs to label (seeded, with known probabilities) and write the plan and the sheet."""
+    from dltest.estimation import get_design, plan
+    from dltest.io import check_outputs
+    from dltest.runtime import resolve_device
+
     options = {key: value for key, value in (("strata", strata), ("uniform_share", uniform_share),
                                              ("proportional_share", proportional_share)) if value is not None}
     get_design(design, **options)  # unknown design or option: fail before loading anything
@@ -90,6 +87,8 @@ def plan_command(
 
 
 def _print_plan(drawn: EstimationPlan, out: Path, sheet: Path | None) -> None:
+    from rich.console import Console
+
     console = Console()
     distinct = len(drawn.labels_needed)
     console.print(f"{drawn.design}: {drawn.budget} draws, {distinct} inputs to label, of {drawn.pool_size} "
@@ -126,6 +125,11 @@ def estimate_command(
     normalize: Normalize = None,
 ) -> None:
     """Estimate accuracy on the plan's pool from its labels (subcommand 'plan' draws the inputs to label)."""
+    from dltest.attacks import parse_attack_list, parse_eps
+    from dltest.estimation import estimate, load_plan, read_label_file
+    from dltest.io import check_outputs, write_json
+    from dltest.runtime import resolve_device
+
     if ctx.invoked_subcommand is not None:
         given = [flag for flag, value in (("--plan", plan_path), ("--labels", labels), ("--out", out),
                                           ("--attacks", attacks)) if value is not None]
@@ -164,6 +168,8 @@ def _plan_pool(drawn: EstimationPlan, attacks: list[str], model: Path | None, da
                arch_kwargs: str | None = None, normalize: str | None = None):
     """The plan's pool (and its model when attacks need it, loaded as the plan's was: give the same
     --arch / --normalize)."""
+    from dltest.data import load_dataset
+
     name, part = dataset or drawn.dataset, split or drawn.split
     if not attacks:
         data = load_dataset(name, part, root=data_root, download=download or None)
@@ -177,6 +183,9 @@ def _plan_pool(drawn: EstimationPlan, attacks: list[str], model: Path | None, da
 
 
 def _print_estimate(result: EstimateResult, out: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
     conf = f"{100 * result.figures[0].confidence:g}%"
     table = Table(title=f"dltest estimate: {result.design} on {result.dataset}/{result.split} "
                         f"({result.pool_size} inputs), seed {result.seed}")
@@ -199,6 +208,11 @@ def _print_estimate(result: EstimateResult, out: Path) -> None:
 def gate_on_estimate(path: Path, policy: Any, out: Path) -> None:
     """``dltest gate --estimate``: decide the minimums on the estimate's interval, write ``out``,
     print the bars; exit 1 when one fails."""
+    from dltest.estimation.gating import decide_on_estimate, estimate_gate_report, load_estimate
+    from dltest.io import check_outputs, write_json
+    from rich.console import Console
+    from rich.table import Table
+
     check_outputs({"--out": out}, {"--estimate": path})
     data = load_estimate(path)
     bars = decide_on_estimate(data, policy)

@@ -3,23 +3,20 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
-from dltest.attacks import parse_attack_list, parse_eps
 from dltest.cli.app import app, output_header, robustness_warnings_as_lines
 from dltest.cli.options import (
     Arch, ArchKwargs, Normalize,
     Alpha, AttackBatch, DataRoot, Dataset, Device, Download, Eps, ModelPath, Queries, Seed, Steps, TrustModel,
     load_data_and_model,
 )
-from dltest.checkpoint import ModelInfo
-from dltest.io import check_outputs, write_json
-from dltest.runtime import resolve_device
-from dltest.robustness import RobustnessReport, evaluate_robustness
+
+if TYPE_CHECKING:  # for type hints only: the commands import these when they run
+    from dltest.checkpoint import ModelInfo
+    from dltest.robustness import RobustnessReport
 
 
 @app.command("evaluate")
@@ -45,6 +42,12 @@ def evaluate_command(
     normalize: Normalize = None,
 ) -> None:
     """Clean accuracy and robust accuracy under attacks (model in eval mode, RobustBench's rules)."""
+    from dltest.attacks import parse_attack_list, parse_eps
+    from dltest.io import check_outputs, write_json
+    from dltest.robustness import evaluate_robustness
+    from dltest.runtime import resolve_device
+    from rich.console import Console
+
     names = parse_attack_list(attacks)  # bad names and eps fail before any loading
     eps_value = parse_eps(eps)
     resolve_device(device)
@@ -67,6 +70,9 @@ def evaluation_json(report: RobustnessReport, info: ModelInfo) -> dict[str, Any]
 
 
 def print_report(report: RobustnessReport, title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
     table = Table(title=f"{title}: {report.n} of {report.pool_size} inputs, seed {report.seed}")
     table.add_column("attack")
     table.add_column("settings")

@@ -6,14 +6,14 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 
 from dltest import __version__
 from dltest.cli.app import app, output_header
-from dltest.cli.options import DataRoot, Dataset, Download, ModelPath, Split, TrustModel, load_data_and_model
+from dltest.cli.options import (
+    Arch, ArchKwargs, DataRoot, Dataset, Download, ModelPath, Normalize, Split, TrustModel, load_data_and_model,
+)
 from dltest.errors import DltestError
-from dltest.export import PARITY_TOLERANCE, check_opset, export_onnx
-from dltest.io import check_outputs, write_json
+from dltest.cli.defaults import PARITY_TOLERANCE
 
 
 @app.command("export")
@@ -29,15 +29,23 @@ def export_command(
     data_root: DataRoot = None,
     download: Download = False,
     trust_model: TrustModel = False,
+    arch: Arch = None,
+    arch_kwargs: ArchKwargs = None,
+    normalize: Normalize = None,
 ) -> None:
     """Export a model to ONNX; the file is kept only if onnxruntime matches torch on real inputs."""
+    from dltest.export import check_opset, export_onnx
+    from dltest.io import check_outputs, write_json
+    from rich.console import Console
+
     if onnx.suffix.lower() != ".onnx":
         raise DltestError(f"--onnx must name an .onnx file, got {onnx}")
     if not tolerance > 0:
         raise DltestError(f"--tolerance must be > 0, got {tolerance}")
     check_opset(opset)
     check_outputs({"--onnx": onnx, "--out": out}, {"--model": model, "--dataset": dataset})
-    data, net, info = load_data_and_model(dataset, split, model, data_root, download, trust_model)
+    data, net, info = load_data_and_model(dataset, split, model, data_root, download, trust_model,
+                                          arch, arch_kwargs, normalize)
     if not getattr(net, "has_gradients", True):
         raise DltestError(f"{info.source} is already an ONNX model")
     result = export_onnx(net, onnx, data, n_check=n, tolerance=tolerance, opset=opset,

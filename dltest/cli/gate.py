@@ -9,21 +9,18 @@ wins. Writes the JSON report (``--out``), JUnit XML (``--junit``), a Markdown ta
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
-from dltest.attacks import parse_attack_list, parse_eps
 from dltest.cli.app import app
-from dltest.cli.options import AttackBatch, DataRoot, Device, Download, TrustModel, load_data_and_model
-from dltest.errors import DltestError
-from dltest.gate import (
-    GatePolicy, GateResult, append_step_summary, check_step_summary, load_baseline, read_config, run_gate, write_text,
+from dltest.cli.options import (
+    Arch, ArchKwargs, AttackBatch, DataRoot, Device, Download, Normalize, TrustModel, load_data_and_model,
 )
-from dltest.io import check_outputs, write_json
-from dltest.runtime import check_seed, resolve_device
+from dltest.errors import DltestError
+
+if TYPE_CHECKING:  # for type hints only: the commands import these when they run
+    from dltest.gate import GateResult
 
 Share = Optional[str]
 
@@ -56,9 +53,18 @@ def gate_command(
     download: Download = False,
     device: Device = None,
     trust_model: TrustModel = False,
+    arch: Arch = None,
+    arch_kwargs: ArchKwargs = None,
+    normalize: Normalize = None,
     estimate: Annotated[Optional[Path], typer.Option("--estimate", help="Decide the minimums on an estimate from 'dltest estimate' (its interval's lower end) instead of evaluating.", show_default=False)] = None,
 ) -> None:
     """Fail the build (exit 1) when accuracy or robustness misses a bar; exact statistics decide."""
+    from dltest.attacks import parse_eps
+    from dltest.gate import GatePolicy, append_step_summary, check_step_summary, load_baseline, read_config, run_gate, write_text
+    from dltest.io import check_outputs, write_json
+    from dltest.runtime import check_seed, resolve_device
+    from rich.console import Console
+
     settings, source = read_config(config)
     given = {
         "min-accuracy": min_accuracy, "min-robust": min_robust, "max-drop": max_drop,
@@ -97,6 +103,7 @@ def gate_command(
     data, net, info = load_data_and_model(
         str(settings.get("dataset", "mnist")), str(settings.get("split", "holdout")),
         Path(settings["model"]) if settings.get("model") else None, data_root, download, trust_model,
+        arch, arch_kwargs, normalize,
     )
     result = run_gate(
         net, data, policy, attacks=names, baseline=base, eps=eps_value, **numbers, batch_size=batch_size,
@@ -124,6 +131,8 @@ def gate_command(
 
 
 def _attack_names(value: Any) -> list[str]:
+    from dltest.attacks import parse_attack_list
+
     if value is None:
         return []
     if isinstance(value, (list, tuple)):
@@ -147,6 +156,9 @@ def _integer(value: Any, what: str) -> int | None:
 
 
 def print_gate(result: GateResult) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
     conf = f"{100 * result.confidence:g}%"
     report = result.report
     table = Table(title=f"dltest gate: {result.model} on {report.n} of {report.pool_size} inputs of "

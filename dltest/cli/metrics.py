@@ -4,15 +4,14 @@ what each one needs."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
 from dltest.cli.app import app, output_header
-from dltest.io import check_writable, write_json
-from dltest.selectors import REGISTRY, SAMPLINGS, ScoreSelector, Selector
+
+if TYPE_CHECKING:  # for type hints only: the commands import these when they run
+    from dltest.selectors import Selector
 
 
 def needs(cls: type[Selector]) -> list[str]:
@@ -33,6 +32,8 @@ def needs(cls: type[Selector]) -> list[str]:
 def metric_catalogue() -> list[dict]:
     """Every registered metric: name, summary, options with defaults, what it needs, whether it
     reruns the model and whether ``--sampling`` applies."""
+    from dltest.selectors import REGISTRY, SAMPLINGS, ScoreSelector
+
     return [
         {"metric": name, "summary": cls.summary, "options": cls.option_defaults(), "score": cls.score_name,
          "needs": needs(cls), "runs_model_again": cls.needs_model, "needs_reference": cls.needs_reference,
@@ -46,6 +47,10 @@ def metrics_command(
     out: Annotated[Optional[Path], typer.Option(help="Also write the list as JSON.")] = None,
 ) -> None:
     """List the metrics (acquisition functions), the options each takes and what each needs."""
+    from dltest.io import check_writable, write_json
+    from rich.console import Console
+    from rich.table import Table
+
     if out:
         check_writable(out)
     catalogue = metric_catalogue()

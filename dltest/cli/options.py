@@ -3,22 +3,25 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from typer._click.globals import get_current_context
-from torch import nn
 
-from dltest.checkpoint import ModelInfo, check_fits, load_model, parse_arch_kwargs
-from dltest.data import BUILTINS, ImageDataset, fit_channels, load_dataset
+from dltest.cli.defaults import MAX_SEED
 from dltest.errors import DltestError
-from dltest.inference import parse_normalize
-from dltest.progress import console
-from dltest.runtime import MAX_SEED
+
+if TYPE_CHECKING:  # the modules below import torch: each command imports them when it runs
+    from torch import nn
+
+    from dltest.checkpoint import ModelInfo
+    from dltest.data import ImageDataset
 
 
 def notice(message: str) -> None:
     """One line on stderr, never wrapped."""
+    from dltest.progress import console
+
     console.print(f"notice: {message}", soft_wrap=True, markup=False, highlight=False)
 
 Dataset = Annotated[str, typer.Option("--dataset", "-d", help="mnist, fashion-mnist, cifar10, svhn, an .npz file or an image folder.")]
@@ -46,6 +49,10 @@ def load_data_and_model(
     ``need_labels=False``: an unlabeled pool is fine (``dltest select``).
     Grey images stored as RGB (or grey images for a colour model) get the model's channel count.
     """
+    from dltest.checkpoint import check_fits, load_model, parse_arch_kwargs
+    from dltest.data import BUILTINS, fit_channels, load_dataset
+    from dltest.inference import parse_normalize
+
     if (arch or arch_kwargs) and model is None:
         raise DltestError("--arch and --arch-kwargs describe a state_dict given with --model FILE")
     parse_arch_kwargs(arch_kwargs, "--arch-kwargs")  # malformed JSON fails before any loading

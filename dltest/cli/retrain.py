@@ -7,10 +7,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
-from dltest.attacks import attack_preset, check_attack_name, load_adversarial, parse_attack_list, parse_eps, takes
 from dltest.budget import parse_budget
 from dltest.cli.app import app, robustness_warnings_as_lines
 from dltest.cli.options import (
@@ -19,11 +16,7 @@ from dltest.cli.options import (
     load_data_and_model,
 )
 from dltest.errors import DltestError
-from dltest.io import check_outputs, write_json
-from dltest.runtime import resolve_device
-from dltest.selection import load_selection
-from dltest.selectors import get_selector
-from dltest.workflows.retrain import RETRAIN_LR, check_retrain_settings, retrain, retrain_config, retrain_data
+from dltest.cli.defaults import RETRAIN_LR
 
 POOL_SPLITS = ("val", "train")
 
@@ -64,6 +57,14 @@ def retrain_command(
     normalize: Normalize = None,
 ) -> None:
     """Retrain a model on the training data plus adversarial examples of selected inputs."""
+    from dltest.attacks import attack_preset, check_attack_name, load_adversarial, parse_attack_list, parse_eps, takes
+    from dltest.io import check_outputs, write_json
+    from dltest.runtime import resolve_device
+    from dltest.selection import load_selection
+    from dltest.selectors import get_selector
+    from dltest.workflows.retrain import check_retrain_settings, retrain, retrain_config, retrain_data
+    from rich.console import Console
+
     # Every setting is checked before anything is trained or written.
     if pool_split not in POOL_SPLITS:
         raise DltestError(f"--pool-split must be one of {', '.join(POOL_SPLITS)} (disjoint from the holdout half), got {pool_split!r}")
@@ -119,6 +120,9 @@ def retrain_command(
 
 
 def _print(data, result) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
     s = data["settings"]
     source = f"{s['metric']} selection of {s['budget']}" if s["metric"] else f"{s['budget']} given examples"
     table = Table(title=f"retrain on {s['dataset']}: {source} from {s['pool_split']}, seed {s['seed']} "

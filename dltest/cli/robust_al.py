@@ -3,23 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
-from rich.console import Console
-from rich.live import Live
-from rich.table import Table
 
-from dltest.adversarial_training import AT_METHODS
-from dltest.attacks import parse_attack_list, parse_eps
-from dltest.checkpoint import parse_arch_kwargs, resolve_arch
 from dltest.cli.app import app
+from dltest.cli.defaults import ARCHITECTURES, AT_METHODS
 from dltest.cli.options import DataRoot, Dataset, Device, Download, Seed
-from dltest.data import BUILTINS, load_dataset
 from dltest.errors import DltestError
-from dltest.progress import console as err_console
-from dltest.workflows.robust_al import StageRecord, preset, robust_active_learning
-from dltest.zoo import ARCHITECTURES
+
+if TYPE_CHECKING:  # for type hints only: the commands import these when they run
+    from dltest.workflows.robust_al import StageRecord
 
 
 @app.command("robust-al")
@@ -55,6 +49,14 @@ def robust_al_command(
     device: Device = None,
 ) -> None:
     """Train from scratch on a labeling budget: select, label, adversarially train, stage by stage."""
+    from dltest.attacks import parse_attack_list, parse_eps
+    from dltest.checkpoint import parse_arch_kwargs, resolve_arch
+    from dltest.data import BUILTINS, load_dataset
+    from dltest.progress import console as err_console
+    from dltest.workflows.robust_al import preset, robust_active_learning
+    from rich.console import Console
+    from rich.table import Table
+
     metrics = tuple(m.strip() for m in metric.split(",") if m.strip())
     config = preset(
         dataset.lower() if dataset.lower() in BUILTINS else dataset, metrics=metrics, arch=arch, arch_kwargs=parse_arch_kwargs(arch_kwargs, "--arch-kwargs"), budget=budget, initial=initial, per_stage=per_stage,
@@ -102,9 +104,14 @@ class StageView:
     elsewhere (CI logs)."""
 
     def __init__(self, stages: int):
+        from rich.live import Live
+
+        from dltest.progress import console
+
         self.stages = stages
         self.latest: dict[str, StageRecord] = {}
-        self.live = Live(console=err_console, refresh_per_second=2) if err_console.is_terminal else None
+        self.console = console
+        self.live = Live(console=console, refresh_per_second=2) if console.is_terminal else None
 
     def __enter__(self) -> "StageView":
         if self.live is not None:
@@ -118,8 +125,10 @@ class StageView:
     def update(self, record: StageRecord) -> None:
         self.latest[record.metric] = record
         if self.live is None:
-            err_console.print(_line(record), highlight=False)
+            self.console.print(_line(record), highlight=False)
             return
+        from rich.table import Table
+
         table = Table(title="robust active learning")
         for col in ("metric", "stage", "labeled", "clean", *record.robust_accuracy, "bias (entropy)", "stage time"):
             table.add_column(col, justify="right")

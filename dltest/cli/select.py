@@ -5,11 +5,9 @@ from __future__ import annotations
 import csv
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
 from dltest.cli.app import app
 from dltest.cli.options import (
@@ -17,13 +15,11 @@ from dltest.cli.options import (
     BatchSize, DataRoot, Dataset, Device, Download, ModelPath, Seed, Split, TrustModel, load_data_and_model,
 )
 from dltest.budget import parse_budget
-from dltest.data import load_dataset
-from dltest.inference import INFERENCE_BATCH
-from dltest.io import atomic_path, check_outputs
-from dltest.runtime import resolve_device
-from dltest.selection import SelectionResult, load_selection, select
+from dltest.cli.defaults import INFERENCE_BATCH
 from dltest.errors import DltestError
-from dltest.selectors import REGISTRY, get_selector
+
+if TYPE_CHECKING:  # for type hints only: the commands import these when they run
+    from dltest.selection import SelectionResult
 
 
 @app.command("select")
@@ -66,6 +62,12 @@ def select_command(
     egl_variant: Annotated[Optional[str], typer.Option("--egl-variant", help="egl: 'exact' (gradient over all trainable parameters) or 'last-layer' [default: exact].", show_default=False)] = None,
 ) -> None:
     """Select the inputs most worth labeling or testing."""
+    from dltest.data import load_dataset
+    from dltest.io import check_outputs
+    from dltest.runtime import resolve_device
+    from dltest.selection import load_selection, select
+    from dltest.selectors import get_selector
+
     options = metric_options(
         metric,
         {
@@ -124,6 +126,8 @@ def select_command(
 def metric_options(metric: str, flags: dict[str, tuple[str, object]]) -> dict[str, object]:
     """The metric options the user set (flag -> (option, value or None)); a flag the metric
     does not take is a one-line error."""
+    from dltest.selectors import REGISTRY, get_selector
+
     if metric not in REGISTRY:
         get_selector(metric)  # raises the unknown-metric error
     takes = REGISTRY[metric].option_defaults()
@@ -139,6 +143,9 @@ def metric_options(metric: str, flags: dict[str, tuple[str, object]]) -> dict[st
 
 
 def print_summary(result: SelectionResult, out: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
     console = Console()
     table = Table(title=f"{result.metric}: {result.budget} of {result.pool_size} inputs ({result.dataset}/{result.split}, seed {result.seed})")
     table.add_column("predicted class")
@@ -155,6 +162,8 @@ def print_summary(result: SelectionResult, out: Path) -> None:
 
 
 def _write_csv(path: Path, result: SelectionResult) -> None:
+    from dltest.io import atomic_path
+
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["rank", "index", result.score_name or "score"])

@@ -6,17 +6,11 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
-from dltest.adversarial_training import AT_METHODS
-from dltest.attacks import parse_eps
 from dltest.cli.app import app
+from dltest.cli.defaults import ARCHITECTURES, AT_METHODS
 from dltest.cli.options import DataRoot, Dataset, Device, Download, Seed, Steps
 from dltest.errors import DltestError
-from dltest.io import check_outputs, write_json
-from dltest.workflows.pretrain import pretrain
-from dltest.zoo import ARCHITECTURES
 
 
 @app.command("train")
@@ -47,6 +41,12 @@ def train_command(
     device: Device = None,
 ) -> None:
     """Train a model (standard, or adversarial with --at); the best epoch on the val half is kept."""
+    from dltest.attacks import parse_eps
+    from dltest.io import check_outputs, write_json
+    from dltest.workflows.pretrain import pretrain
+    from rich.console import Console
+    from rich.table import Table
+
     if adversarial and at not in (None, "pgd"):
         raise DltestError(f"--adversarial means --at pgd; it contradicts --at {at}")
     at = "pgd" if adversarial else at
