@@ -461,6 +461,7 @@ def assert_robust(
     """Assert that ``model`` is robust enough on ``data``: an ``AssertionError`` lists every figure
     with its interval when a bar fails. ``min_robust`` applies to each attack named (and to the
     worst case when several are). ``evaluation`` goes to :func:`run_gate` (``eps``, ``steps``, ...)."""
+    __tracebackhide__ = True  # pytest shows the caller's line, not this frame
     names = [attack] if isinstance(attack, str) else list(attack)
     bars = {} if min_robust is None else {name: min_robust for name in names}
     if min_robust is not None and len(names) > 1:
@@ -468,8 +469,16 @@ def assert_robust(
     policy = GatePolicy(min_accuracy=min_accuracy, min_robust=bars, confidence=confidence)
     result = run_gate(model, data, policy, attacks=names, n=n, seed=seed, **evaluation)
     if not result.passed:
-        raise AssertionError(result.summary())
+        raise RobustnessAssertionError(result)
     return result
+
+
+class RobustnessAssertionError(AssertionError):
+    """A bar of :func:`assert_robust` failed: the text lists every figure; ``result`` holds them."""
+
+    def __init__(self, result: GateResult) -> None:
+        super().__init__(result.summary())
+        self.result = result
 
 
 # --- outputs -----------------------------------------------------------------------------------

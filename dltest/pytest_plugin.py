@@ -14,8 +14,10 @@ default ``holdout``) of ``--dltest-dataset`` (ini ``dltest_dataset``, default ``
 TorchScript or ONNX file), default the bundled model of the dataset. A checkpoint naming a
 ``module:Class`` architecture is not built from the ini (that would run code a file names):
 override ``dltest_model`` in your ``conftest.py`` with ``load_model(path, arch="module:Class")``.
-A failed assertion lists every figure with its exact interval and the rule that decided it. A
-fixture that cannot load its data or model fails its tests with dltest's one-line message.
+A failed assertion lists every figure with its exact interval and the rule that decided it, as
+one message under the caller's line (the traceback and the fixtures' values are shown with
+``--tb=long``). A fixture that cannot load its data or model fails its tests with dltest's
+one-line message.
 
 The plugin loads in every pytest run where dltest is installed, so it imports nothing heavy
 (torch, dltest) until a fixture or :func:`assert_robust` is used.
@@ -23,6 +25,8 @@ The plugin loads in every pytest run where dltest is installed, so it imports no
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 import pytest
@@ -66,6 +70,28 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", f"{MARKER}: a slow robustness check with dltest (deselect with -m 'not {MARKER}')"
     )
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Any:
+    """A failed :func:`assert_robust` is reported as its message under the caller's line (not 70
+    lines of traceback and fixture reprs), unless a long traceback was asked for."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed and call.excinfo is not None and _is_gate_failure(call.excinfo.value) \
+            and item.config.getoption("tbstyle", "auto") in ("auto", "short"):
+        entries = call.excinfo.traceback.filter(call.excinfo)  # without the __tracebackhide__ frames
+        where = ""
+        if len(entries):
+            path = Path(entries[-1].path)
+            shown = path.relative_to(item.config.rootpath) if path.is_relative_to(item.config.rootpath) else path
+            where = f"\n{shown}:{entries[-1].lineno + 1}: {type(call.excinfo.value).__name__}"
+        report.longrepr = f"{call.excinfo.value}{where}"
+
+
+def _is_gate_failure(error: BaseException) -> bool:
+    gate = sys.modules.get("dltest.gate")  # loaded by whoever raised it: nothing to import here
+    return gate is not None and isinstance(error, gate.RobustnessAssertionError)
 
 
 def _setting(config: pytest.Config, name: str) -> str:

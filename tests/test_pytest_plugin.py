@@ -47,3 +47,29 @@ def test_plugin_passes_and_fails_with_a_readable_message(pytester: pytest.Pytest
     assert "ok   accuracy >= 0.5" in out  # every figure is listed, passing ones too
     assert "FAIL worst-case >= 0.9" in out
     assert "PASSED test_model.py::test_robust_enough" in out
+    # one message under the caller's line: no traceback through dltest, no fixture reprs
+    lines = out.split("_ test_not_robust_enough _")[1].splitlines()[1:]
+    failure = "\n".join(lines[:next(i for i, line in enumerate(lines) if line.startswith("="))])
+    assert len(failure.splitlines()) == 6, failure  # the verdict, one line per bar, where it was asserted
+    assert "test_model.py:12: RobustnessAssertionError" in failure
+    assert "def assert_robust" not in failure and "ImageDataset(" not in failure and "Conv2d" not in failure
+    assert "FAILED test_model.py::test_not_robust_enough - dltest gate: FAILED" in out
+
+    long = pytester.runpytest_subprocess(*_plugin_args(), "-p", "no:cacheprovider", "--tb=long", "-k", "not_robust")
+    long.assert_outcomes(failed=1)
+    assert "RobustnessAssertionError: dltest gate: FAILED" in long.stdout.str()  # the full traceback when asked
+
+
+def test_a_run_that_uses_no_dltest_fixture_imports_no_torch(pytester: pytest.Pytester):
+    pytester.makepyfile(test_plain="""
+import sys
+
+def test_plain():
+    assert 1 + 1 == 2
+
+def test_zz_nothing_heavy_was_imported():
+    assert [m for m in ("torch", "numpy", "dltest.gate", "dltest.data") if m in sys.modules] == []
+""")
+    result = pytester.runpytest_subprocess(*_plugin_args(), "-p", "no:cacheprovider", "--strict-markers")
+    result.assert_outcomes(passed=2)
+    assert "dltest" in pytester.runpytest_subprocess(*_plugin_args(), "--help").stdout.str()  # the plugin did load
