@@ -33,8 +33,12 @@ REPO = Path(__file__).resolve().parents[1]
 TRIVIAL_TEST = "def test_trivial():\n    assert 1 + 1 == 2\n"
 
 
-def timed(command: list[str], checkout: Path, cwd: Path) -> tuple[float, float, str]:
-    """(wall seconds, max RSS in MB, stderr) of one fresh process with ``checkout`` on the path."""
+NEUTRAL = Path(tempfile.gettempdir())  # the working folder of the measured processes: no checkout in it
+
+
+def timed(command: list[str], checkout: Path, cwd: Path = NEUTRAL) -> tuple[float, float, str]:
+    """(wall seconds, max RSS in MB, stderr) of one fresh process with ``checkout`` on the path
+    (``cwd`` must hold no dltest: ``python -c`` and ``-m`` put it first on the path)."""
     env = {**os.environ, "PYTHONPATH": str(checkout)}
     env.pop("COLUMNS", None)
     started = time.perf_counter()
@@ -80,7 +84,7 @@ def plugin_overhead(checkout: Path, rounds: int) -> dict:
 def import_offenders(statement: str, checkout: Path, top: int) -> dict:
     """``python -X importtime``: total microseconds of the statement's imports and the ``top``
     modules by cumulative time (nested ones included: torch appears with its submodules)."""
-    _, _, stderr = timed([sys.executable, "-X", "importtime", "-c", statement], checkout, REPO)
+    _, _, stderr = timed([sys.executable, "-X", "importtime", "-c", statement], checkout)
     rows = []
     for line in stderr.splitlines():
         if not line.startswith("import time:") or "cumulative" in line:
@@ -101,10 +105,13 @@ def import_offenders(statement: str, checkout: Path, top: int) -> dict:
 def cli_times(checkout: Path, rounds: int) -> dict:
     dltest = [sys.executable, "-m", "dltest"]
     return compare({"--version": [*dltest, "--version"], "--help": [*dltest, "--help"],
-                    "select --help": [*dltest, "select", "--help"]}, checkout, REPO, rounds)
+                    "select --help": [*dltest, "select", "--help"]}, checkout, NEUTRAL, rounds)
 
 
 def measure(checkout: Path, rounds: int, top: int) -> dict:
+    found = subprocess.run([sys.executable, "-c", "import dltest; print(dltest.__file__)"], cwd=NEUTRAL,
+                           env={**os.environ, "PYTHONPATH": str(checkout)}, capture_output=True, text=True).stdout
+    assert Path(found.strip()).is_relative_to(checkout), f"{checkout} is not the dltest imported ({found})"
     return {
         "checkout": str(checkout),
         "commit": subprocess.run(["git", "-C", str(checkout), "rev-parse", "--short", "HEAD"], capture_output=True,
