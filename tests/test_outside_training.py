@@ -61,7 +61,7 @@ def test_train_learns_a_model_whose_forward_is_not_a_tensor(cls, splits):
     assert result.model is model and type(model) is cls  # the user's module is trained and handed back
     after = accuracy(model, pool)
     assert before < 0.25 and after > 0.6, (before, after)
-    assert result.history[-1]["val_accuracy"] == pytest.approx(after, abs=0.02) or result.best_epoch < 1
+    assert result.history[result.best_epoch]["val_accuracy"] == pytest.approx(after, abs=0.01)  # the best epoch kept
 
 
 def retrain_figures(model, splits) -> dict:
@@ -92,7 +92,7 @@ def test_retrain_cli_on_a_torchscript_tuple_model(splits, tmp_path):
     out = tmp_path / "retrained.pt"
     result = CliRunner().invoke(app, [str(a) for a in (
         "retrain", "-m", path, "--metric", "margin", "--budget", "16", "--attack", "fgsm", "--eval-attacks", "fgsm",
-        "--eval-n", "100", "--val-n", "100", "--epochs", "3", "--lr", "0.05",
+        "--eval-n", "100", "--val-n", "100", "--epochs", "3", "--lr", "0.1",
         "--train-size", "2000", "--out", out)])
     assert result.exit_code == 0, result.output
     report = json.loads(out.with_suffix(".json").read_text())
@@ -101,7 +101,8 @@ def test_retrain_cli_on_a_torchscript_tuple_model(splits, tmp_path):
 
     model, info = load_model(out)
     assert info.kind == "torchscript"
-    assert accuracy(model, pool) == pytest.approx(report["after"]["clean_accuracy"], abs=0.1)  # the trained model, saved
+    untrained_accuracy = accuracy(torch.jit.load(str(path)), pool)
+    assert accuracy(model, pool) > untrained_accuracy + 0.2, untrained_accuracy  # the file holds the trained model
 
 
 def tiny(arch: str) -> RobustALConfig:
