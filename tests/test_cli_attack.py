@@ -63,7 +63,7 @@ def test_evaluate_json_matches_the_api(lenet_checkpoint, tmp_path):
         (["--eps", "0"], "error: eps must be in (0, 1] (inputs are in [0, 1]), got 0"),
         (["--eps", "1.5"], "error: eps must be in (0, 1] (inputs are in [0, 1]), got 1.5"),
         (["--steps", "0"], "error: steps must be an integer >= 1, got 0"),
-        (["--attacks", "pgd,cw"], "error: unknown attack 'cw'; choose one of pgd, fgsm, square, autoattack, autoattack-fast, deepfool"),
+        (["--attacks", "pgd,cw"], "error: unknown attack 'cw'; choose one of pgd, fgsm, square, autoattack, autoattack-fast, deepfool, apgd-square"),
         (["--attacks", "autoattack", "--steps", "5"], "error: steps applies to none of the attacks autoattack"),
     ],
 )
@@ -163,7 +163,7 @@ def test_retrain_end_to_end(lenet_checkpoint, tmp_path):
         (["--pool-split", "holdout"], "error: --pool-split must be one of val, train (disjoint from the holdout half), got 'holdout'"),
         (["--eps", "2"], "error: eps must be in (0, 1] (inputs are in [0, 1]), got 2"),
         (["--steps", "0"], "error: steps must be an integer >= 1, got 0"),
-        (["--attack", "foo"], "error: unknown attack 'foo'; choose one of pgd, fgsm, square, autoattack, autoattack-fast, deepfool"),
+        (["--attack", "foo"], "error: unknown attack 'foo'; choose one of pgd, fgsm, square, autoattack, autoattack-fast, deepfool, apgd-square"),
         (["--metric", "nope"], None),
     ],
 )

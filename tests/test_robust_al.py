@@ -46,6 +46,7 @@ def test_three_stages_grow_the_pool_and_the_files_agree(splits, tmp_path):
         assert len(chosen) == 60 and len(set(chosen)) == 60
         assert all(len(r.selected) == 20 for r in records[1:])
         assert records[0].bias is None and set(records[1].bias) == {"entropy", "gini", "lc", "margin", "label"}
+        assert all(r.attacks == ["pgd eps=0.3 alpha=0.01 steps=50"] for r in records)  # MNIST's per-stage attack
         assert all(0 <= v <= 1 for r in records[1:] for v in r.bias.values())
     # one initial model, shared: stage 0 is identical across metrics
     e0, r0 = result.records["entropy"][0], result.records["random"][0]
@@ -56,6 +57,7 @@ def test_three_stages_grow_the_pool_and_the_files_agree(splits, tmp_path):
     folder = tmp_path / "run"
     log = read_log(folder)
     assert len(log) == 8 and [r.metric for r in log] == ["entropy"] * 4 + ["random"] * 4
+    assert all(r.attacks == ["pgd eps=0.3 alpha=0.01 steps=50"] and list(r.robust_accuracy) == ["pgd"] for r in log)
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["command"] == "dltest robust-al" and summary["seed"] == 0
     for metric in ("entropy", "random"):
@@ -282,3 +284,19 @@ def test_cli_runs_on_a_users_npz_file(splits, tmp_path, colour):
     model, _ = load_model(out / "entropy.pt", arch=arch)
     expected = (1, 3, 32, 32) if colour else (1, 1, 28, 28)
     assert model.eval()(torch.zeros(expected)).shape == (1, 10)
+
+
+def test_fashion_stages_are_evaluated_with_the_profiles_attack_and_the_log_names_it(tmp_path):
+    # issue 17: on Fashion-MNIST PGD-50 overstates robustness, so its profile's per-stage attack is
+    # apgd-square; every stage record says which attack, with its settings, gave robust_accuracy
+    train = load_dataset("fashion-mnist", "train").subset(torch.arange(1000))
+    val = load_dataset("fashion-mnist", "val").subset(torch.arange(100))
+    holdout = load_dataset("fashion-mnist", "holdout").subset(torch.arange(100))
+    config = tiny(dataset="fashion-mnist", budget=220, eval_n=40, initial_epochs=2)
+    assert config.eval_attacks == ("apgd-square",)
+    result = run(config, (train, val, holdout), tmp_path / "run")
+    for records in (result.records["entropy"], read_log(tmp_path / "run")):
+        assert [r.stage for r in records] == [0, 1]
+        assert all(r.attacks == ["apgd-square eps=0.3 steps=100 queries=1000"] for r in records)
+        assert all(list(r.robust_accuracy) == ["apgd-square"] for r in records)
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["eval_attacks"] == ["apgd-square"]

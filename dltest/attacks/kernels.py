@@ -187,42 +187,77 @@ def deepfool_l2(
 ) -> DeepFoolResult:
     """Batched L2 DeepFool against the model's own predictions on ``images`` (in [0, 1], on the
     model's device), the overshoot on the accumulated perturbation; see :class:`DeepFoolResult`."""
+    parts = []
+    with eval_mode(model):
+        for s in range(0, len(images), batch_size):
+            parts.append(deepfool_batch(model, images[s : s + batch_size], overshoot, steps)[1])
+    if not parts:
+        empty = torch.zeros(0, dtype=torch.float64)
+        return DeepFoolResult(empty, torch.zeros(0, dtype=torch.long), empty, empty)
+    return DeepFoolResult(*(torch.cat(column) for column in zip(*parts)))
+
+
+def deepfool_batch(model: nn.Module, images: Tensor, overshoot: float, steps: int) -> tuple[Tensor, DeepFoolResult]:
+    """DeepFool on one batch, all inputs together, each leaving when its label flips: (the last
+    iterates, the flipping one where the label flipped; the :class:`DeepFoolResult`). The model's
+    mode is the caller's."""
     n = len(images)
     norms = torch.full((n,), math.inf, dtype=torch.float64)
     final_norms = torch.zeros(n, dtype=torch.float64)
     margins = torch.zeros(n, dtype=torch.float64)
     iterations = torch.full((n,), steps, dtype=torch.long)
-    with eval_mode(model):
-        for s in range(0, n, batch_size):
-            x0 = images[s : s + batch_size].detach()
-            x = x0.clone()
-            r_total = torch.zeros_like(x0)
-            active = torch.arange(len(x0), device=x0.device)
-            labels = torch.empty(0, dtype=torch.long)
-            for step in range(steps + 1):
-                xa = x[active].clone().requires_grad_(True)
-                logits = model(xa)
-                if step == 0:
-                    labels = logits.detach().argmax(dim=1)
-                margin = label_margin(logits.detach().double(), labels[active])
-                flipped = margin < 0
-                done = flipped if step < steps else torch.ones_like(flipped)
-                if done.any():
-                    rows = active[done]
-                    at = s + rows.cpu()
-                    dist = (x[rows] - x0[rows]).flatten(1).double().norm(dim=1).cpu()
-                    final_norms[at] = dist
-                    margins[at] = margin[done].cpu()
-                    hit = flipped[done].cpu()
-                    norms[at[hit]] = dist[hit]
-                    iterations[at[hit]] = step
-                if done.all():
-                    break
-                keep = ~flipped
-                with native_cpu_backward(native_input_grad_pays(xa)):
-                    w = boundary_gradients(logits, xa, labels[active])[keep]
-                active = active[keep]
-                step_r = deepfool_step(logits[keep], w, labels[active]).view_as(x0[active])
-                x[active] = torch.clamp(x0[active] + (1 + overshoot) * (r_total[active] + step_r), 0, 1)
-                r_total[active] += step_r
-    return DeepFoolResult(norms, iterations, final_norms, margins)
+    x0 = images.detach()
+    x = x0.clone()
+    r_total = torch.zeros_like(x0)
+    active = torch.arange(n, device=x0.device)
+    labels = torch.empty(0, dtype=torch.long)
+    for step in range(steps + 1):
+        xa = x[active].clone().requires_grad_(True)
+        logits = model(xa)
+        if step == 0:
+            labels = logits.detach().argmax(dim=1)
+        margin = label_margin(logits.detach().double(), labels[active])
+        flipped = margin < 0
+        done = flipped if step < steps else torch.ones_like(flipped)
+        if done.any():
+            at = active[done]
+            dist = (x[at] - x0[at]).flatten(1).double().norm(dim=1).cpu()
+            at = at.cpu()
+            final_norms[at] = dist
+            margins[at] = margin[done].cpu()
+            hit = flipped[done].cpu()
+            norms[at[hit]] = dist[hit]
+            iterations[at[hit]] = step
+        if done.all():
+            break
+        keep = ~flipped
+        with native_cpu_backward(native_input_grad_pays(xa)):
+            w = boundary_gradients(logits, xa, labels[active])[keep]
+        active = active[keep]
+        step_r = deepfool_step(logits[keep], w, labels[active]).view_as(x0[active])
+        x[active] = torch.clamp(x0[active] + (1 + overshoot) * (r_total[active] + step_r), 0, 1)
+        r_total[active] += step_r
+    return x.detach(), DeepFoolResult(norms, iterations, final_norms, margins)
+
+
+class DeepFoolL2:
+    """The ``deepfool`` attack preset on :func:`deepfool_batch`: ``DeepFoolL2(model)(x, y)``.
+
+    Inputs the model already misclassifies come back unchanged (as in torchattacks' DeepFool);
+    the others come back at the iterate where their label flipped, or at the last iterate when
+    it did not flip within ``steps``. Puts the model in eval mode and restores every module's mode.
+    """
+
+    def __init__(self, model: nn.Module, steps: int = 50, overshoot: float = 0.02,
+                 batch_size: int = DEEPFOOL_BATCH):
+        self.model, self.steps, self.overshoot, self.batch_size = model, steps, overshoot, batch_size
+
+    def __call__(self, images: Tensor, labels: Tensor) -> Tensor:
+        adv = images.detach().clone()
+        with eval_mode(self.model):
+            with torch.no_grad():
+                correct = torch.nonzero(self.model(images).argmax(dim=1) == labels).flatten()
+            for s in range(0, len(correct), self.batch_size):
+                rows = correct[s : s + self.batch_size]
+                adv[rows] = deepfool_batch(self.model, images[rows], self.overshoot, self.steps)[0]
+        return adv

@@ -19,7 +19,7 @@ from dltest.errors import DltestError
 @app.command("attack")
 def attack_command(
     selection: Annotated[Optional[Path], typer.Option(help="A selection JSON from `dltest select`; default: every input of the split.")] = None,
-    attack: Annotated[str, typer.Option(help="pgd, fgsm, square, autoattack, autoattack-fast or deepfool.")] = "pgd",
+    attack: Annotated[str, typer.Option(help="pgd, fgsm, square, autoattack, autoattack-fast, deepfool or apgd-square.")] = "pgd",
     purpose: Annotated[str, typer.Option(help="Preset to start from: train (PGD for (re)training) or eval.")] = "train",
     dataset: Dataset = "mnist",
     split: Annotated[Optional[str], typer.Option(help="The pool the selection indexes (default: the selection's split, else val).")] = None,

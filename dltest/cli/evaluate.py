@@ -21,7 +21,7 @@ if TYPE_CHECKING:  # for type hints only: the commands import these when they ru
 
 @app.command("evaluate")
 def evaluate_command(
-    attacks: Annotated[str, typer.Option(help="Comma-separated: pgd, fgsm, square, autoattack (standard, 100 APGD steps), autoattack-fast, deepfool.")] = "pgd",
+    attacks: Annotated[str, typer.Option(help="Comma-separated: pgd, fgsm, square, autoattack (standard, 100 APGD steps), autoattack-fast, deepfool, apgd-square.")] = "pgd",
     dataset: Dataset = "mnist",
     split: Annotated[str, typer.Option(help="Split to evaluate on (default: holdout, the test half kept for reporting).")] = "holdout",
     model: ModelPath = None,

@@ -80,7 +80,7 @@ def load_data_and_model(
 
 # --- attacks (dltest evaluate / attack / retrain / train --adversarial) ------------------------
 Eps = Annotated[Optional[str], typer.Option(help="Linf radius in (0, 1], a number or a fraction like 8/255 (default: the dataset's preset, SPEC §2).")]
-Steps = Annotated[Optional[int], typer.Option(help="Attack iterations (PGD, autoattack-fast, deepfool; default: the preset's).")]
+Steps = Annotated[Optional[int], typer.Option(help="Attack iterations (PGD, autoattack-fast, deepfool, apgd-square; default: the preset's).")]
 Alpha = Annotated[Optional[float], typer.Option(help="PGD step size (default: the preset's).")]
-Queries = Annotated[Optional[int], typer.Option(help="Query budget of square / autoattack-fast (default 5000).")]
+Queries = Annotated[Optional[int], typer.Option(help="Query budget of square / autoattack-fast (default 5000) / apgd-square (default 1000).")]
 AttackBatch = Annotated[int, typer.Option("--batch-size", min=1, help="Attack batch size.")]

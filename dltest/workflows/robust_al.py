@@ -63,7 +63,8 @@ class RobustALConfig:
     ``budget`` is the final labeled-pool size, ``initial`` the random initial pool, ``per_stage``
     how many inputs each stage labels. ``at`` is the adversarial-training method (``None``:
     standard active learning, the paper's Table 1), with ``at_steps`` inner steps of ``at_alpha``
-    (default: the method's preset). ``epochs`` per stage, the best kept by
+    (default: the method's preset). ``eval_attacks`` are evaluated on the holdout inputs after
+    every stage (default: the dataset profile's ``stage_attack``). ``epochs`` per stage, the best kept by
     robust accuracy on ``val_n`` validation inputs under a ``check_steps``-step PGD.
     ``train_size`` limits the unlabeled pool to a seeded subset of the training data. ``arch`` is
     a zoo name or the user's ``module:Class`` / ``file.py:Class``, built with ``arch_kwargs``
@@ -87,7 +88,7 @@ class RobustALConfig:
     optimizer: str = "adam"
     lr: float = 5e-3
     batch_size: int = 128
-    eval_attacks: tuple[str, ...] = ("pgd",)
+    eval_attacks: tuple[str, ...] | None = None
     final_attacks: tuple[str, ...] = ()
     eval_n: int | None = 1000
     val_n: int = 500
@@ -122,6 +123,8 @@ class RobustALConfig:
             raise DltestError(f"train_size must be >= 1, got {self.train_size}")
         if self.eval_n is not None and self.eval_n < 1:
             raise DltestError(f"eval_n must be >= 1, got {self.eval_n}")
+        if self.eval_attacks is None:
+            object.__setattr__(self, "eval_attacks", (stage_attack(self.dataset),))
         parse_attack_list(",".join(self.eval_attacks))
         if self.final_attacks:
             parse_attack_list(",".join(self.final_attacks))
@@ -151,6 +154,12 @@ class RobustALConfig:
         return data
 
 
+def stage_attack(dataset: str) -> str:
+    """The per-stage evaluation attack of ``dataset``: its profile's (``pgd`` for data that is not built in)."""
+    profile = PROFILES.get(dataset.lower())
+    return profile.stage_attack if profile is not None else "pgd"
+
+
 def preset(dataset: str, **overrides: Any) -> RobustALConfig:
     """The paper's Table 3 schedule for ``dataset`` (its profile's), with ``overrides``; data that
     is not built in has no schedule, so ``budget``, ``initial`` and ``per_stage`` must be given."""
@@ -170,7 +179,8 @@ def preset(dataset: str, **overrides: Any) -> RobustALConfig:
 class StageRecord:
     """One line of the run log: a metric after one stage (stage 0: the initial model).
 
-    ``selected`` are positions in the dataset's training split (``source_index``).
+    ``selected`` are positions in the dataset's training split (``source_index``); ``attacks``
+    names the attacks behind ``robust_accuracy`` with their settings (e.g. ``apgd eps=0.3 steps=100``).
     """
 
     metric: str
@@ -184,6 +194,7 @@ class StageRecord:
     seconds: dict[str, float]
     best_epoch: int | None = None
     stopped_early: str | None = None
+    attacks: list[str] = field(default_factory=list)  # the settings of each robust_accuracy's attack
 
 
 @dataclass
@@ -247,9 +258,11 @@ def robust_active_learning(
     eval_specs = [attack_preset(a, train_data.name, "eval", channels=train_data.input_shape[0], eps=config.eps,
                                 seed=config.seed) for a in config.eval_attacks]
 
-    def evaluate(model: nn.Module, attacks=eval_specs) -> tuple[float, dict[str, float]]:
+    def evaluate(model: nn.Module, attacks=eval_specs) -> tuple[float, dict[str, float], list[str]]:
+        """Clean accuracy, robust accuracy per attack name, and each attack with its settings."""
         report = evaluate_robustness(model, holdout, attacks, n=config.eval_n, seed=config.seed, device=device)
-        return report.clean_accuracy, {o.attack: o.robust_accuracy for o in report.attacks}
+        return (report.clean_accuracy, {o.attack: o.robust_accuracy for o in report.attacks},
+                [o.label for o in report.attacks])
 
     augment = profile.augment
     if on_start:
@@ -311,9 +324,9 @@ def _initial(config, factory, train_data, val, folder, device, evaluate, augment
     result = train(model, train_data.subset(labeled), val, _train_config(config, 0, augment, config.initial_epochs),
                    device=device, progress=progress)
     trained = time.perf_counter()
-    clean, robust = evaluate(result.model)
+    clean, robust, attacks = evaluate(result.model)
     record = StageRecord(metric="", seed=config.seed, stage=0, labeled=len(labeled), selected=[],
-                         clean_accuracy=clean, robust_accuracy=robust, bias=None,
+                         clean_accuracy=clean, robust_accuracy=robust, bias=None, attacks=attacks,
                          seconds={"select": 0.0, "train": round(trained - started, 3),
                                   "evaluate": round(time.perf_counter() - trained, 3)},
                          best_epoch=result.best_epoch, stopped_early=result.stopped_early)
@@ -343,11 +356,11 @@ def _stage(config, metric, stage, model, labeled, train_data, val, method, check
     result = train(copy.deepcopy(model), train_data.subset(labeled), val, _train_config(config, stage, augment),
                    adversary=stage_method, val_adversary=check, device=device, progress=progress)
     trained_at = time.perf_counter()
-    clean, robust = evaluate(result.model)
+    clean, robust, attacks = evaluate(result.model)
     record = StageRecord(
         metric=metric, seed=config.seed, stage=stage, labeled=len(labeled),
         selected=train_data.source_index[chosen].tolist(),
-        clean_accuracy=clean, robust_accuracy=robust, bias=bias,
+        clean_accuracy=clean, robust_accuracy=robust, bias=bias, attacks=attacks,
         seconds={"select": round(selected_at - started, 3), "train": round(trained_at - selected_at, 3),
                  "evaluate": round(time.perf_counter() - trained_at, 3)},
         best_epoch=result.best_epoch, stopped_early=result.stopped_early,
