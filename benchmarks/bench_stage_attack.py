@@ -96,8 +96,11 @@ def summary(record: dict) -> list[dict]:
         if len(names) == 1:
             row["cpu_seconds"] = attacks[names[0]]["cpu_seconds"]
         rows.append(row)
-        print(f"{row['attack']:45s} {100 * row['robust_accuracy']:5.1f}%  gap {row['gap_points']}  "
-              f"{row.get('cpu_seconds', '')}", flush=True)
+    print(f"{record['dataset']}, {n} val inputs, clean {100 * record['clean_correct'] / n:.1f}%\n")
+    print("| attack | robust accuracy | minus AutoAttack (points) | CPU seconds |\n|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['attack']} | {100 * row['robust_accuracy']:.1f}% | {row['gap_points']} | "
+              f"{row.get('cpu_seconds', '')} |", flush=True)
     return rows
 
 

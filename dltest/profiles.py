@@ -71,8 +71,8 @@ class DatasetProfile:
     """The per-dataset facts of SPEC §2-§5; ``builtin`` is False for a generic user-data profile.
 
     ``stage_attack`` is the attack robust active learning evaluates after every stage: SPEC §2's
-    PGD-50 where it is measured to stay close to standard AutoAttack, an APGD-based attack where
-    PGD-50 overstates robustness (Fashion-MNIST; docs/adversarial-training.md, "Per-stage attack").
+    PGD-50, or ``apgd-square`` where PGD-50 was measured to overstate robustness far beyond the
+    standard AutoAttack (Fashion-MNIST; docs/adversarial-training.md, "Per-stage attack").
     """
 
     name: str

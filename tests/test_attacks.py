@@ -213,7 +213,7 @@ def test_deepfool_preset_is_the_batched_kernel_and_flips_every_correct_input(mni
 def test_apgd_square_is_never_weaker_than_pgd50_on_the_bundled_robust_models(dataset):
     # 60 fixed val inputs: every input apgd-square leaves robust PGD-50 leaves robust too (one
     # exception allowed: both are randomised searches); on the robust Fashion-MNIST LeNet, whose
-    # gradients mislead PGD, it breaks far more (docs/adversarial-training.md: 37.2% vs 68.5%)
+    # gradients mislead PGD, it breaks far more (docs/adversarial-training.md: 37.6% vs 68.5%)
     from dltest.checkpoint import load_model
     from dltest.data import load_dataset
     from dltest.robustness import evaluate_robustness

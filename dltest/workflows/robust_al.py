@@ -180,7 +180,8 @@ class StageRecord:
     """One line of the run log: a metric after one stage (stage 0: the initial model).
 
     ``selected`` are positions in the dataset's training split (``source_index``); ``attacks``
-    names the attacks behind ``robust_accuracy`` with their settings (e.g. ``apgd eps=0.3 steps=100``).
+    names the attacks behind ``robust_accuracy`` with their settings (e.g.
+    ``apgd-square eps=0.3 steps=100 queries=1000``).
     """
 
     metric: str
