@@ -77,9 +77,9 @@ def measure(dataset: str, n: int, out: str | None, only: list[str] | None = None
         record["attacks"][name] = {"robust": int(robust.sum()), "cpu_seconds": round(seconds, 1),
                                    "flags": "".join("1" if v else "0" for v in robust.tolist())}
         print(f"{name:15s} {int(robust.sum())} of {n}  {seconds:.1f} cpu-s", flush=True)
-        if out:
+        if out:  # one line per key: the flags and positions stay one line each
             with open(out, "w") as f:
-                json.dump(record, f, indent=1)
+                f.write("{\n" + ",\n".join(f" {json.dumps(k)}: {json.dumps(v)}" for k, v in record.items()) + "\n}\n")
     return record
 
 
