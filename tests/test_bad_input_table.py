@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -412,6 +413,7 @@ def test_a_failed_torchrun_is_one_line_per_rank_at_most(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert len(lines) <= 2 and "Traceback" not in proc.stderr, proc.stderr
     assert lines[0].startswith("error: unknown metric 'nope'")
-    assert lines[-1] == ("error: dltest failed on 2 rank(s) (rank 0: exit code 2, rank 1: exit code 2); "
-                         "see the rank's error line above")
+    # torchrun may stop the second rank (SIGTERM) before it reports its own exit code 2: a race, not a defect
+    assert re.fullmatch(r"error: dltest failed on [12] rank\(s\) \((rank \d: (exit code \d+|killed by SIG\w+)(, )?)+\); "
+                        r"see the rank's error line above", lines[-1]) and "exit code 2" in lines[-1], lines[-1]
     assert list(tmp_path.iterdir()) == []
