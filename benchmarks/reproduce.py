@@ -37,6 +37,7 @@ from dltest import __version__, load_dataset, load_model
 from dltest.analysis.compare import bias_robustness_correlations, compare_functions, ordered_characteristics, stage_means
 from dltest.analysis.runs import all_records, load_run
 from dltest.errors import DltestError
+from dltest.workflows.robust_al import stage_attack
 from dltest.io import atomic_path, read_json, write_json
 from dltest.settings import default_device
 from dltest.workflows.robust_al import preset, robust_active_learning
@@ -69,7 +70,7 @@ class Size:
     at: str  # the adversarial-training method of the robust runs
     at_steps: int | None  # its inner PGD steps and step size (None: the SPEC §2 training preset, 40 of 0.01)
     at_alpha: float | None
-    eval_attacks: tuple[str, ...]
+    eval_attacks: tuple[str, ...] | None  # per-stage attacks; None: the dataset profile's (apgd-square on Fashion-MNIST)
     final_attacks: tuple[str, ...]
     eval_n: int | None
     val_n: int
@@ -89,7 +90,7 @@ SIZES = {
     # The paper's protocol: Table 3 schedules, all 12 functions, 3 seeds, PGD-40 adversarial training,
     # AutoAttack on the final models. Meant for a GPU.
     "full": Size("full", ("mnist", "fashion-mnist"), ALL_METRICS, (0, 1, 2), None, epochs=10, initial_epochs=30,
-                 at="pgd", at_steps=None, at_alpha=None, eval_attacks=("pgd",), final_attacks=("autoattack",),
+                 at="pgd", at_steps=None, at_alpha=None, eval_attacks=None, final_attacks=("autoattack",),
                  eval_n=None, val_n=500, train_size=None, standard_metrics=ALL_METRICS, standard_seeds=(0, 1, 2), retrain_metrics=ALL_METRICS,
                  retrain_budgets=("1%", "4%"), retrain_seeds=(0, 1, 2), retrain_epochs=None,
                  retrain_train_size=None, retrain_eval_n=None),
@@ -98,7 +99,7 @@ SIZES = {
     # on the final models; PGD-5 of 0.15 instead of PGD-40 of 0.01 (docs/adversarial-training.md: 0.5
     # AutoAttack points apart at 6/41 of the cost) and 500 holdout inputs instead of 5000.
     "cpu": Size("cpu", ("mnist",), ("random", "deepgini", "dre"), (0, 1, 2), None, epochs=10, initial_epochs=30,
-                at="pgd", at_steps=5, at_alpha=0.15, eval_attacks=("pgd",), final_attacks=("autoattack",), eval_n=500,
+                at="pgd", at_steps=5, at_alpha=0.15, eval_attacks=None, final_attacks=("autoattack",), eval_n=500,
                 val_n=500, train_size=None, standard_metrics=(), standard_seeds=(), retrain_metrics=(),
                 retrain_budgets=(), retrain_seeds=(), retrain_epochs=None, retrain_train_size=None,
                 retrain_eval_n=None),
@@ -107,7 +108,7 @@ SIZES = {
     # stage and PGD training at eps 0.3 falls into the constant predictor (measured: 7% from stage 2).
     "quick": Size("quick", ("mnist",), ("random", "entropy", "deepgini", "lc", "mcp", "dre"), (0, 1, 2),
                   (1200, 200, 200), epochs=10, initial_epochs=30, at="pgd", at_steps=5, at_alpha=0.15,
-                  eval_attacks=("pgd",), final_attacks=(), eval_n=500, val_n=300, train_size=None, standard_metrics=("random", "deepgini", "dre"),
+                  eval_attacks=None, final_attacks=(), eval_n=500, val_n=300, train_size=None, standard_metrics=("random", "deepgini", "dre"),
                   standard_seeds=(0,), retrain_metrics=("random", "deepgini", "dre"), retrain_budgets=("1%", "4%"),
                   retrain_seeds=(0,), retrain_epochs=2, retrain_train_size=10000, retrain_eval_n=500),
     # The smallest size that runs every part (the test).
@@ -167,7 +168,7 @@ def run_retrain(size: Size, dataset: str, metric: str, budget: str, seed: int, r
     config = TrainConfig(epochs=size.retrain_epochs, seed=seed) if size.retrain_epochs else None
     result = retrain(model, train_data=train_data, pool=load_dataset(dataset, "val"),
                      holdout=load_dataset(dataset, "holdout"), metric=metric, budget=budget,
-                     eval_attacks=size.eval_attacks, config=config, seed=seed, eval_n=size.retrain_eval_n,
+                     eval_attacks=size.eval_attacks or (stage_attack(dataset),), config=config, seed=seed, eval_n=size.retrain_eval_n,
                      val_n=min(1000, size.val_n), device=device,
                      state_path=out.with_suffix(".state.pt"), resume=out.with_suffix(".state.pt").is_file())
     report = result.to_dict()
@@ -337,7 +338,7 @@ def write_report(size: Size, runs: Path, report: Path, command: str, device, sec
         f"| training pool | {size.train_size or 'all'} training inputs | all |",
         f"| epochs per stage / initial model | {size.epochs} / {size.initial_epochs} | 10 (warm start) |",
         f"| adversarial training | {_method_text(size)} | PGD, eps 0.3, 40 steps of 0.01 |",
-        f"| robustness per stage / at the end | {', '.join(size.eval_attacks)} / "
+        f"| robustness per stage / at the end | {', '.join(size.eval_attacks or ('the profile: ' + ', '.join(f'{d} {stage_attack(d)}' for d in size.datasets),))} / "
         f"{', '.join(size.final_attacks) or '(same)'} on {size.eval_n or 'all 5000'} holdout inputs | "
         f"AutoAttack on the test set |",
         f"| seeds | {', '.join(map(str, size.seeds))} | 3 |",
