@@ -54,7 +54,9 @@ class EstimateResult:
 
     design: str
     interval: str
-    valid: str
+    validity: str  # "exact" (at every n) or "asymptotic" (a central limit theorem, coverage measured)
+    valid: bool  # False: too few draws for this design's interval (see invalid_reason); the gate refuses it
+    invalid_reason: str | None
     dataset: str
     split: str
     pool_size: int
@@ -171,7 +173,8 @@ def estimate(
                                len(needed), len(plan.positions))
                for name, y in outcomes.items()]
     return EstimateResult(
-        design=plan.design, interval=design.interval, valid=design.validity,
+        design=plan.design, interval=design.interval, validity=design.validity,
+        valid=design.invalid_reason(len(plan.positions)) is None, invalid_reason=design.invalid_reason(len(plan.positions)),
         dataset=plan.dataset, split=plan.split, pool_size=plan.pool_size, seed=plan.seed, figures=figures,
         attacks=attack_rows, model=plan.model, seconds=round(time.perf_counter() - started, 3),
     )
