@@ -47,7 +47,10 @@ variance; for robust accuracy the caller scales the confidence by the observed s
 or drops the floor, see :mod:`dltest.estimation.estimating`), and it becomes an interval as
 Clopper-Pearson at the effective sample size ``p (1 - p) / variance`` shrunk by
 ``(z / t_{n-1})^2`` (Korn & Graubard 1998), which keeps the exact interval's shape near 100%
-where a normal interval undercovers. Their coverage is measured, not guaranteed:
+where a normal interval undercovers. For the designs that draw with replacement (``importance``,
+``active``) the ``t`` takes the degrees of freedom of the draws' sample variance given their
+excess kurtosis (:func:`variance_df`): weighted draws of rare outcomes are heavy-tailed, and a
+small sample underestimates their variance. Their coverage is measured, not guaranteed:
 docs/estimate.md gives it per pool and budget. Below a design's ``min_budget`` draws (200 for
 ``importance``, 100 for ``active``) the measured coverage fell under 94%, and the estimate says
 that its interval is not valid (the gate refuses it).
@@ -149,8 +152,8 @@ class PoolScores:
 def _normal(estimate: float, variance: float, confidence: float, lam: float | None = None, n: int = 0,
             df: float | None = None) -> Result:
     """The interval of a design-based estimate with ``variance`` from ``n`` labels: Clopper-Pearson
-    at the effective sample size ``n_eff = p (1 - p) / variance``, shrunk by ``(z / t_{n-1})^2``
-    (Korn & Graubard 1998), which keeps the exact interval's shape near 0 and 1 where a normal
+    at the effective sample size ``n_eff = p (1 - p) / variance``, shrunk by ``(z / t_{df})^2``
+    (Korn & Graubard 1998; ``df = n - 1`` unless given), which keeps the exact interval's shape near 0 and 1 where a normal
     interval undercovers; ``p`` is kept ``1 / (2 n)`` away from 0 and 1 so that an all-correct
     sample keeps a width."""
     se = math.sqrt(max(variance, 0.0))
@@ -384,7 +387,8 @@ class WeightedDraws(Design):
     """``n`` draws with replacement with per-draw probabilities ``q`` mixed with the uniform."""
 
     interval: str = ("the draws' variance, floored at the variance the confidence anticipates; Clopper-Pearson at the "
-                     "effective sample size (asymptotically valid; weights bounded by 1/uniform_share)")
+                     "effective sample size, t at the variance's kurtosis-based degrees of freedom (asymptotically "
+                     "valid; weights bounded by 1/uniform_share)")
     uniform_share: float = DEFAULT_UNIFORM_SHARE
 
     def options(self) -> dict:
