@@ -172,9 +172,10 @@ def estimate(
     figures = [figure_estimate(name, estimate_outcome(design, sample, y, clean, name == ACCURACY, confidence),
                                len(needed), len(plan.positions))
                for name, y in outcomes.items()]
+    reason = design.invalid_reason(len(plan.positions))
     return EstimateResult(
-        design=plan.design, interval=design.interval, validity=design.validity,
-        valid=design.invalid_reason(len(plan.positions)) is None, invalid_reason=design.invalid_reason(len(plan.positions)),
+        design=plan.design, interval=design.interval, validity=design.validity, valid=reason is None,
+        invalid_reason=reason,
         dataset=plan.dataset, split=plan.split, pool_size=plan.pool_size, seed=plan.seed, figures=figures,
         attacks=attack_rows, model=plan.model, seconds=round(time.perf_counter() - started, 3),
     )
