@@ -67,13 +67,71 @@ def test_stratified_mean_and_variance_by_hand():
 
 
 def test_importance_is_one_minus_the_hansen_hurwitz_error_rate():
-    # N = 4; draws of positions 0, 2, 2 with per-draw probabilities 0.1, 0.4, 0.4; only the second is wrong
+    # N = 4; draws of positions 0, 2, 2 with per-draw probabilities 0.1, 0.4, 0.4; only the second is wrong.
+    # weights w = 1/(N q) = 2.5, 0.625, 0.625; y w = 2.5, 0, 0.625: cov(y w, w) / var(w) = 1.367 / 1.172
+    # clips to lambda = 1, the error rate's Hansen-Hurwitz estimate
     sample = _sample("importance", [0, 2, 2], [0.1, 0.4, 0.4], [0.9, 0.6, 0.6], 4, with_replacement=True,
                      moments={"mean_c": 0.9, "mean_c2": 0.85, "s0": 1.0, "s1": 0.95, "s2": 0.9})
     result = get_design("importance").estimate(sample, np.array([1, 0, 1]))
     terms = np.array([0.0, 1 / (4 * 0.4), 0.0])  # (1 - y) / (N q)
     assert result.estimate == pytest.approx(1 - terms.mean())  # 0.791667
     assert result.standard_error == pytest.approx(math.sqrt(terms.var(ddof=1) / 3))  # above the floor 0.04
+    assert result.lam == 1.0
+
+
+def test_importance_tunes_lambda_towards_the_accuracys_hansen_hurwitz_when_right_is_rare():
+    # N = 4; q = 0.5, 0.25, 0.25 -> w = 0.5, 1, 1; y = 1, 0, 0 -> y w = 0.5, 0, 0.
+    # cov(y w, w) = -1/12 < 0: lambda clips to 0, the estimate is mean(y w) = 1/6 (Hansen-Hurwitz of
+    # the accuracy) with variance var(y w) / 3 = (1/12) / 3; the floor s1 - mean_c^2 = 0.05 is below it
+    moments = {"mean_c": 0.5, "mean_c2": 0.3, "s0": 1.2, "s1": 0.3, "s2": 0.1}
+    sample = _sample("importance", [0, 1, 2], [0.5, 0.25, 0.25], [0.5] * 3, 4, with_replacement=True, moments=moments)
+    result = get_design("importance").estimate(sample, np.array([1, 0, 0]))
+    assert result.lam == 0.0
+    assert result.estimate == pytest.approx(1 / 6)
+    assert result.standard_error == pytest.approx(math.sqrt(1 / 12 / 3))
+    # four draws, q = 0.25, 0.25, 0.125, 0.125 -> w = 1, 1, 2, 2; y = 0, 1, 0, 1 -> y w = 0, 1, 0, 2:
+    # cov(y w, w) = (0.375 - 0.125 - 0.375 + 0.625) / 3 = 1/6, var(w) = 1/3: lambda = 1/2;
+    # terms y w - w / 2 = -0.5, 0.5, -1, 1 (mean 0, variance 2.5 / 3 above the floor 0.25 * 1.2)
+    mixed = _sample("importance", [0, 1, 2, 3], [0.25, 0.25, 0.125, 0.125], [0.5] * 4, 4, with_replacement=True,
+                    moments=moments)
+    tuned = get_design("importance").estimate(mixed, np.array([0, 1, 0, 1]))
+    assert tuned.lam == pytest.approx(0.5)
+    assert tuned.estimate == pytest.approx(0.5)
+    assert tuned.standard_error == pytest.approx(math.sqrt(2.5 / 3 / 4))
+    # all wrong: lambda 0, terms 0; the floor at survival 0.5: 0.5 s1 - (0.5 mean_c)^2 = 0.15 - 0.0625
+    floored = get_design("importance").estimate(sample, np.zeros(3), survival=0.5)
+    assert floored.estimate == 0.0
+    assert floored.standard_error == pytest.approx(math.sqrt(0.0875 / 3))
+    # the floor with lambda = 1 is the error rate's: s0 - s1 - (1 - mean_c)^2 = 1.2 - 0.3 - 0.25
+    sample_right = _sample("importance", [0, 0, 0], [0.5] * 3, [0.5] * 3, 4, with_replacement=True, moments=moments)
+    assert get_design("importance").estimate(sample_right, np.ones(3)).standard_error == pytest.approx(
+        math.sqrt(0.65 / 3))
+
+
+def test_variance_degrees_of_freedom_shrink_with_heavy_tails():
+    from scipy.stats import beta, norm, t
+
+    from dltest.estimation.designs import variance_df
+
+    # one 1 among ten: Bernoulli(0.1) moments, excess kurtosis (1 - 6 * 0.09) / 0.09 = 5.111;
+    # df = 2 / (2/9 + 5.111/10) = 2.727 instead of n - 1 = 9
+    assert variance_df(np.array([1.0] + [0.0] * 9)) == pytest.approx(2 / (2 / 9 + (0.46 / 0.09) / 10))
+    # light tails (excess kurtosis -2 for two equal halves) keep n - 1; constant terms have no variance
+    assert variance_df(np.array([0.0, 1.0] * 5)) == pytest.approx(9)
+    assert variance_df(np.zeros(10)) is None
+    # the interval uses t at that df in Korn & Graubard's factor
+    result = _normal(0.8, 0.8 * 0.2 / 100, 0.95, n=10, df=2.727)
+    n_eff = 100 * (norm.ppf(0.975) / t.ppf(0.975, 2.727)) ** 2
+    assert result.low == pytest.approx(beta.ppf(0.025, 0.8 * n_eff, 0.2 * n_eff + 1), abs=1e-9)
+
+
+def test_designs_below_their_minimum_budget_say_their_interval_is_not_valid():
+    assert get_design("importance").invalid_reason(199).startswith("importance needs at least 200 draws")
+    assert get_design("importance").invalid_reason(200) is None
+    assert get_design("active").invalid_reason(99).startswith("active needs at least 100 draws")
+    assert get_design("active").invalid_reason(100) is None
+    for name in ("srs", "stratified", "ppi"):
+        assert get_design(name).invalid_reason(1) is None
 
 
 def test_ppi_is_lambda_mean_f_plus_the_mean_residual():
@@ -223,6 +281,7 @@ def test_plan_and_estimate_round_trip(mnist_slice):
     exact = clopper_pearson(right, 40)
     assert (accuracy["low"], accuracy["high"]) == pytest.approx((exact.low, exact.high))
     assert accuracy["labeled"] == 40 and report["design"] == "srs"
+    assert report["valid"] is True and report["invalid_reason"] is None and report["validity"] == "exact"
 
 
 def test_estimate_with_attacks_and_pool_labels(mnist_slice):
@@ -235,7 +294,15 @@ def test_estimate_with_attacks_and_pool_labels(mnist_slice):
                                  str(folder / "labeled.npz"), "-m", _model_path(), "--attacks", "fgsm",
                                  "--out", str(out)])
     assert result.exit_code == 0, result.output
-    figures = {f["figure"]: f for f in json.loads(out.read_text())["figures"]}
+    assert "interval not valid: active needs at least 100 draws" in " ".join(result.output.split())
+    report = json.loads(out.read_text())
+    assert report["valid"] is False and report["validity"] == "asymptotic"
+    assert report["invalid_reason"].startswith("active needs at least 100 draws for a valid interval (got 20)")
+    assert any(n.startswith("interval will not be valid") for n in json.loads(plan.read_text())["notes"])
+    gate_out = folder / "gate-active.json"
+    refused = runner.invoke(app, ["gate", "--estimate", str(out), "--min-accuracy", "0.5", "--out", str(gate_out)])
+    assert refused.exit_code == 2 and "interval is not valid" in refused.output and not gate_out.exists()
+    figures = {f["figure"]: f for f in report["figures"]}
     assert set(figures) == {"accuracy", "fgsm"}
     assert figures["fgsm"]["estimate"] <= figures["accuracy"]["estimate"]
     assert figures["accuracy"]["labeled"] == len(set(json.loads(plan.read_text())["positions"]))

@@ -97,6 +97,9 @@ def _print_plan(drawn: EstimationPlan, out: Path, sheet: Path | None) -> None:
         counts = [drawn.strata.count(h) for h in range(len(drawn.strata_sizes))] if drawn.strata else []
         console.print("strata by confidence (size: labels): "
                       + ", ".join(f"{n}: {k}" for n, k in zip(drawn.strata_sizes, counts)))
+    for note in drawn.notes:
+        if note.startswith("interval will not be valid"):
+            console.print(f"[bold red]{note}[/]")
     console.print(f"wrote {out}" + (f" and the sheet {sheet} (fill in its label column)" if sheet else "")
                   + f" in {drawn.seconds:.2f} s")
 
@@ -199,6 +202,8 @@ def _print_estimate(result: EstimateResult, out: Path) -> None:
     console = Console()
     console.print(table)
     console.print(f"interval: {result.interval}")
+    if not result.valid:
+        console.print(f"[bold red]interval not valid:[/] {result.invalid_reason}; the gate refuses this estimate")
     console.print(f"wrote {out} in {result.seconds:.2f} s")
 
 

@@ -23,8 +23,12 @@ Designs:
   guards against an overconfident model, whose confident strata Neyman would starve.
 - ``importance``: ``n`` draws with replacement with probability ``q_i = (1 - u) s_i / sum(s)
   + u / N`` (``u`` = ``uniform_share``, default 0.5: mixing with the uniform bounds every
-  weight ``1 / (N q_i)`` by ``1 / u``). Hansen-Hurwitz estimate of the error rate
-  (unbiased), accuracy = 1 - it.
+  weight ``1 / (N q_i)`` by ``1 / u``). With ``w = 1 / (N q)`` per draw, the estimate is
+  ``lambda + mean(y w - lambda w)``: unbiased for every ``lambda``, as ``mean(w)`` has the known
+  expectation 1. ``lambda = 1`` is the Hansen-Hurwitz estimate of the error rate (accuracy = 1 -
+  it), the right one when errors are rare; ``lambda = 0`` the Hansen-Hurwitz estimate of the
+  accuracy, the right one when right outcomes are rare (robust accuracy near 0%); ``lambda``
+  is power-tuned on the draws, ``cov(y w, w) / var(w)`` clipped to [0, 1], as in ``ppi``.
 - ``ppi``: PPI++ (Angelopoulos, Duchi, Zrnic 2023): a simple random sample, the estimate
   ``lambda mean_N(f) + mean_n(y - lambda f)`` with ``f`` the confidence and ``lambda`` tuned to
   the smallest variance, ``cov(y, f) / var(f)`` on the labels, clipped to [0, 1] (the pool's
@@ -43,8 +47,13 @@ variance; for robust accuracy the caller scales the confidence by the observed s
 or drops the floor, see :mod:`dltest.estimation.estimating`), and it becomes an interval as
 Clopper-Pearson at the effective sample size ``p (1 - p) / variance`` shrunk by
 ``(z / t_{n-1})^2`` (Korn & Graubard 1998), which keeps the exact interval's shape near 100%
-where a normal interval undercovers. Their coverage is measured, not guaranteed:
-docs/estimate.md gives it per pool and budget.
+where a normal interval undercovers. For the designs that draw with replacement (``importance``,
+``active``) the ``t`` takes the degrees of freedom of the draws' sample variance given their
+excess kurtosis (:func:`variance_df`): weighted draws of rare outcomes are heavy-tailed, and a
+small sample underestimates their variance. Their coverage is measured, not guaranteed:
+docs/estimate.md gives it per pool and budget. Below a design's ``min_budget`` draws (200 for
+``importance``, 100 for ``active``) the measured coverage fell under 94%, and the estimate says
+that its interval is not valid (the gate refuses it).
 
 Everything here is numpy on arrays, so a benchmark can redraw a design thousands of times.
 """
@@ -66,6 +75,11 @@ DEFAULT_STRATA = 5
 DEFAULT_UNIFORM_SHARE = 0.5
 DEFAULT_PROPORTIONAL_SHARE = 0.5
 MIN_PER_STRATUM = 2
+# Fewest draws for a valid interval, measured (docs/estimate.md): below them, coverage fell under 94%
+# on a pool where the few errors hide among confident inputs (MNIST) or the model is overconfident
+# (Fashion-MNIST). srs is exact; stratified and ppi covered >= 94% from 50 labels on.
+IMPORTANCE_MIN_BUDGET = 200
+ACTIVE_MIN_BUDGET = 100
 
 
 @dataclass
@@ -135,10 +149,11 @@ class PoolScores:
 # --- helpers ---------------------------------------------------------------------------------
 
 
-def _normal(estimate: float, variance: float, confidence: float, lam: float | None = None, n: int = 0) -> Result:
+def _normal(estimate: float, variance: float, confidence: float, lam: float | None = None, n: int = 0,
+            df: float | None = None) -> Result:
     """The interval of a design-based estimate with ``variance`` from ``n`` labels: Clopper-Pearson
-    at the effective sample size ``n_eff = p (1 - p) / variance``, shrunk by ``(z / t_{n-1})^2``
-    (Korn & Graubard 1998), which keeps the exact interval's shape near 0 and 1 where a normal
+    at the effective sample size ``n_eff = p (1 - p) / variance``, shrunk by ``(z / t_{df})^2``
+    (Korn & Graubard 1998; ``df = n - 1`` unless given), which keeps the exact interval's shape near 0 and 1 where a normal
     interval undercovers; ``p`` is kept ``1 / (2 n)`` away from 0 and 1 so that an all-correct
     sample keeps a width."""
     se = math.sqrt(max(variance, 0.0))
@@ -148,8 +163,8 @@ def _normal(estimate: float, variance: float, confidence: float, lam: float | No
     if se == 0:
         return Result(float(estimate), point, point, 0.0, confidence, lam)
     n_eff = p * (1 - p) / se**2
-    if n > 1:  # Korn & Graubard's degrees-of-freedom correction: n_eff (z / t_{n-1})^2
-        n_eff *= (norm.ppf(0.5 + confidence / 2) / t_dist.ppf(0.5 + confidence / 2, n - 1)) ** 2
+    if n > 1:  # Korn & Graubard's degrees-of-freedom correction: n_eff (z / t_df)^2, df = n - 1 unless given
+        n_eff *= (norm.ppf(0.5 + confidence / 2) / t_dist.ppf(0.5 + confidence / 2, df or (n - 1))) ** 2
     alpha = (1 - confidence) / 2
     k = point * n_eff
     low = 0.0 if k <= 0 else float(beta.ppf(alpha, k, n_eff - k + 1))
@@ -179,6 +194,22 @@ def _floored_variance(terms: np.ndarray, anticipated: float) -> float:
     return max(sample_var, anticipated, 0.0) / len(terms)
 
 
+def variance_df(terms: np.ndarray) -> float | None:
+    """Degrees of freedom of the sample variance of ``terms``, heavy tails included: ``Var(s^2) =
+    sigma^4 (2 / (n - 1) + kappa / n)`` with ``kappa`` the excess kurtosis, matched to a scaled
+    chi-square's ``2 sigma^4 / df``: ``df = 2 / (2 / (n - 1) + kappa / n)`` (``n - 1`` for normal
+    terms). Weighted draws of rare outcomes have heavy-tailed terms whose variance a small sample
+    underestimates; the fewer degrees of freedom widen the interval for it. None: no variance."""
+    n = len(terms)
+    centred = np.asarray(terms, float) - float(np.mean(terms))
+    m2 = float(np.mean(centred**2))
+    if n < 3 or m2 <= 1e-15:
+        return None
+    excess = float(np.mean(centred**4)) / m2**2 - 3
+    return max(1.0, 2 / (2 / (n - 1) + max(excess, 0.0) / n))
+
+
+
 def _tuned_lambda(a: np.ndarray, b: np.ndarray, scale: float = 1.0) -> float:
     """The ``lambda`` in [0, 1] that minimises the sample variance of ``a - lambda b``
     (``cov(a, b) / (scale var(b))``); 1 when ``b`` does not vary (then lambda changes nothing)."""
@@ -202,6 +233,14 @@ class Design:
     summary: str = ""
     interval: str = ""  # the interval and why it is valid
     validity: str = "asymptotic"  # "exact": at every n; "asymptotic": a central limit theorem
+    min_budget: int = 1  # fewer draws than this: the interval is not valid (its coverage fell below 94%)
+
+    def invalid_reason(self, draws: int) -> str | None:
+        """Why an interval from ``draws`` draws is not valid, or None when it is."""
+        if draws >= self.min_budget:
+            return None
+        return (f"{self.name} needs at least {self.min_budget} draws for a valid interval (got {draws}): below that "
+                "its measured coverage fell under 94% (docs/estimate.md)")
 
     def draw(self, pool: PoolScores, budget: int, rng: np.random.Generator) -> Sample:
         raise NotImplementedError
@@ -348,7 +387,8 @@ class WeightedDraws(Design):
     """``n`` draws with replacement with per-draw probabilities ``q`` mixed with the uniform."""
 
     interval: str = ("the draws' variance, floored at the variance the confidence anticipates; Clopper-Pearson at the "
-                     "effective sample size (asymptotically valid; weights bounded by 1/uniform_share)")
+                     "effective sample size, t at the variance's kurtosis-based degrees of freedom (asymptotically "
+                     "valid; weights bounded by 1/uniform_share)")
     uniform_share: float = DEFAULT_UNIFORM_SHARE
 
     def options(self) -> dict:
@@ -367,7 +407,9 @@ class WeightedDraws(Design):
 @dataclass(frozen=True)
 class Importance(WeightedDraws):
     name: str = "importance"
-    summary: str = "draws with probability from an uncertainty score (mixed with uniform); Hansen-Hurwitz"
+    summary: str = ("draws with probability from an uncertainty score (mixed with uniform); Hansen-Hurwitz with the "
+                    "weights' known mean as a power-tuned control variate")
+    min_budget: int = IMPORTANCE_MIN_BUDGET
 
     def probabilities(self, pool: PoolScores) -> np.ndarray:
         return mix_with_uniform(pool.score, self.uniform_share)
@@ -375,11 +417,16 @@ class Importance(WeightedDraws):
     def estimate(self, sample: Sample, y: np.ndarray, confidence: float = 0.95, survival: float = 1.0,
                  floor: bool = True) -> Result:
         y = _outcomes(y, sample)
-        errors = (1 - y) / (sample.pool_size * sample.probability)  # Hansen-Hurwitz terms of the error rate
+        weight = 1.0 / (sample.pool_size * sample.probability)
+        a = y * weight
+        lam = _tuned_lambda(a, weight)  # 1: the error rate's Hansen-Hurwitz; 0: the accuracy's
+        terms = a - lam * weight  # mean(weight) has the known expectation 1
         m = sample.moments
         # Var of a term if input i is right with probability survival * f_i
-        anticipated = m["s0"] - survival * m["s1"] - (1 - survival * m["mean_c"]) ** 2
-        return _normal(1 - float(errors.mean()), _floored_variance(errors, anticipated if floor else 0.0), confidence, n=len(y))
+        second = survival * (1 - 2 * lam) * m["s1"] + lam**2 * m["s0"]
+        anticipated = second - (survival * m["mean_c"] - lam) ** 2
+        variance = _floored_variance(terms, anticipated if floor else 0.0)
+        return _normal(lam + float(terms.mean()), variance, confidence, lam, n=len(y), df=variance_df(terms))
 
 
 @dataclass(frozen=True)
@@ -414,6 +461,7 @@ class PredictionPowered(Design):
 class ActiveInference(WeightedDraws):
     name: str = "active"
     summary: str = "active inference: draws with probability ~ sqrt(f(1-f)) (mixed with uniform), AIPW, power-tuned"
+    min_budget: int = ACTIVE_MIN_BUDGET
 
     def probabilities(self, pool: PoolScores) -> np.ndarray:
         c = pool.confidence
@@ -431,7 +479,8 @@ class ActiveInference(WeightedDraws):
         # E[term^2] if input i is right with probability survival * f_i
         second = survival * m["s1"] - (2 * lam * survival - lam**2) * m["s2"]
         anticipated = second - ((survival - lam) * m["mean_c"]) ** 2
-        return _normal(estimate, _floored_variance(terms, anticipated if floor else 0.0), confidence, lam, n=len(y))
+        variance = _floored_variance(terms, anticipated if floor else 0.0)
+        return _normal(estimate, variance, confidence, lam, n=len(y), df=variance_df(terms))
 
 
 def _sample(design: str, pool: PoolScores, positions: np.ndarray, probability: np.ndarray,

@@ -54,7 +54,9 @@ class EstimateResult:
 
     design: str
     interval: str
-    valid: str
+    validity: str  # "exact" (at every n) or "asymptotic" (a central limit theorem, coverage measured)
+    valid: bool  # False: too few draws for this design's interval (see invalid_reason); the gate refuses it
+    invalid_reason: str | None
     dataset: str
     split: str
     pool_size: int
@@ -170,8 +172,10 @@ def estimate(
     figures = [figure_estimate(name, estimate_outcome(design, sample, y, clean, name == ACCURACY, confidence),
                                len(needed), len(plan.positions))
                for name, y in outcomes.items()]
+    reason = design.invalid_reason(len(plan.positions))
     return EstimateResult(
-        design=plan.design, interval=design.interval, valid=design.validity,
+        design=plan.design, interval=design.interval, validity=design.validity, valid=reason is None,
+        invalid_reason=reason,
         dataset=plan.dataset, split=plan.split, pool_size=plan.pool_size, seed=plan.seed, figures=figures,
         attacks=attack_rows, model=plan.model, seconds=round(time.perf_counter() - started, 3),
     )

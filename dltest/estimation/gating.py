@@ -36,6 +36,9 @@ def load_estimate(path: str | os.PathLike) -> dict[str, Any]:
     for item in data["figures"]:
         if not isinstance(item, dict) or not {"figure", "estimate", "low", "high", "confidence"} <= set(item):
             raise DltestError(f"{path}: a figure lacks its estimate or interval; write the estimate again")
+    if data.get("valid") is False:
+        raise DltestError(f"{path}: the estimate's interval is not valid ({data.get('invalid_reason')}); "
+                          "plan more labels or another design")
     return data
 
 

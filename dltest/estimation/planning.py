@@ -182,6 +182,9 @@ def plan(
     notes = []
     if sample.with_replacement:
         notes.append(f"{sample.labels_needed} distinct inputs to label for {count} draws (a repeated draw is labeled once)")
+    reason = chosen.invalid_reason(count)
+    if reason:
+        notes.append(f"interval will not be valid: {reason}")
     return EstimationPlan(
         design=chosen.name, options=chosen.options(), budget=count, seed=seed, score=score, dataset=data.name,
         split=data.split, pool_size=len(data), classes=classes, positions=sample.positions.tolist(),
