@@ -103,6 +103,13 @@ SIZES = {
                 val_n=500, train_size=None, standard_metrics=(), standard_seeds=(), retrain_metrics=(),
                 retrain_budgets=(), retrain_seeds=(), retrain_epochs=None, retrain_train_size=None,
                 retrain_eval_n=None),
+    # Issue 17's CPU table: the "cpu" size for all 12 functions of the paper plus BADGE and BatchBALD,
+    # the first robust-AL comparison of newer functions (about 25-30 min of one core per function and seed).
+    "cpu-all": Size("cpu-all", ("mnist",), ALL_METRICS + ("badge", "batchbald"), (0, 1, 2), None, epochs=10,
+                    initial_epochs=30, at="pgd", at_steps=5, at_alpha=0.15, eval_attacks=None,
+                    final_attacks=("autoattack",), eval_n=500, val_n=500, train_size=None, standard_metrics=(),
+                    standard_seeds=(), retrain_metrics=(), retrain_budgets=(), retrain_seeds=(), retrain_epochs=None,
+                    retrain_train_size=None, retrain_eval_n=None),
     # A first look on a CPU: MNIST, 5 stages of 200, the functions the paper's shape is about. Ten
     # epochs per stage as in the paper: with three, a 400-input pool gets 12 optimiser steps per
     # stage and PGD training at eps 0.3 falls into the constant predictor (measured: 7% from stage 2).
