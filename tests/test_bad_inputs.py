@@ -26,18 +26,13 @@ from typing import Callable
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from dltest.cli import app
 from dltest.data import load_dataset
 from tests.client_nets import ClientLeNet, client_state_dict
+from tests.cli_runner import run_cli as run
 
 NETS = Path(__file__).with_name("client_nets.py")
 SHARED = Path(os.environ["DLTEST_DATA"])
-
-
-def run(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
 
 
 # --- the files the cases use ------------------------------------------------------------------

@@ -7,17 +7,12 @@ import json
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
 
 import dltest
 from dltest.checkpoint import load_model
-from dltest.cli import app
 from dltest.data import load_dataset
 from dltest.robustness import evaluate_robustness
-
-
-def run(*args: str):
-    return CliRunner().invoke(app, [str(a) for a in args])
+from tests.cli_runner import run_cli as run
 
 
 def ok(result):

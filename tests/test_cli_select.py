@@ -10,20 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
 from dltest.budget import parse_budget
 from dltest.checkpoint import save_checkpoint
-from dltest.cli import app
 from dltest.errors import DltestError
 from dltest.selectors import REGISTRY
 from dltest.zoo import build_model
-
-runner = CliRunner()
-
-
-def run(*args: str):
-    return runner.invoke(app, list(args))
+from tests.cli_runner import run_cli as run
 
 
 @pytest.mark.parametrize("spec, pool, expected", [("400", 10000, 400), ("4%", 10000, 400), ("4.5%", 1000, 45),

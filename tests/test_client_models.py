@@ -13,10 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from dltest.checkpoint import load_model
-from dltest.cli import app
 from dltest.errors import DltestError
 from dltest.inference import ModelAdapter, adapt, detect_output_kind, infer, parse_normalize
 from dltest.selection import select
@@ -24,14 +22,11 @@ from dltest.selectors import REGISTRY
 from tests import client_nets
 from tests.selection_checks import assert_same_selection
 from tests.client_nets import KINDS, MNIST_MEAN, MNIST_STD, ClientLeNet, client_state_dict
+from tests.cli_runner import run_cli as run
 
 NETS = Path(client_nets.__file__)
 POOL = 30  # pool inputs for the selections
 BUDGET = 4
-
-
-def run(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
 
 
 def ok(result):

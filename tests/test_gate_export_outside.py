@@ -9,18 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from dltest.cli import app
 from dltest.data import load_dataset
 from tests import client_nets
 from tests.client_nets import MNIST_MEAN, MNIST_STD, client_state_dict
+from tests.cli_runner import run_cli as run
 
 NETS = Path(client_nets.__file__)
-
-
-def run(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
 
 
 @pytest.fixture(scope="module")

@@ -12,16 +12,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from dltest.attacks import attack_preset
-from dltest.cli import app
 from dltest.data import load_dataset
 from dltest.inference import ModelAdapter, adapt
 from dltest.training import TrainConfig, accuracy, train
 from dltest.workflows.retrain import retrain
 from dltest.workflows.robust_al import RobustALConfig, robust_active_learning
 from tests.client_nets import ClientLeNet, HFLikeNet, TupleNet
+from tests.cli_runner import run_cli
 
 NETS = Path(__file__).with_name("client_nets.py")
 
@@ -90,10 +89,10 @@ def test_retrain_cli_on_a_torchscript_tuple_model(splits, tmp_path):
     path = tmp_path / "traced-tuple.pt"
     torch.jit.save(traced_tuple(pool.images(slice(0, 2))), str(path))
     out = tmp_path / "retrained.pt"
-    result = CliRunner().invoke(app, [str(a) for a in (
+    result = run_cli(
         "retrain", "-m", path, "--metric", "margin", "--budget", "16", "--attack", "fgsm", "--eval-attacks", "fgsm",
         "--eval-n", "100", "--val-n", "100", "--epochs", "3", "--lr", "0.1",
-        "--train-size", "2000", "--out", out)])
+        "--train-size", "2000", "--out", out)
     assert result.exit_code == 0, result.output
     report = json.loads(out.with_suffix(".json").read_text())
     assert report["after"]["clean_accuracy"] > report["before"]["clean_accuracy"] + 0.25, report["after"]

@@ -6,12 +6,11 @@ import json
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from dltest.cli import app
 from dltest.data import load_dataset
 from dltest.errors import DltestError
 from dltest.workflows.robust_al import RobustALConfig, read_log, robust_active_learning
+from tests.cli_runner import run_cli as cli
 
 
 @pytest.fixture(scope="module")
@@ -120,10 +119,6 @@ def test_bad_settings_are_refused(overrides, message):
 def test_budget_larger_than_the_pool_is_refused(splits):
     with pytest.raises(DltestError, match="exceeds the training pool of 3000"):
         run(tiny(budget=4000), splits)
-
-
-def cli(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
 
 
 @pytest.mark.parametrize("args, message", [
