@@ -403,6 +403,7 @@ def test_select_on_an_unlabeled_pool(files, tmp_path):
     assert data["indices"] == labeled["indices"] and data["label_counts"] == {}
 
 
+@pytest.mark.slow
 def test_train_and_retrain_on_user_files(tmp_path, mnist_test):
     train_part = load_dataset("mnist", "train").subset(torch.arange(1000))
     path = _npz(tmp_path / "user.npz", x=mnist_test.x[:200, 0].numpy(), y=mnist_test.y[:200].numpy(),

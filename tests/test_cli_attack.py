@@ -172,6 +172,7 @@ def test_retrain_bad_input(lenet_checkpoint, tmp_path, args, message):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_train_adversarial(tmp_path):
     out = tmp_path / "adv.pt"
     r = ok(run("train", "--adversarial", "--train-size", "2000", "--epochs", "1", "--eps", "0.2", "--steps", "2",

@@ -63,6 +63,7 @@ def test_select_on_the_val_half_with_the_bundled_model(tmp_path, monkeypatch):
     assert data["pool_size"] == 5000 and data["split"] == "val" and data["model"].endswith("lenet5-fashion-mnist.pt")
 
 
+@pytest.mark.slow
 def test_every_registered_metric_runs_from_the_cli_on_a_user_file(tmp_path, lenet_checkpoint, mnist_test):
     pool = tmp_path / "pool.npz"
     np.savez(pool, x=mnist_test.x[:300, 0].numpy(), y=mnist_test.y[:300].numpy())
@@ -156,6 +157,7 @@ def test_metrics_lists_every_selector(tmp_path):
     assert catalogue["bald"]["options"] == {"samples": 10, "dropout": 0.1}
 
 
+@pytest.mark.slow
 def test_console_script_as_a_user_runs_it(tmp_path, lenet_checkpoint):
     script = Path(sys.executable).with_name("dltest")
     out = tmp_path / "s.json"

@@ -156,6 +156,7 @@ def test_the_normalised_wrapper_predicts_as_the_model_with_normalisation_inside(
         assert not torch.allclose(wrapped.model(x), trained_lenet(x), atol=0.1)
 
 
+@pytest.mark.slow
 def test_every_metric_selects_the_same_inputs_from_every_kind(client_models, trained_lenet, pool, mnist_train_slice):
     reference = mnist_train_slice.subset(torch.arange(300))  # the training data the surprise metrics compare with
     for metric in sorted(REGISTRY):
@@ -194,6 +195,7 @@ def test_a_model_with_no_linear_layer_and_no_embed_says_what_to_pass(pool):
 # --- the commands -----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_select_through_the_cli_for_every_model_file(model_files, pool_file, lenet_checkpoint, tmp_path,
                                                      mnist_train_slice):
     reference = tmp_path / "reference.npz"

@@ -51,6 +51,7 @@ def test_gate_arch_without_a_model_file_exits_2(tmp_path):
     assert not (tmp_path / "g.json").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["tuple", "normalisation outside"])
 def test_export_writes_an_onnx_model_that_predicts_as_the_zoo_model(kind, client_files, trained_lenet, tmp_path):
     from dltest.export import OnnxClassifier

@@ -72,6 +72,7 @@ def retrain_figures(model, splits) -> dict:
     return result.to_dict()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["tuple", "logits-attribute", "torchscript-tuple"])
 def test_retrain_improves_outside_models_as_it_improves_the_same_plain_model(kind, splits):
     _, pool, _ = splits
@@ -84,6 +85,7 @@ def test_retrain_improves_outside_models_as_it_improves_the_same_plain_model(kin
     assert after == pytest.approx(plain["after"]["clean_accuracy"], abs=0.03)
 
 
+@pytest.mark.slow
 def test_retrain_cli_on_a_torchscript_tuple_model(splits, tmp_path):
     _, pool, _ = splits
     path = tmp_path / "traced-tuple.pt"
@@ -109,6 +111,7 @@ def tiny(arch: str) -> RobustALConfig:
                           initial_epochs=6, at="fgsm-rs", eval_n=100, val_n=100, check_steps=2, seed=0, arch=arch)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cls", ["TupleNet", "HFLikeNet"], ids=["tuple", "logits-attribute"])
 def test_robust_al_trains_an_outside_architecture(cls, mnist_train_slice, tmp_path):
     val = load_dataset("mnist", "val").subset(torch.arange(300))

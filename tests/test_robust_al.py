@@ -33,6 +33,7 @@ def run(config, splits, folder=None, **kwargs):
                                   device="cpu", **kwargs)
 
 
+@pytest.mark.slow
 def test_three_stages_grow_the_pool_and_the_files_agree(splits, tmp_path):
     config = tiny(metrics=("entropy", "random"))
     result = run(config, splits, tmp_path / "run")
@@ -73,6 +74,7 @@ class Killed(Exception):
     pass
 
 
+@pytest.mark.slow
 def test_resume_after_a_kill_reproduces_the_uninterrupted_run(splits, tmp_path):
     config = tiny()
     whole = run(config, splits, tmp_path / "whole")
@@ -94,6 +96,7 @@ def test_resume_after_a_kill_reproduces_the_uninterrupted_run(splits, tmp_path):
         run(tiny(budget=280), splits, tmp_path / "cut", resume=True)
 
 
+@pytest.mark.slow
 def test_standard_and_robust_runs_differ_only_in_training(splits):
     robust = run(tiny(budget=240, epochs=3), splits).records["entropy"]
     standard = run(tiny(budget=240, epochs=3, at=None), splits).records["entropy"]
@@ -138,6 +141,7 @@ def test_cli_bad_input_is_one_line_and_writes_nothing(tmp_path, args, message):
     assert not (out / "log.jsonl").exists()
 
 
+@pytest.mark.slow
 def test_cli_runs_and_resumes(tmp_path):
     out = tmp_path / "run"
     args = ["robust-al", "--metric", "margin,random", "--budget", "240", "--initial", "200", "--per-stage", "20",
@@ -161,6 +165,7 @@ def test_cli_runs_and_resumes(tmp_path):
     assert json.loads((out / "summary.json").read_text())["final"] == summary["final"]
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_gives_the_uninterrupted_log(tmp_path):
     """A real SIGKILL of the command mid-run; --resume ends with the log of a run never killed."""
     import os
@@ -215,6 +220,7 @@ def test_preset_keeps_standard_active_learning_and_fills_the_schedule():
     assert (preset("fashion-mnist").budget, preset("fashion-mnist").stages) == (6000, 29)
 
 
+@pytest.mark.slow
 def test_a_users_architecture_runs_robust_active_learning(splits, tmp_path):
     from pathlib import Path
 

@@ -420,6 +420,7 @@ def test_deepfool_inside_the_box_is_torchattacks_deepfool(trained_lenet, small_p
     np.testing.assert_allclose(norms[flipped].numpy(), ref[flipped].numpy(), rtol=1e-3, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_dfal_every_candidate_crosses_the_boundary_on_the_bundled_model(mnist_test):
     # issue 10: with torchattacks' per-step overshoot, 27% of 1000 candidates stopped on the
     # boundary (score null); at 2% of the test set every one of the 2000 candidates must flip

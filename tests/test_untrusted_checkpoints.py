@@ -155,6 +155,7 @@ def _pytest(project: Path) -> subprocess.CompletedProcess:
                           cwd=project, env=env, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_the_pytest_plugin_refuses_the_model_its_ini_names(tmp_path):
     hostile = _hostile_checkpoints(tmp_path)
     for kind in KINDS:
