@@ -297,7 +297,7 @@ def test_estimate_with_attacks_and_pool_labels(mnist_slice):
     assert report["invalid_reason"].startswith("active needs at least 100 draws for a valid interval (got 20)")
     assert any(n.startswith("interval will not be valid") for n in json.loads(plan.read_text())["notes"])
     gate_out = folder / "gate-active.json"
-    refused = runner.invoke(app, ["gate", "--estimate", str(out), "--min-accuracy", "0.5", "--out", str(gate_out)])
+    refused = run_cli("gate", "--estimate", str(out), "--min-accuracy", "0.5", "--out", str(gate_out))
     assert refused.exit_code == 2 and "interval is not valid" in refused.output and not gate_out.exists()
     figures = {f["figure"]: f for f in report["figures"]}
     assert set(figures) == {"accuracy", "fgsm"}
