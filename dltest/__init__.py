@@ -8,7 +8,7 @@ data -> model -> outputs -> selector -> attack -> trainer -> report::
     selection = select("dre", "4%", model=model, data=pool, seed=0)
 """
 
-__version__ = "0.1.0"
+from dltest._version import __version__
 
 # The public names, imported on first use (PEP 562): ``import dltest`` (the pytest plugin, the
 # command line's --help and --version) must not pay for torch until something needs it.

@@ -33,7 +33,8 @@ from typing import Any, Mapping, Sequence
 
 from torch import nn
 
-from dltest import __version__
+from dltest._version import __version__
+from dltest.header import output_header
 from dltest.analysis.intervals import check_confidence, clopper_pearson, mcnemar_exact
 from dltest.attacks import ATTACKS, AttackSpec, check_attack_name
 from dltest.data import ImageDataset
@@ -190,7 +191,7 @@ class GateResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "command": "dltest gate", "dltest_version": __version__, "seed": self.report.seed,
+            **output_header("gate", self.report.seed),
             "passed": self.passed, "model": self.model, "dataset": self.report.dataset,
             "split": self.report.split, "n": self.report.n, "confidence": self.confidence,
             "baseline": self.baseline, "bars": [asdict(bar) for bar in self.bars],

@@ -28,7 +28,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
-from dltest import __version__
+from dltest._version import __version__
 from dltest.attacks import AttackSpec, attack_preset, takes
 from dltest.data import ImageDataset
 from dltest.analysis.intervals import mcnemar_exact

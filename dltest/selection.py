@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
-from dltest import __version__
+from dltest._version import __version__
 from dltest.budget import parse_budget
 from dltest.data import ImageDataset
 from dltest.errors import DltestError

@@ -64,3 +64,11 @@ def lenet_checkpoint(trained_lenet, tmp_path_factory) -> Path:
     save_checkpoint(trained_lenet, path, arch="lenet5", dataset="mnist", input_shape=(1, 28, 28), num_classes=10,
                     meta={"note": "test fixture"})
     return path
+
+
+@pytest.fixture
+def cli():
+    """``cli("select", "--budget", 10, ...)`` runs the command line in-process (see tests/cli_runner.py)."""
+    from tests.cli_runner import run_cli
+
+    return run_cli

@@ -80,6 +80,7 @@ def test_trades_loss_is_cross_entropy_plus_beta_kl():
     assert float(loss.detach()) == pytest.approx(float(F.cross_entropy(model(x), y)), abs=1e-5)
 
 
+@pytest.mark.slow
 def test_fast_adversarial_training_is_clearly_more_robust_than_standard(mnist_train_slice, mnist_test):
     data = mnist_train_slice.subset(torch.arange(3000))
     holdout = mnist_test.subset(torch.arange(300))
@@ -111,6 +112,7 @@ class CollapsingCheck:
         return x if epoch < 2 else torch.zeros_like(x)
 
 
+@pytest.mark.slow
 def test_catastrophic_overfitting_stops_training_and_keeps_the_best_epoch(mnist_train_slice):
     data = mnist_train_slice.subset(torch.arange(512))
     val = mnist_train_slice.subset(torch.arange(5000, 5256))
@@ -131,6 +133,7 @@ def test_training_restores_the_global_random_state(mnist_train_slice):
     assert torch.equal(torch.rand(3), expected)
 
 
+@pytest.mark.slow
 def test_fine_tuning_the_bundled_model_adversarially_does_not_collapse(tmp_path):
     """The issue's report: fine-tuning the bundled model at eps 0.3 collapsed to a constant model."""
     from dltest.workflows.pretrain import pretrain
@@ -150,6 +153,7 @@ def _bundled():
     return pretrained_path("mnist")
 
 
+@pytest.mark.slow
 def test_the_bundled_robust_model_is_robust():
     from dltest.checkpoint import load_model
     from dltest.data import load_dataset
@@ -162,6 +166,7 @@ def test_the_bundled_robust_model_is_robust():
     assert report.clean_accuracy > 0.97 and report.attacks[0].robust_accuracy > 0.85
 
 
+@pytest.mark.slow
 def test_the_bundled_fashion_mnist_robust_model_is_robust():
     from dltest.checkpoint import load_model
     from dltest.data import load_dataset

@@ -65,6 +65,7 @@ def test_correlations_refuse_unknown_attacks_and_runs_without_bias():
         bias_robustness_correlations([record("dre", 0, 0, {"pgd": 0.5})])
 
 
+@pytest.mark.slow
 def test_wilcoxon_matches_scipy_directly():
     a = [0.61, 0.64, 0.58, 0.70, 0.66, 0.69, 0.72, 0.63, 0.67, 0.71]
     b = [0.55, 0.60, 0.59, 0.62, 0.61, 0.63, 0.65, 0.58, 0.60, 0.64]
@@ -118,6 +119,7 @@ def test_pairs_are_seed_stage_attack_and_skip_the_shared_initial_model():
         compare_functions(records, ["dre"])
 
 
+@pytest.mark.slow
 def test_accuracy_figure_averages_the_seeds(tmp_path, monkeypatch):
     pytest.importorskip("matplotlib")
     from dltest.analysis import plots

@@ -89,6 +89,7 @@ def test_standard_autoattack_uses_the_originals_100_steps(trained_lenet):
     assert fast.attacks[0].steps == 3 and fast.attacks[3].n_queries == 20
 
 
+@pytest.mark.slow
 def test_lean_pgd_matches_torchattacks_given_the_same_start(trained_lenet, batch):
     x, y = batch[0][:64], batch[1][:64]
     torch.manual_seed(3)
@@ -127,6 +128,7 @@ def test_lean_pgd_leaves_parameters_alone(trained_lenet, batch):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+@pytest.mark.slow
 def test_pgd_breaks_a_trained_lenet_on_real_mnist(trained_lenet, batch):
     x, y = batch
     clean = float((trained_lenet(x).argmax(1) == y).float().mean())
@@ -139,6 +141,7 @@ def test_pgd_breaks_a_trained_lenet_on_real_mnist(trained_lenet, batch):
     assert float((trained_lenet(fgsm).argmax(1) == y).float().mean()) < clean - 0.3
 
 
+@pytest.mark.slow
 def test_adversarial_training_keeps_more_robust_accuracy(trained_lenet, mnist_train_slice, mnist_test):
     """Same start, same data: one epoch of PGD training vs. the standard model, same attack."""
     val = mnist_test.subset(torch.arange(300))
@@ -155,6 +158,7 @@ def test_adversarial_training_keeps_more_robust_accuracy(trained_lenet, mnist_tr
     assert accuracy(result.model, val) > 0.85
 
 
+@pytest.mark.slow
 def test_trainer_picks_best_epoch_by_val_robust_accuracy(trained_lenet, mnist_train_slice, mnist_test):
     val = mnist_test.subset(torch.arange(100))
     adv = pgd_adversary("mnist", eps=0.2, steps=2, alpha=0.1)
@@ -213,6 +217,7 @@ def test_deepfool_preset_is_the_batched_kernel_and_flips_every_correct_input(mni
     torch.testing.assert_close(norms, deepfool_l2(model, x[correct]).norms, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dataset", ["fashion-mnist", "mnist"])
 def test_apgd_square_is_never_weaker_than_pgd50_on_the_bundled_robust_models(dataset):
     # 60 fixed val inputs: every input apgd-square leaves robust PGD-50 leaves robust too (one

@@ -329,6 +329,7 @@ def test_temporary_files_of_killed_writers_are_removed_by_the_next_write(tmp_pat
         [live.name, other_host.name, other_output.name, "out.json"])
 
 
+@pytest.mark.slow
 def test_a_sigkill_at_the_rename_leaves_nothing_after_the_next_write(tmp_path):
     """A real SIGKILL while the temporary file is complete but not yet renamed."""
     script = (
@@ -391,6 +392,7 @@ def test_step_summary_is_appended_to_a_regular_file_only(tmp_path, capsys):
     assert "cannot append" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_export_honours_the_opset(files, tmp_path):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
@@ -402,6 +404,7 @@ def test_export_honours_the_opset(files, tmp_path):
     assert versions.get("", versions.get("ai.onnx")) == 20
 
 
+@pytest.mark.slow
 def test_a_failed_torchrun_is_one_line_per_rank_at_most(tmp_path):
     """``python -m dltest.launch`` runs dltest under torchrun; a bad input gives rank 0's error line
     and the launcher's one line, exit code 2, and no traceback."""

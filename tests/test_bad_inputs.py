@@ -26,18 +26,13 @@ from typing import Callable
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from dltest.cli import app
 from dltest.data import load_dataset
 from tests.client_nets import ClientLeNet, client_state_dict
+from tests.cli_runner import run_cli as run
 
 NETS = Path(__file__).with_name("client_nets.py")
 SHARED = Path(os.environ["DLTEST_DATA"])
-
-
-def run(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
 
 
 # --- the files the cases use ------------------------------------------------------------------
@@ -408,6 +403,7 @@ def test_select_on_an_unlabeled_pool(files, tmp_path):
     assert data["indices"] == labeled["indices"] and data["label_counts"] == {}
 
 
+@pytest.mark.slow
 def test_train_and_retrain_on_user_files(tmp_path, mnist_test):
     train_part = load_dataset("mnist", "train").subset(torch.arange(1000))
     path = _npz(tmp_path / "user.npz", x=mnist_test.x[:200, 0].numpy(), y=mnist_test.y[:200].numpy(),

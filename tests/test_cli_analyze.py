@@ -9,20 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 from scipy import stats
-from typer.testing import CliRunner
 
 from dltest.analysis.bias import selection_bias
-from dltest.cli import app
 from dltest.data import load_dataset
 from dltest.inference import infer
 from dltest.checkpoint import load_model
+from tests.cli_runner import run_cli as run
 
-runner = CliRunner()
 METRICS = ("random", "dre", "entropy", "deepgini")
-
-
-def run(*args: str):
-    return runner.invoke(app, [str(a) for a in args])
 
 
 def write_run(folder: Path, seed: int, stages: int = 3, metrics=METRICS) -> Path:

@@ -7,14 +7,13 @@ import subprocess
 import sys
 
 import pytest
-from typer.testing import CliRunner
 
 import dltest
-from dltest.cli import app
+from tests.cli_runner import run_cli
 
 
 def test_version_flag_and_python_dash_m():
-    result = CliRunner().invoke(app, ["--version"])
+    result = run_cli("--version")
     assert result.exit_code == 0 and result.stdout.strip() == f"dltest {dltest.__version__}"
     done = subprocess.run([sys.executable, "-m", "dltest", "--version"], capture_output=True, text=True,
                           env=os.environ.copy(), timeout=300)
@@ -32,7 +31,7 @@ def test_version_flag_and_python_dash_m():
     ],
 )
 def test_usage_errors_are_one_line_without_panels(args, message):
-    result = CliRunner().invoke(app, args)
+    result = run_cli(*args)
     assert result.exit_code == 2
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
@@ -41,7 +40,7 @@ def test_usage_errors_are_one_line_without_panels(args, message):
 
 
 def test_help_shows_defaults_and_plain_boolean_flags():
-    text = CliRunner().invoke(app, ["retrain", "--help"], env={"COLUMNS": "200"}).stdout
+    text = run_cli("retrain", "--help", env={"COLUMNS": "200"}).stdout
     assert "[default: dre]" in text and "[default: 1000]" in text
     assert "--resume" in text and "--no-resume" not in text and "--no-download" not in text
 
@@ -57,8 +56,8 @@ def test_library_errors_name_parameters_and_the_cli_names_flags(trained_lenet, s
     with pytest.raises(DltestError) as err:
         load_model(path)
     assert "arch='module:Class'" in str(err.value) and "--" not in str(err.value)
-    result = CliRunner().invoke(app, ["select", "-d", str(small_file.name), "-m", str(path), "--budget", "3",
-                                      "--out", str(tmp_path / "s.json")])
+    result = run_cli("select", "-d", str(small_file.name), "-m", str(path), "--budget", "3",
+                     "--out", str(tmp_path / "s.json"))
     assert result.exit_code == 2 and "--arch module:Class" in result.stderr and "arch='" not in result.stderr
     assert not (tmp_path / "s.json").exists()
 
@@ -78,8 +77,8 @@ def small_file(mnist_test, tmp_path):
 @pytest.mark.parametrize("command", ["select", "attack", "evaluate", "retrain"])
 def test_a_bogus_device_fails_first_in_one_line(command, tmp_path):
     out = tmp_path / ("out.npz" if command == "attack" else "out.json")
-    result = CliRunner().invoke(app, [command, "--device", "bogus", "--data-root", str(tmp_path / "empty"),
-                                      "--out", str(out)])
+    result = run_cli(command, "--device", "bogus", "--data-root", str(tmp_path / "empty"),
+                     "--out", str(out))
     assert result.exit_code == 2, result.output
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert lines == ["error: unknown device 'bogus'; use cpu, cuda, cuda:N or mps"]  # not 'mnist not found'

@@ -7,17 +7,12 @@ import json
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
 
 import dltest
 from dltest.checkpoint import load_model
-from dltest.cli import app
 from dltest.data import load_dataset
 from dltest.robustness import evaluate_robustness
-
-
-def run(*args: str):
-    return CliRunner().invoke(app, [str(a) for a in args])
+from tests.cli_runner import run_cli as run
 
 
 def ok(result):
@@ -177,6 +172,7 @@ def test_retrain_bad_input(lenet_checkpoint, tmp_path, args, message):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_train_adversarial(tmp_path):
     out = tmp_path / "adv.pt"
     r = ok(run("train", "--adversarial", "--train-size", "2000", "--epochs", "1", "--eps", "0.2", "--steps", "2",

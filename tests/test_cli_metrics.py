@@ -3,16 +3,7 @@
 from __future__ import annotations
 
 import json
-
-from typer.testing import CliRunner
-
-from dltest.cli import app
-
-runner = CliRunner()
-
-
-def run(*args: str):
-    return runner.invoke(app, list(args))
+from tests.cli_runner import run_cli as run
 
 
 def test_metrics_says_what_each_metric_needs_and_where_sampling_applies(tmp_path):

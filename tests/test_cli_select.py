@@ -10,20 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
 from dltest.budget import parse_budget
 from dltest.checkpoint import save_checkpoint
-from dltest.cli import app
 from dltest.errors import DltestError
 from dltest.selectors import REGISTRY
 from dltest.zoo import build_model
-
-runner = CliRunner()
-
-
-def run(*args: str):
-    return runner.invoke(app, list(args))
+from tests.cli_runner import run_cli as run
 
 
 @pytest.mark.parametrize("spec, pool, expected", [("400", 10000, 400), ("4%", 10000, 400), ("4.5%", 1000, 45),
@@ -70,6 +63,7 @@ def test_select_on_the_val_half_with_the_bundled_model(tmp_path, monkeypatch):
     assert data["pool_size"] == 5000 and data["split"] == "val" and data["model"].endswith("lenet5-fashion-mnist.pt")
 
 
+@pytest.mark.slow
 def test_every_registered_metric_runs_from_the_cli_on_a_user_file(tmp_path, lenet_checkpoint, mnist_test):
     pool = tmp_path / "pool.npz"
     np.savez(pool, x=mnist_test.x[:300, 0].numpy(), y=mnist_test.y[:300].numpy())
@@ -163,6 +157,7 @@ def test_metrics_lists_every_selector(tmp_path):
     assert catalogue["bald"]["options"] == {"samples": 10, "dropout": 0.1}
 
 
+@pytest.mark.slow
 def test_console_script_as_a_user_runs_it(tmp_path, lenet_checkpoint):
     script = Path(sys.executable).with_name("dltest")
     out = tmp_path / "s.json"

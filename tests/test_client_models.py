@@ -13,10 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from dltest.checkpoint import load_model
-from dltest.cli import app
 from dltest.errors import DltestError
 from dltest.inference import ModelAdapter, adapt, detect_output_kind, infer, parse_normalize
 from dltest.selection import select
@@ -24,14 +22,11 @@ from dltest.selectors import REGISTRY
 from tests import client_nets
 from tests.selection_checks import assert_same_selection
 from tests.client_nets import KINDS, MNIST_MEAN, MNIST_STD, ClientLeNet, client_state_dict
+from tests.cli_runner import run_cli as run
 
 NETS = Path(client_nets.__file__)
 POOL = 30  # pool inputs for the selections
 BUDGET = 4
-
-
-def run(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
 
 
 def ok(result):
@@ -161,6 +156,7 @@ def test_the_normalised_wrapper_predicts_as_the_model_with_normalisation_inside(
         assert not torch.allclose(wrapped.model(x), trained_lenet(x), atol=0.1)
 
 
+@pytest.mark.slow
 def test_every_metric_selects_the_same_inputs_from_every_kind(client_models, trained_lenet, pool, mnist_train_slice):
     reference = mnist_train_slice.subset(torch.arange(300))  # the training data the surprise metrics compare with
     for metric in sorted(REGISTRY):
@@ -199,6 +195,7 @@ def test_a_model_with_no_linear_layer_and_no_embed_says_what_to_pass(pool):
 # --- the commands -----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_select_through_the_cli_for_every_model_file(model_files, pool_file, lenet_checkpoint, tmp_path,
                                                      mnist_train_slice):
     reference = tmp_path / "reference.npz"

@@ -85,6 +85,7 @@ def _gather_worker(r: int, init: str, results) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_gather_concatenates_unequal_and_empty_shards_in_rank_order(tmp_path):
     import torch.multiprocessing as mp
 
@@ -98,6 +99,7 @@ def test_gather_concatenates_unequal_and_empty_shards_in_rank_order(tmp_path):
 # --- select under torchrun -----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_every_output_metric_and_mc_dropout_select_the_same_under_two_processes(pool_file, lenet_checkpoint, tmp_path):
     from dltest.checkpoint import load_model
     from dltest.data import load_dataset
@@ -116,6 +118,7 @@ def test_every_output_metric_and_mc_dropout_select_the_same_under_two_processes(
     assert "coreset" in two and "entropy" in two and "badge" in two
 
 
+@pytest.mark.slow
 def test_cli_select_json_is_byte_identical_apart_from_timing(pool_file, trained_lenet, tmp_path):
     """bald on a TorchScript model with its own dropout: T full passes sharded across ranks."""
     scripted = tmp_path / "lenet.ts"
@@ -133,6 +136,7 @@ def test_cli_select_json_is_byte_identical_apart_from_timing(pool_file, trained_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lenet.ts", "one.csv", "one.json", "two.csv", "two.json"]
 
 
+@pytest.mark.slow
 def test_a_killed_rank_fails_the_run_with_one_line_and_writes_nothing(pool_file, trained_lenet, tmp_path):
     from tests.dist_helpers import DiesOnRank1
 
@@ -152,6 +156,7 @@ def test_a_killed_rank_fails_the_run_with_one_line_and_writes_nothing(pool_file,
 TRAIN = ["train", "--dataset", "mnist", "--train-size", "1000", "--epochs", "1", "--batch-size", "64", "--seed", "3"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind, tolerance", [("standard", 0.005), ("adversarial", 0.03)])
 def test_one_epoch_of_ddp_training_matches_one_process(kind, tolerance, tmp_path):
     """Same global batches, augmentation and mean-loss gradient on any rank count; what differs:
@@ -173,6 +178,7 @@ def test_one_epoch_of_ddp_training_matches_one_process(kind, tolerance, tmp_path
             assert torch.allclose(torch.tensor(weights), torch.tensor(two["state_dict"][name]), atol=1e-4), name
 
 
+@pytest.mark.slow
 def test_resume_under_torchrun_after_a_failed_run(tmp_path):
     """A run that dies after its first epoch leaves <out>.partial; torchrun ... --resume continues
     from it on 2 processes and finishes the second epoch only."""

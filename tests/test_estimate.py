@@ -9,16 +9,13 @@ import math
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
 from dltest.analysis.intervals import clopper_pearson
-from dltest.cli import app
 from dltest.errors import DltestError
 from dltest.estimation import DESIGNS, PoolScores, Sample, get_design
 from dltest.estimation.designs import _normal, _tuned_lambda, neyman_counts
 from dltest.estimation.estimating import srs_labels_for_width
-
-runner = CliRunner()
+from tests.cli_runner import run_cli
 
 
 def _sample(design: str, positions, probability, confidence, pool_size, **extra) -> Sample:
@@ -264,15 +261,15 @@ def _fill_sheet(sheet, labels, out):
 def test_plan_and_estimate_round_trip(mnist_slice):
     folder, labels = mnist_slice
     plan, sheet, filled, out = (folder / n for n in ("plan.json", "sheet.csv", "labels.csv", "estimate.json"))
-    result = runner.invoke(app, ["estimate", "plan", "--budget", "40", "-d", str(folder / "pool.npz"), "-m",
-                                 _model_path(), "--design", "srs", "--seed", "3", "--out", str(plan),
-                                 "--csv", str(sheet)])
+    result = run_cli("estimate", "plan", "--budget", "40", "-d", str(folder / "pool.npz"), "-m",
+                     _model_path(), "--design", "srs", "--seed", "3", "--out", str(plan),
+                     "--csv", str(sheet))
     assert result.exit_code == 0, result.output
     drawn = json.loads(plan.read_text())
     assert list(drawn)[:3] == ["command", "dltest_version", "seed"] and drawn["seed"] == 3
     rows = _fill_sheet(sheet, labels, filled)
     assert len(rows) == 40 and {float(r["inclusion_probability"]) for r in rows} == {0.1}
-    result = runner.invoke(app, ["estimate", "--plan", str(plan), "--labels", str(filled), "--out", str(out)])
+    result = run_cli("estimate", "--plan", str(plan), "--labels", str(filled), "--out", str(out))
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
     accuracy = report["figures"][0]
@@ -287,12 +284,12 @@ def test_plan_and_estimate_round_trip(mnist_slice):
 def test_estimate_with_attacks_and_pool_labels(mnist_slice):
     folder, _ = mnist_slice
     plan, out = folder / "plan-active.json", folder / "estimate-active.json"
-    result = runner.invoke(app, ["estimate", "plan", "--budget", "20", "-d", str(folder / "pool.npz"), "-m",
-                                 _model_path(), "--design", "active", "--out", str(plan)])
+    result = run_cli("estimate", "plan", "--budget", "20", "-d", str(folder / "pool.npz"), "-m",
+                     _model_path(), "--design", "active", "--out", str(plan))
     assert result.exit_code == 0, result.output
-    result = runner.invoke(app, ["estimate", "--plan", str(plan), "--labels", "pool", "-d",
-                                 str(folder / "labeled.npz"), "-m", _model_path(), "--attacks", "fgsm",
-                                 "--out", str(out)])
+    result = run_cli("estimate", "--plan", str(plan), "--labels", "pool", "-d",
+                     str(folder / "labeled.npz"), "-m", _model_path(), "--attacks", "fgsm",
+                     "--out", str(out))
     assert result.exit_code == 0, result.output
     assert "interval not valid: active needs at least 100 draws" in " ".join(result.output.split())
     report = json.loads(out.read_text())
@@ -300,7 +297,7 @@ def test_estimate_with_attacks_and_pool_labels(mnist_slice):
     assert report["invalid_reason"].startswith("active needs at least 100 draws for a valid interval (got 20)")
     assert any(n.startswith("interval will not be valid") for n in json.loads(plan.read_text())["notes"])
     gate_out = folder / "gate-active.json"
-    refused = runner.invoke(app, ["gate", "--estimate", str(out), "--min-accuracy", "0.5", "--out", str(gate_out)])
+    refused = run_cli("gate", "--estimate", str(out), "--min-accuracy", "0.5", "--out", str(gate_out))
     assert refused.exit_code == 2 and "interval is not valid" in refused.output and not gate_out.exists()
     figures = {f["figure"]: f for f in report["figures"]}
     assert set(figures) == {"accuracy", "fgsm"}
@@ -317,7 +314,7 @@ def test_estimate_with_attacks_and_pool_labels(mnist_slice):
 ])
 def test_bad_usage_exits_2_with_one_line(tmp_path, args, message):
     out = tmp_path / "out.json"
-    result = runner.invoke(app, ["estimate", *args, "--out", str(out)] if args else ["estimate"])
+    result = run_cli("estimate", *args, "--out", str(out)) if args else run_cli("estimate")
     assert result.exit_code == 2
     assert message in result.output and len(result.output.strip().splitlines()) == 1
     assert not out.exists()
@@ -331,11 +328,11 @@ def test_missing_labels_and_a_file_that_is_no_plan_exit_2(mnist_slice, tmp_path)
     partial = tmp_path / "partial.csv"
     partial.write_text("index,label\n" + f"{json.loads(plan.read_text())['positions'][0]},3\n")
     out = tmp_path / "e.json"
-    result = runner.invoke(app, ["estimate", "--plan", str(plan), "--labels", str(partial), "--out", str(out)])
+    result = run_cli("estimate", "--plan", str(plan), "--labels", str(partial), "--out", str(out))
     assert result.exit_code == 2 and "has no label for 39 of the 40 inputs" in result.output and not out.exists()
     bogus = tmp_path / "bogus.json"
     bogus.write_text('{"command": "dltest select"}')
-    result = runner.invoke(app, ["estimate", "--plan", str(bogus), "--labels", str(partial), "--out", str(out)])
+    result = run_cli("estimate", "--plan", str(bogus), "--labels", str(partial), "--out", str(out))
     assert result.exit_code == 2 and "is not a plan" in result.output
 
 
@@ -354,12 +351,12 @@ def _estimate_file(tmp_path, low=0.93, estimate=0.96, high=0.98):
 
 def test_gate_decides_on_the_intervals_lower_end(tmp_path):
     path, out = _estimate_file(tmp_path), tmp_path / "gate.json"
-    passed = runner.invoke(app, ["gate", "--estimate", str(path), "--min-accuracy", "0.93", "--out", str(out)])
+    passed = run_cli("gate", "--estimate", str(path), "--min-accuracy", "0.93", "--out", str(out))
     assert passed.exit_code == 0, passed.output
     report = json.loads(out.read_text())
     assert report["passed"] and report["bars"][0]["low"] == 0.93
-    failed = runner.invoke(app, ["gate", "--estimate", str(path), "--min-accuracy", "0.95", "--min-robust",
-                                 "pgd=0.4", "--out", str(out)])
+    failed = run_cli("gate", "--estimate", str(path), "--min-accuracy", "0.95", "--min-robust",
+                     "pgd=0.4", "--out", str(out))
     assert failed.exit_code == 1  # the estimate 0.96 is above 0.95, its lower end 0.93 is not
     bars = {b["figure"]: b["passed"] for b in json.loads(out.read_text())["bars"]}
     assert bars == {"accuracy": False, "pgd": True}
@@ -374,7 +371,7 @@ def test_gate_estimate_mismatches_exit_2(tmp_path, args, message):
     path = _estimate_file(tmp_path)
     (tmp_path / "gate.json").write_text("{}")
     out = tmp_path / "g.json"
-    result = runner.invoke(app, ["gate", "--estimate", str(path), *args, "--out", str(out)])
+    result = run_cli("gate", "--estimate", str(path), *args, "--out", str(out))
     assert result.exit_code == 2 and message in result.output, result.output
     assert not out.exists()
 
@@ -403,7 +400,7 @@ def test_labels_by_index_or_class_name_from_csv_and_npz(tmp_path):
 def test_gate_refuses_a_file_that_is_no_estimate(tmp_path):
     path, out = tmp_path / "plan.json", tmp_path / "g.json"
     path.write_text('{"command": "dltest estimate plan", "figures": []}')
-    result = runner.invoke(app, ["gate", "--estimate", str(path), "--min-accuracy", "0.9", "--out", str(out)])
+    result = run_cli("gate", "--estimate", str(path), "--min-accuracy", "0.9", "--out", str(out))
     assert result.exit_code == 2 and "is not an estimate written by 'dltest estimate --out'" in result.output
     assert not out.exists()
 

@@ -13,11 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from dltest.attacks import AdversarialExamples, load_adversarial, with_examples
-from dltest.cli import app
 from dltest.errors import DltestError
+from tests.cli_runner import run_cli
 
 META = {"dataset": "mnist", "split": "val", "attack": {"name": "fgsm"}, "seed": 0}
 
@@ -103,7 +102,7 @@ def test_the_size_check_counts_the_float32_images(pool, tmp_path, monkeypatch):
 def test_retrain_refuses_the_declared_file_in_one_line(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     path = _declaring(tmp_path / "declared.npz", (2500, 1000, 1000, 1))
-    result = CliRunner().invoke(app, ["retrain", "--examples", str(path), "--out", str(tmp_path / "r.pt")])
+    result = run_cli("retrain", "--examples", str(path), "--out", str(tmp_path / "r.pt"))
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.exit_code == 2 and len(lines) == 1, result.output
     assert "holds inputs of shape (1, 1000, 1000), but mnist has (1, 28, 28)" in lines[0]

@@ -9,21 +9,18 @@ import xml.etree.ElementTree as ET
 import pytest
 import torch
 from torch import nn
-from typer.testing import CliRunner
 
 from dltest.analysis.intervals import lower_bound
 from dltest.checkpoint import load_model, save_checkpoint
-from dltest.cli import app
 from dltest.errors import DltestError
 from dltest.gate import GatePolicy, decide_bars, load_baseline, parse_bars, read_config, run_gate
 from dltest.robustness import RobustnessReport, evaluate_robustness
 from tests.client_nets import NoisyLogits
+from tests.cli_runner import run_cli
 
 # Small and fast: 300 holdout inputs, PGD with 5 steps at eps 0.1 (a few seconds on one CPU thread).
 N = 300
 PGD = ["--eps", "0.1", "--steps", "5", "--alpha", "0.03"]
-runner = CliRunner()
-
 
 @pytest.fixture(scope="module")
 def holdout():
@@ -194,7 +191,7 @@ def test_bar_parsing():
 
 def _gate(tmp_path, *args, env=None):
     out = tmp_path / "gate.json"
-    result = runner.invoke(app, ["gate", "--n", str(N), *PGD, "--out", str(out), *args], env=env)
+    result = run_cli("gate", "--n", str(N), *PGD, "--out", str(out), *args, env=env)
     return result, out
 
 
@@ -229,16 +226,16 @@ def test_cli_exit_codes_junit_markdown_and_step_summary(tmp_path, measured):
 def test_cli_baseline_round_trip(tmp_path):
     first, out = _gate(tmp_path, "--min-accuracy", "0.5", "--attacks", "pgd")
     assert first.exit_code == 0, first.output
-    second = runner.invoke(app, ["gate", "--baseline", str(out), "--max-drop", "0.01", "--out", str(tmp_path / "b.json")])
+    second = run_cli("gate", "--baseline", str(out), "--max-drop", "0.01", "--out", str(tmp_path / "b.json"))
     assert second.exit_code == 0, second.output
     bars = json.loads((tmp_path / "b.json").read_text())["bars"]
     assert [b["figure"] for b in bars] == ["accuracy", "pgd"] and all(b["drop"] == 0 for b in bars)
     # a dltest evaluate report is a baseline too
     evaluated = tmp_path / "ev.json"
-    result = runner.invoke(app, ["evaluate", "--attacks", "pgd,fgsm", "--n", "100", *PGD, "--out", str(evaluated)])
+    result = run_cli("evaluate", "--attacks", "pgd,fgsm", "--n", "100", *PGD, "--out", str(evaluated))
     assert result.exit_code == 0, result.output
-    third = runner.invoke(app, ["gate", "--baseline", str(evaluated), "--max-drop", "0", "--min-robust", "worst-case=0.01",
-                                "--out", str(tmp_path / "c.json")])
+    third = run_cli("gate", "--baseline", str(evaluated), "--max-drop", "0", "--min-robust", "worst-case=0.01",
+                    "--out", str(tmp_path / "c.json"))
     assert third.exit_code == 0, third.output
     bars = json.loads((tmp_path / "c.json").read_text())["bars"]
     assert [b["figure"] for b in bars] == ["worst-case", "accuracy", "pgd", "fgsm", "worst-case"]
@@ -257,7 +254,7 @@ def test_cli_baseline_round_trip(tmp_path):
 def test_cli_bad_usage_exits_2_and_writes_nothing(tmp_path, monkeypatch, args, message):
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "never.json"
-    result = runner.invoke(app, ["gate", "--out", str(out), *args])
+    result = run_cli("gate", "--out", str(out), *args)
     assert result.exit_code == 2, result.output
     assert message in result.output and "Traceback" not in result.output
     assert not out.exists()
@@ -267,7 +264,7 @@ def test_cli_bad_usage_exits_2_and_writes_nothing(tmp_path, monkeypatch, args, m
 def test_a_baseline_that_is_no_report_exits_2(tmp_path, content):
     path = tmp_path / "base.json"
     path.write_text(content)
-    result = runner.invoke(app, ["gate", "--baseline", str(path), "--max-drop", "0.01", "--out", str(tmp_path / "x.json")])
+    result = run_cli("gate", "--baseline", str(path), "--max-drop", "0.01", "--out", str(tmp_path / "x.json"))
     assert result.exit_code == 2 and "is not a dltest gate or evaluate report" in result.output
     assert not (tmp_path / "x.json").exists()
 
@@ -275,8 +272,8 @@ def test_a_baseline_that_is_no_report_exits_2(tmp_path, content):
 def test_cli_baseline_from_another_dataset_exits_2(tmp_path):
     first, out = _gate(tmp_path, "--min-accuracy", "0.5", "--attacks", "pgd")
     assert first.exit_code == 0
-    result = runner.invoke(app, ["gate", "-d", "fashion-mnist", "--baseline", str(out), "--max-drop", "0.01",
-                                 "--out", str(tmp_path / "x.json")])
+    result = run_cli("gate", "-d", "fashion-mnist", "--baseline", str(out), "--max-drop", "0.01",
+                     "--out", str(tmp_path / "x.json"))
     assert result.exit_code == 2 and "compare like with like" in result.output
     assert not (tmp_path / "x.json").exists()
 
@@ -289,18 +286,18 @@ def test_config_from_pyproject_and_dltest_toml(tmp_path, monkeypatch):
     )
     settings, source = read_config()
     assert settings["min-robust"] == {"fgsm": 0.0} and source.endswith("pyproject.toml")
-    result = runner.invoke(app, ["gate", "--out", "g.json"])
+    result = run_cli("gate", "--out", "g.json")
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "g.json").read_text())
     assert [b["name"] for b in report["bars"]] == ["accuracy >= 0.9", "fgsm >= 0"] and report["n"] == 100
     # the command line wins over the file
-    result = runner.invoke(app, ["gate", "--out", "g.json", "--min-accuracy", "0.999", "--n", "100"])
+    result = run_cli("gate", "--out", "g.json", "--min-accuracy", "0.999", "--n", "100")
     assert result.exit_code == 1
     # dltest.toml comes first; an unknown key is bad usage
     (tmp_path / "dltest.toml").write_text("[gate]\nmin-acuracy = 0.9\n")
-    result = runner.invoke(app, ["gate", "--out", "g2.json"])
+    result = run_cli("gate", "--out", "g2.json")
     assert result.exit_code == 2 and "unknown key 'min-acuracy'" in result.output
     (tmp_path / "dltest.toml").write_text("[gate\n")
-    result = runner.invoke(app, ["gate", "--out", "g2.json"])
+    result = run_cli("gate", "--out", "g2.json")
     assert result.exit_code == 2 and "not valid TOML" in result.output
     assert not (tmp_path / "g2.json").exists()

@@ -9,18 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from dltest.cli import app
 from dltest.data import load_dataset
 from tests import client_nets
 from tests.client_nets import MNIST_MEAN, MNIST_STD, client_state_dict
+from tests.cli_runner import run_cli as run
 
 NETS = Path(client_nets.__file__)
-
-
-def run(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +51,7 @@ def test_gate_arch_without_a_model_file_exits_2(tmp_path):
     assert not (tmp_path / "g.json").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["tuple", "normalisation outside"])
 def test_export_writes_an_onnx_model_that_predicts_as_the_zoo_model(kind, client_files, trained_lenet, tmp_path):
     from dltest.export import OnnxClassifier

@@ -101,6 +101,7 @@ def run_step(step: dict[str, str], cwd: Path, summary: Path) -> list[subprocess.
     return results
 
 
+@pytest.mark.slow
 def test_the_workflows_gate_commands_run_and_pass_on_a_robust_model(repository_with_a_model, tmp_path):
     root, summary = repository_with_a_model, tmp_path / "step-summary.md"
     workflow = {s.get("name"): s for s in steps(WORKFLOW)}

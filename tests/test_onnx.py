@@ -7,19 +7,16 @@ import sys
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from dltest.checkpoint import load_model
-from dltest.cli import app
 from dltest.data import load_dataset
 from dltest.errors import DltestError
 from dltest.robustness import evaluate_robustness
 from dltest.selection import select
 from tests.selection_checks import assert_same_selection
+from tests.cli_runner import run_cli
 
 pytest.importorskip("onnxruntime")
-runner = CliRunner()
-
 
 @pytest.fixture(scope="module")
 def holdout():
@@ -76,22 +73,22 @@ def test_square_runs_on_onnx_and_gradient_methods_are_refused(exported, holdout)
 def test_cli_export_select_evaluate_gate(tmp_path, exported):
     torch_model, _, _ = exported
     onnx_path = tmp_path / "model.onnx"
-    result = runner.invoke(app, ["export", "--onnx", str(onnx_path), "--n", "256", "--out", str(tmp_path / "e.json")])
+    result = run_cli("export", "--onnx", str(onnx_path), "--n", "256", "--out", str(tmp_path / "e.json"))
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "e.json").read_text())
     assert report["command"] == "dltest export" and report["max_abs_diff"] < 1e-4 and report["n_checked"] == 256
     assert "max |logit difference|" in " ".join(result.output.split())
 
     a, b = tmp_path / "a.json", tmp_path / "b.json"
-    assert runner.invoke(app, ["select", "-m", str(onnx_path), "--metric", "margin", "--budget", "50", "--out", str(a)]).exit_code == 0
-    assert runner.invoke(app, ["select", "--metric", "margin", "--budget", "50", "--out", str(b)]).exit_code == 0
+    assert run_cli("select", "-m", str(onnx_path), "--metric", "margin", "--budget", "50", "--out", str(a)).exit_code == 0
+    assert run_cli("select", "--metric", "margin", "--budget", "50", "--out", str(b)).exit_code == 0
     assert json.loads(a.read_text())["indices"] == json.loads(b.read_text())["indices"]
 
-    result = runner.invoke(app, ["evaluate", "-m", str(onnx_path), "--attacks", "pgd", "--n", "20", "--out", str(tmp_path / "ev.json")])
+    result = run_cli("evaluate", "-m", str(onnx_path), "--attacks", "pgd", "--n", "20", "--out", str(tmp_path / "ev.json"))
     assert result.exit_code == 2 and "attacks that run on ONNX models: square" in result.output
     assert not (tmp_path / "ev.json").exists()
-    result = runner.invoke(app, ["gate", "-m", str(onnx_path), "--min-accuracy", "0.8", "--min-robust", "square=0.0",
-                                 "--n", "40", "--queries", "50", "--out", str(tmp_path / "g.json")])
+    result = run_cli("gate", "-m", str(onnx_path), "--min-accuracy", "0.8", "--min-robust", "square=0.0",
+                     "--n", "40", "--queries", "50", "--out", str(tmp_path / "g.json"))
     assert result.exit_code == 0, result.output
     gate = json.loads((tmp_path / "g.json").read_text())
     assert gate["passed"] and gate["model"] == str(onnx_path) and [b["figure"] for b in gate["bars"]] == ["accuracy", "square"]
@@ -102,14 +99,14 @@ def test_corrupt_onnx_and_bad_export_arguments_exit_2(tmp_path, exported):
     corrupt = tmp_path / "corrupt.onnx"
     corrupt.write_bytes(path.read_bytes()[:200])
     for args in (["gate", "-m", str(corrupt), "--min-accuracy", "0.9"], ["select", "-m", str(corrupt), "--budget", "5"]):
-        result = runner.invoke(app, [*args, "--out", str(tmp_path / "x.json")])
+        result = run_cli(*args, "--out", str(tmp_path / "x.json"))
         assert result.exit_code == 2 and "cannot read ONNX file" in result.output and "Traceback" not in result.output
         assert len(result.output.strip().splitlines()) == 1
-    result = runner.invoke(app, ["export", "--onnx", str(tmp_path / "model.pt")])
+    result = run_cli("export", "--onnx", str(tmp_path / "model.pt"))
     assert result.exit_code == 2 and "must name an .onnx file" in result.output
-    result = runner.invoke(app, ["export", "--onnx", str(tmp_path / "missing" / "m.onnx")])
+    result = run_cli("export", "--onnx", str(tmp_path / "missing" / "m.onnx"))
     assert result.exit_code == 2 and "does not exist" in result.output
-    result = runner.invoke(app, ["export", "--onnx", str(tmp_path / "again.onnx"), "-m", str(path)])
+    result = run_cli("export", "--onnx", str(tmp_path / "again.onnx"), "-m", str(path))
     assert result.exit_code == 2 and "already an ONNX model" in result.output
     assert not (tmp_path / "x.json").exists() and not (tmp_path / "again.onnx").exists()
 

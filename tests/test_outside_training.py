@@ -12,16 +12,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from dltest.attacks import attack_preset
-from dltest.cli import app
 from dltest.data import load_dataset
 from dltest.inference import ModelAdapter, adapt
 from dltest.training import TrainConfig, accuracy, train
 from dltest.workflows.retrain import retrain
 from dltest.workflows.robust_al import RobustALConfig, robust_active_learning
 from tests.client_nets import ClientLeNet, HFLikeNet, TupleNet
+from tests.cli_runner import run_cli
 
 NETS = Path(__file__).with_name("client_nets.py")
 
@@ -73,6 +72,7 @@ def retrain_figures(model, splits) -> dict:
     return result.to_dict()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["tuple", "logits-attribute", "torchscript-tuple"])
 def test_retrain_improves_outside_models_as_it_improves_the_same_plain_model(kind, splits):
     _, pool, _ = splits
@@ -85,15 +85,16 @@ def test_retrain_improves_outside_models_as_it_improves_the_same_plain_model(kin
     assert after == pytest.approx(plain["after"]["clean_accuracy"], abs=0.03)
 
 
+@pytest.mark.slow
 def test_retrain_cli_on_a_torchscript_tuple_model(splits, tmp_path):
     _, pool, _ = splits
     path = tmp_path / "traced-tuple.pt"
     torch.jit.save(traced_tuple(pool.images(slice(0, 2))), str(path))
     out = tmp_path / "retrained.pt"
-    result = CliRunner().invoke(app, [str(a) for a in (
+    result = run_cli(
         "retrain", "-m", path, "--metric", "margin", "--budget", "16", "--attack", "fgsm", "--eval-attacks", "fgsm",
         "--eval-n", "100", "--val-n", "100", "--epochs", "3", "--lr", "0.1",
-        "--train-size", "2000", "--out", out)])
+        "--train-size", "2000", "--out", out)
     assert result.exit_code == 0, result.output
     report = json.loads(out.with_suffix(".json").read_text())
     assert report["after"]["clean_accuracy"] > report["before"]["clean_accuracy"] + 0.25, report["after"]
@@ -110,6 +111,7 @@ def tiny(arch: str) -> RobustALConfig:
                           initial_epochs=6, at="fgsm-rs", eval_n=100, val_n=100, check_steps=2, seed=0, arch=arch)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cls", ["TupleNet", "HFLikeNet"], ids=["tuple", "logits-attribute"])
 def test_robust_al_trains_an_outside_architecture(cls, mnist_train_slice, tmp_path):
     val = load_dataset("mnist", "val").subset(torch.arange(300))

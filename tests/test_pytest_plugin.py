@@ -35,6 +35,7 @@ def _plugin_args() -> list[str]:
     return [] if registered else ["-p", "dltest.pytest_plugin"]
 
 
+@pytest.mark.slow
 def test_plugin_passes_and_fails_with_a_readable_message(pytester: pytest.Pytester):
     pytester.makepyfile(test_model=PROJECT_TESTS)
     # --strict-markers makes an unregistered marker an error: the plugin registers "robustness"

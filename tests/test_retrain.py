@@ -62,6 +62,7 @@ def test_adversarial_examples_and_npz_round_trip(trained_lenet, pool, tmp_path):
     assert len(mixed) == 15 and torch.equal(mixed.images(torch.arange(10, 15)), ex.x)
 
 
+@pytest.mark.slow
 def test_retrain_improves_robust_accuracy_over_its_starting_model(trained_lenet, mnist_train_slice, pool, holdout):
     before_weights = {k: v.clone() for k, v in trained_lenet.state_dict().items()}
     result = retrain(

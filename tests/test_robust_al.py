@@ -6,12 +6,11 @@ import json
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from dltest.cli import app
 from dltest.data import load_dataset
 from dltest.errors import DltestError
 from dltest.workflows.robust_al import RobustALConfig, read_log, robust_active_learning
+from tests.cli_runner import run_cli as cli
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +33,7 @@ def run(config, splits, folder=None, **kwargs):
                                   device="cpu", **kwargs)
 
 
+@pytest.mark.slow
 def test_three_stages_grow_the_pool_and_the_files_agree(splits, tmp_path):
     config = tiny(metrics=("entropy", "random"))
     result = run(config, splits, tmp_path / "run")
@@ -74,6 +74,7 @@ class Killed(Exception):
     pass
 
 
+@pytest.mark.slow
 def test_resume_after_a_kill_reproduces_the_uninterrupted_run(splits, tmp_path):
     config = tiny()
     whole = run(config, splits, tmp_path / "whole")
@@ -95,6 +96,7 @@ def test_resume_after_a_kill_reproduces_the_uninterrupted_run(splits, tmp_path):
         run(tiny(budget=280), splits, tmp_path / "cut", resume=True)
 
 
+@pytest.mark.slow
 def test_standard_and_robust_runs_differ_only_in_training(splits):
     robust = run(tiny(budget=240, epochs=3), splits).records["entropy"]
     standard = run(tiny(budget=240, epochs=3, at=None), splits).records["entropy"]
@@ -122,10 +124,6 @@ def test_budget_larger_than_the_pool_is_refused(splits):
         run(tiny(budget=4000), splits)
 
 
-def cli(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
 @pytest.mark.parametrize("args, message", [
     (["--budget", "100"], "budget (100) must exceed the initial labeled pool (200)"),
     (["--per-stage", "0"], "per_stage must be >= 1, got 0"),
@@ -143,6 +141,7 @@ def test_cli_bad_input_is_one_line_and_writes_nothing(tmp_path, args, message):
     assert not (out / "log.jsonl").exists()
 
 
+@pytest.mark.slow
 def test_cli_runs_and_resumes(tmp_path):
     out = tmp_path / "run"
     args = ["robust-al", "--metric", "margin,random", "--budget", "240", "--initial", "200", "--per-stage", "20",
@@ -166,6 +165,7 @@ def test_cli_runs_and_resumes(tmp_path):
     assert json.loads((out / "summary.json").read_text())["final"] == summary["final"]
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_gives_the_uninterrupted_log(tmp_path):
     """A real SIGKILL of the command mid-run; --resume ends with the log of a run never killed."""
     import os
@@ -220,6 +220,7 @@ def test_preset_keeps_standard_active_learning_and_fills_the_schedule():
     assert (preset("fashion-mnist").budget, preset("fashion-mnist").stages) == (6000, 29)
 
 
+@pytest.mark.slow
 def test_a_users_architecture_runs_robust_active_learning(splits, tmp_path):
     from pathlib import Path
 

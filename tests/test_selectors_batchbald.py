@@ -95,6 +95,7 @@ def test_lazy_greedy_only_skips_candidates_whose_stale_gain_is_beaten():
         assert bound.tolist() == [3.5, 4.5, 3.0, 2.0], chunk  # only what the one-at-a-time rule scored
 
 
+@pytest.mark.slow
 def test_batchbald_sampled_joint_entropy_estimates_the_exact_one():
     probs = mc_samples(12, 8, 4, seed=1)
     # with 2000 configurations, batches of up to 5 picks are enumerated (4^5 = 1024), the 7th pick

@@ -420,6 +420,7 @@ def test_deepfool_inside_the_box_is_torchattacks_deepfool(trained_lenet, small_p
     np.testing.assert_allclose(norms[flipped].numpy(), ref[flipped].numpy(), rtol=1e-3, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_dfal_every_candidate_crosses_the_boundary_on_the_bundled_model(mnist_test):
     # issue 10: with torchattacks' per-step overshoot, 27% of 1000 candidates stopped on the
     # boundary (score null); at 2% of the test set every one of the 2000 candidates must flip
@@ -556,40 +557,30 @@ def test_options_are_validated_and_recorded(trained_lenet, small_pool):
             get_selector(metric, **options)
 
 
-def test_cli_selector_flags(lenet_checkpoint, tmp_path):
-    from typer.testing import CliRunner
-
-    from dltest.cli import app
-
-    runner = CliRunner()
+def test_cli_selector_flags(lenet_checkpoint, tmp_path, cli):
     base = ["select", "--model", str(lenet_checkpoint), "--split", "val", "--budget", "20"]
     out = tmp_path / "bald.json"
-    res = runner.invoke(app, [*base, "--metric", "bald", "--mc-samples", "3", "--dropout", "0.2", "--out", str(out)])
+    res = cli(*base, "--metric", "bald", "--mc-samples", "3", "--dropout", "0.2", "--out", str(out))
     assert res.exit_code == 0, res.output
     saved = json.loads(out.read_text())
     assert saved["options"] == {"samples": 3, "dropout": 0.2, "dropout_placement": "head"} and len(saved["indices"]) == 20
 
-    res = runner.invoke(app, [*base, "--metric", "entropy", "--mc-samples", "3", "--out", str(tmp_path / "x.json")])
+    res = cli(*base, "--metric", "entropy", "--mc-samples", "3", "--out", str(tmp_path / "x.json"))
     assert res.exit_code == 2 and "--mc-samples is not an option of metric 'entropy'" in res.output
 
-    res = runner.invoke(app, [*base, "--metric", "egl", "--egl-variant", "nope", "--out", str(tmp_path / "x.json")])
+    res = cli(*base, "--metric", "egl", "--egl-variant", "nope", "--out", str(tmp_path / "x.json"))
     assert res.exit_code == 2 and "egl variant" in res.output
 
-    res = runner.invoke(app, ["select", "--help"])
+    res = cli("select", "--help")
     assert all(flag in res.output for flag in ["--mc-samples", "--dropout", "--candidate-factor", "--egl-variant"])
 
 
-def test_cli_coreset_labeled_file_checked(lenet_checkpoint, tmp_path):
-    from typer.testing import CliRunner
-
-    from dltest.cli import app
-
-    runner = CliRunner()
+def test_cli_coreset_labeled_file_checked(lenet_checkpoint, tmp_path, cli):
     base = ["select", "--model", str(lenet_checkpoint), "--split", "val", "--budget", "10", "--metric", "coreset"]
     first = tmp_path / "first.json"
-    assert runner.invoke(app, [*base[:-2], "--metric", "random", "--out", str(first)]).exit_code == 0
+    assert cli(*base[:-2], "--metric", "random", "--out", str(first)).exit_code == 0
     out = tmp_path / "core.json"
-    res = runner.invoke(app, [*base, "--labeled", str(first), "--out", str(out)])
+    res = cli(*base, "--labeled", str(first), "--out", str(out))
     assert res.exit_code == 0, res.output
     saved = json.loads(out.read_text())
     assert saved["labeled"] == 10 and not set(saved["indices"]) & set(json.loads(first.read_text())["indices"])
@@ -598,5 +589,5 @@ def test_cli_coreset_labeled_file_checked(lenet_checkpoint, tmp_path):
     for bad in [dict(other, dataset="fashion-mnist"), dict(other, indices=[0, 99999])]:
         path = tmp_path / "bad.json"
         path.write_text(json.dumps(bad))
-        res = runner.invoke(app, [*base, "--labeled", str(path), "--out", str(tmp_path / "y.json")])
+        res = cli(*base, "--labeled", str(path), "--out", str(tmp_path / "y.json"))
         assert res.exit_code == 2 and res.output.count("\n") == 1, res.output

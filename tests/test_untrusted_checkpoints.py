@@ -21,20 +21,15 @@ from types import SimpleNamespace
 import pytest
 import torch
 from torch import nn
-from typer.testing import CliRunner
 
 from dltest.checkpoint import load_model, model_from_checkpoint, read_checkpoint, save_checkpoint
-from dltest.cli import app
 from dltest.errors import DltestError
 from tests import client_nets
 from tests.client_nets import ClientLeNet, client_state_dict
+from tests.cli_runner import run_cli as run
 
 REPO = Path(__file__).resolve().parents[1]
 NETS = Path(client_nets.__file__)
-
-
-def run(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
 
 
 def _hostile_checkpoints(folder: Path) -> SimpleNamespace:
@@ -160,6 +155,7 @@ def _pytest(project: Path) -> subprocess.CompletedProcess:
                           cwd=project, env=env, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_the_pytest_plugin_refuses_the_model_its_ini_names(tmp_path):
     hostile = _hostile_checkpoints(tmp_path)
     for kind in KINDS:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from dltest import __version__
+from dltest._version import __version__
 from dltest.attacks.presets import AttackSpec
 from dltest.data import ImageDataset, check_examples, check_npz_sizes, to_float_images
 

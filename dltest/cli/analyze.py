@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
-from dltest import __version__
+from dltest.header import output_header
 from dltest.cli.defaults import BINS, INFERENCE_BATCH
 from dltest.cli.app import app
 from dltest.cli.options import BatchSize, DataRoot, Device, Download, TrustModel, load_data_and_model
@@ -101,7 +101,7 @@ def correlation_command(
     _refuse_writing_into_runs(_with_figure(out, no_plot), runs)
     loaded = load_runs(runs)
     correlations = bias_robustness_correlations(all_records(loaded), _names(attacks, "--attacks"))
-    report = {**_header("dltest analyze correlation", loaded), "correlations": [vars(c) for c in correlations]}
+    report = {**_header("analyze correlation", loaded), "correlations": [vars(c) for c in correlations]}
     if not no_plot:
         from dltest.analysis.plots import correlation_heatmap
 
@@ -153,7 +153,7 @@ def compare_command(
     out = check_writable(out or Path(f"compare-{'-'.join(names)}.json"))
     _refuse_writing_into_runs({"--out": out}, runs)
     comparisons = compare_functions(all_records(loaded), names, _names(attacks, "--attacks"), alpha)
-    report = {**_header("dltest analyze compare", loaded), "alpha": alpha, "attacks": _names(attacks, "--attacks"),
+    report = {**_header("analyze compare", loaded), "alpha": alpha, "attacks": _names(attacks, "--attacks"),
               "comparisons": [c.to_dict() for c in comparisons]}
     console = _console()
     table = Table(title=f"Wilcoxon signed-rank, robust accuracy paired by (seed, stage, attack), alpha {alpha:g}")
@@ -228,7 +228,7 @@ def _selection_bias(path: Path, model, dataset, split, labeled, bins, data_root,
     if selection.labeled and labeled is None:
         note = (f"the selection left {selection.labeled} labeled inputs out of its pool; they count in the pool "
                 f"here (pass --labeled to leave them out)")
-    return {"command": "dltest analyze bias", "dltest_version": __version__, "seed": selection.seed, "source": str(path),
+    return {**output_header("analyze bias", selection.seed), "source": str(path),
             "kind": "selection", "metric": selection.metric, "dataset": data.name, "split": data.split,
             "model": info.source, "pool_size": len(pool), "selected": len(chosen), "bins": bins, "bias": bias,
             "note": note}
@@ -257,7 +257,7 @@ def _run_bias(run: Run) -> dict[str, Any]:
              "bias": r.get("bias")} for r in run.records]
     if not any(row["bias"] for row in rows):
         raise DltestError(f"{run.path}/log.jsonl records no bias at any stage (stage 0 has none: it selects nothing)")
-    return {"command": "dltest analyze bias", "dltest_version": __version__, "seed": run.config.get("seed"),
+    return {**output_header("analyze bias", run.config.get("seed")),
             "source": str(run.path), "kind": "run", "dataset": run.config.get("dataset"), "records": rows}
 
 
@@ -285,8 +285,7 @@ def _print_run_bias(report: dict[str, Any]) -> None:
 
 def _header(command: str, runs: list[Run]) -> dict[str, Any]:
     seeds = sorted({r["seed"] for run in runs for r in run.records})
-    return {"command": command, "dltest_version": __version__, "seed": seeds, "runs": [str(r.path) for r in runs],
-            "dataset": runs[0].config.get("dataset")}
+    return output_header(command, seeds, runs=[str(r.path) for r in runs], dataset=runs[0].config.get("dataset"))
 
 
 def _two_metrics(runs: list[Run]) -> list[str]:

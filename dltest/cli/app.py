@@ -2,7 +2,7 @@
 
 A :class:`DltestError` from the library and a usage error from the parser (an unknown option, a
 missing value) are both printed as one ``error: ...`` line, without boxed panels, exit code 2.
-Every command's JSON starts with :func:`output_header`: ``command``, ``dltest_version``, ``seed``.
+Every command's JSON starts with :func:`dltest.header.output_header`: ``command``, ``dltest_version``, ``seed``.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageErro
 import typer
 from typer.core import TyperGroup
 
-from dltest import __version__
+from dltest._version import __version__
 from dltest.errors import DltestError
 
 
@@ -110,12 +110,6 @@ def robustness_warnings_as_lines() -> Iterator[None]:
     for w in caught:
         if issubclass(w.category, RobustnessWarning):
             typer.echo(f"warning: {w.message}", err=True)
-
-
-def output_header(command: str, seed: int | list[int] | None) -> dict[str, Any]:
-    """The fields every command's JSON starts with: ``command`` (``"dltest <name>"``),
-    ``dltest_version`` and ``seed``."""
-    return {"command": f"dltest {command}", "dltest_version": __version__, "seed": seed}
 
 
 app = typer.Typer(

@@ -7,7 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from dltest.cli.app import app, output_header
+from dltest.cli.app import app
+from dltest.header import output_header
 from dltest.cli.options import (
     Arch, ArchKwargs, Normalize,
     Alpha, AttackBatch, DataRoot, Dataset, Device, Download, Eps, ModelPath, Queries, Seed, Steps, TrustModel,

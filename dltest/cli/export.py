@@ -7,8 +7,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from dltest import __version__
-from dltest.cli.app import app, output_header
+from dltest._version import __version__
+from dltest.cli.app import app
+from dltest.header import output_header
 from dltest.cli.options import (
     Arch, ArchKwargs, DataRoot, Dataset, Download, ModelPath, Normalize, Split, TrustModel, load_data_and_model,
 )

@@ -8,7 +8,8 @@ from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
-from dltest.cli.app import app, output_header
+from dltest.cli.app import app
+from dltest.header import output_header
 
 if TYPE_CHECKING:  # for type hints only: the commands import these when they run
     from dltest.selectors import Selector

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dltest import __version__
+from dltest.header import output_header
 from dltest.analysis.intervals import check_confidence, clopper_pearson
 from dltest.data import ImageDataset
 from dltest.errors import DltestError
@@ -75,7 +75,7 @@ class EstimateResult:
     def to_dict(self) -> dict[str, Any]:
         body = asdict(self)
         body.pop("seed")
-        return {"command": "dltest estimate", "dltest_version": __version__, "seed": self.seed, **body}
+        return output_header("estimate", self.seed, **body)
 
 
 def srs_labels_for_width(width: float, share: float, confidence: float = 0.95) -> int | None:

@@ -6,7 +6,7 @@ import os
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from dltest import __version__
+from dltest.header import output_header
 from dltest.errors import DltestError
 from dltest.io import read_json
 
@@ -75,7 +75,7 @@ def decide_on_estimate(estimate: dict[str, Any], policy: Any) -> list[EstimateBa
 def estimate_gate_report(bars: list[EstimateBar], estimate: dict[str, Any], source: str) -> dict[str, Any]:
     """The gate's JSON when it decided on an estimate."""
     return {
-        "command": "dltest gate", "dltest_version": __version__, "seed": estimate.get("seed"),
+        **output_header("gate", estimate.get("seed")),
         "passed": all(bar.passed for bar in bars), "estimate": source, "design": estimate.get("design"),
         "dataset": estimate.get("dataset"), "split": estimate.get("split"), "pool_size": estimate.get("pool_size"),
         "bars": [asdict(bar) for bar in bars],

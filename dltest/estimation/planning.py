@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from dltest import __version__
+from dltest.header import output_header
 from dltest.budget import parse_budget
 from dltest.data import ImageDataset
 from dltest.errors import DltestError
@@ -33,7 +33,8 @@ SCORES: dict[str, Callable[[Tensor], Tensor]] = {
     "lc": least_confidence,
     "margin": lambda probs: 1.0 - margin(probs),  # small margins are uncertain: 1 - margin ranks them first
 }
-PLAN_KIND = "dltest estimate plan"
+PLAN_COMMAND = "estimate plan"
+PLAN_KIND = f"dltest {PLAN_COMMAND}"
 
 
 def check_score(name: str) -> str:
@@ -89,8 +90,7 @@ class EstimationPlan:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return {"command": PLAN_KIND, "dltest_version": __version__, "seed": self.seed, **{
-            k: v for k, v in asdict(self).items() if k != "seed"}}
+        return output_header(PLAN_COMMAND, self.seed, **{k: v for k, v in asdict(self).items() if k != "seed"})
 
     def save(self, path: str | os.PathLike) -> Path:
         return write_json(path, self.to_dict())

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dltest import __version__
+from dltest.header import output_header
 from dltest.adversarial_training import adversarial_training
 from dltest.attacks import attack_preset
 from dltest.checkpoint import check_fits, load_model, save_checkpoint
@@ -129,7 +129,7 @@ def pretrain(
         evaluation = evaluate_robustness(result.model, holdout, [pgd], n=eval_n, seed=config.seed, device=device)
         robust = evaluation.attacks[0].robust_accuracy
     report = {
-        "command": "dltest train", "dltest_version": __version__, "seed": config.seed, "dataset": train_data.name,
+        **output_header("train", config.seed), "dataset": train_data.name,
         "arch": arch_name, "init": str(init) if init is not None else None, "train_size": len(train_data), "config": asdict(config),
         "adversarial": adversarial.to_dict() if adversarial else None,
         "holdout_accuracy": holdout_accuracy, "holdout_robust_accuracy": robust,

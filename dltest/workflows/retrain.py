@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dltest import __version__
+from dltest.header import output_header
 from dltest.attacks import AdversarialExamples, AttackSpec, attack_preset, generate_adversarial, with_examples
 from dltest.checkpoint import ModelInfo, copy_model, save_model
 from dltest.data import ImageDataset, load_dataset
@@ -72,9 +72,7 @@ class RetrainResult:
                     "robust_accuracy": {o.attack: o.robust_accuracy for o in report.attacks}}
 
         return {
-            "command": "dltest retrain",
-            "dltest_version": __version__,
-            "seed": self.settings.get("seed"),
+            **output_header("retrain", self.settings.get("seed")),
             "settings": self.settings,
             "before": summary(self.before),
             "after": summary(self.after),

@@ -35,7 +35,8 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from dltest import __version__
+from dltest._version import __version__
+from dltest.header import output_header
 from dltest.adversarial_training import AT_METHODS, AdversarialTraining, adversarial_training
 from dltest.analysis.bias import selection_bias
 from dltest.analysis.plots import accuracy_by_stage
@@ -214,8 +215,7 @@ class RobustALResult:
             last = records[-1]
             final[metric] = {"labeled": last.labeled, "stage": last.stage, "clean_accuracy": last.clean_accuracy,
                              "robust_accuracy": {**last.robust_accuracy, **self.final_attacks.get(metric, {})}}
-        return {"command": "dltest robust-al", "dltest_version": __version__, "seed": self.config.seed,
-                "config": self.config.to_dict(), "final": final,
+        return {**output_header("robust-al", self.config.seed), "config": self.config.to_dict(), "final": final,
                 "seconds": {m: _total_seconds(r) for m, r in self.records.items()}}
 
 
