@@ -1,137 +1,26 @@
-"""A robustness gate: bars on accuracy and robust accuracy, decided with exact statistics.
-
-policy (bars) + model + data -> :func:`dltest.robustness.evaluate_robustness` -> one
-:class:`BarResult` per bar -> pass or fail, written as JSON, JUnit XML and a Markdown table.
-
-Bars and the rule that decides each:
-
-- a **minimum** (``min_accuracy``, ``min_robust={"pgd": 0.8}``): the figure must be *shown* to
-  reach the bar. It passes when the one-sided Clopper-Pearson lower bound at ``confidence``
-  (default 95%) is at or above the bar, so a measured 98.3% on 300 inputs does not pass a
-  98% bar (its lower bound is 96.4%): evaluate more inputs to pass a tight bar.
-- a **maximum drop** against a baseline report (``max_drop``, absolute, or
-  ``max_relative_drop``, a share of the baseline's figure) is a regression test on the same
-  inputs: it fails when the exact McNemar test shows, at ``confidence``, that the figure
-  dropped by more than the tolerance. Two runs of the same model never fail it.
-
-Figures: ``accuracy`` (clean), an attack's name (its robust accuracy), and ``worst-case`` (inputs
-robust to every attack evaluated, AutoAttack's rule). A bare ``min_robust`` number applies to
-``worst-case``; a bare ``max_drop`` number to every figure both reports have.
-"""
+"""The gate's decision: a model evaluated against a :class:`GatePolicy`, each bar decided with
+exact statistics (on its own, or paired with a baseline report) -> :class:`GateResult`."""
 
 from __future__ import annotations
 
-import math
 import os
-import stat
-import sys
 import warnings
-import xml.etree.ElementTree as ET
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from torch import nn
 
-from dltest._version import __version__
 from dltest.header import output_header
-from dltest.analysis.intervals import check_confidence, clopper_pearson, mcnemar_exact
-from dltest.attacks import ATTACKS, AttackSpec, check_attack_name
+from dltest.analysis.intervals import clopper_pearson, mcnemar_exact
+from dltest.attacks import AttackSpec, check_attack_name
 from dltest.data import ImageDataset
 from dltest.errors import DltestError
-from dltest.io import atomic_path, read_json
+from dltest.gate.outputs import _pct, junit_xml, markdown_table
+from dltest.gate.policy import ACCURACY, ALL_FIGURES, GatePolicy
+from dltest.io import read_json
 from dltest.robustness import (
     WORST_CASE, RobustnessReport, RobustnessWarning, attack_specs, evaluate_robustness, flags_from_string,
 )
-
-ACCURACY = "accuracy"
-ALL_FIGURES = "*"  # key of a max-drop that applies to every figure
-
-
-def figure_names() -> list[str]:
-    return [ACCURACY, *ATTACKS, WORST_CASE]
-
-
-def check_figure(name: str) -> str:
-    if name not in figure_names():
-        raise DltestError(f"unknown figure {name!r}; choose one of {', '.join(figure_names())}")
-    return name
-
-
-def check_share(value: Any, what: str, *, upper_open: bool = False) -> float:
-    """A threshold in [0, 1] (or [0, 1) for tolerances)."""
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise DltestError(f"{what} must be a number in [0, 1], got {value!r}") from None
-    if math.isnan(number) or number < 0 or number > 1 or (upper_open and number == 1):
-        allowed = "[0, 1)" if upper_open else "[0, 1]"
-        raise DltestError(f"{what} must be in {allowed} (a share: 0.98 means 98%), got {value}")
-    return number
-
-
-def parse_bars(text: str | float | Mapping[str, Any] | None, what: str, bare: str,
-               *, upper_open: bool = False) -> dict[str, float]:
-    """``"pgd=0.8,square=0.85"`` (or a mapping) -> ``{"pgd": 0.8, "square": 0.85}``; a bare
-    ``"0.8"`` -> ``{bare: 0.8}``. Names and values are checked."""
-    if text is None or (isinstance(text, Mapping) and not text):
-        return {}
-    if isinstance(text, Mapping):
-        items = [(str(k), v) for k, v in text.items()]
-    elif isinstance(text, (int, float)):
-        items = [(bare, text)]
-    else:
-        items = []
-        for part in (p.strip() for p in str(text).split(",") if p.strip()):
-            name, sep, value = part.partition("=")
-            items.append((name.strip().lower(), value.strip()) if sep else (bare, name.strip()))
-    bars: dict[str, float] = {}
-    for name, value in items:
-        if name != ALL_FIGURES:
-            check_figure(name)
-        if name in bars:
-            raise DltestError(f"{what} names {name!r} twice")
-        bars[name] = check_share(value, f"{what} for {name}" if name not in (bare, ALL_FIGURES) else what,
-                                 upper_open=upper_open)
-    if not bars:
-        raise DltestError(f"{what} is empty; write e.g. pgd=0.8,square=0.85")
-    return bars
-
-
-@dataclass
-class GatePolicy:
-    """The bars of a gate. Shares are in [0, 1]; ``confidence`` is that of every decision."""
-
-    min_accuracy: float | None = None
-    min_robust: dict[str, float] = field(default_factory=dict)  # attack or worst-case -> bar
-    max_drop: dict[str, float] = field(default_factory=dict)  # figure or "*" -> absolute drop
-    max_relative_drop: dict[str, float] = field(default_factory=dict)  # figure or "*" -> share
-    confidence: float = 0.95
-
-    def __post_init__(self) -> None:
-        if self.min_accuracy is not None:
-            self.min_accuracy = check_share(self.min_accuracy, "min accuracy")
-        self.min_robust = parse_bars(self.min_robust, "min robust", WORST_CASE)
-        for name in self.min_robust:
-            if name == ACCURACY or name == ALL_FIGURES:
-                raise DltestError(f"min robust takes attack names or {WORST_CASE}, got {name!r}")
-        self.max_drop = parse_bars(self.max_drop, "max drop", ALL_FIGURES, upper_open=True)
-        self.max_relative_drop = parse_bars(self.max_relative_drop, "max relative drop", ALL_FIGURES,
-                                            upper_open=True)
-        self.confidence = check_confidence(self.confidence)
-
-    @property
-    def needs_baseline(self) -> bool:
-        return bool(self.max_drop or self.max_relative_drop)
-
-    @property
-    def attacks(self) -> list[str]:
-        """The attacks the bars name (worst-case names none by itself)."""
-        named = list(self.min_robust) + list(self.max_drop) + list(self.max_relative_drop)
-        return [a for a in dict.fromkeys(named) if a in ATTACKS]
-
-    def is_empty(self) -> bool:
-        return self.min_accuracy is None and not self.min_robust and not self.needs_baseline
 
 
 @dataclass
@@ -477,177 +366,9 @@ def assert_robust(
 class RobustnessAssertionError(AssertionError):
     """A bar of :func:`assert_robust` failed: the text lists every figure; ``result`` holds them."""
 
+    __module__ = "dltest.gate"  # tracebacks name it where users import it from (as before the split)
+
     def __init__(self, result: GateResult) -> None:
         super().__init__(result.summary())
         self.result = result
-
-
-# --- outputs -----------------------------------------------------------------------------------
-
-
-def markdown_table(result: GateResult) -> str:
-    """The bars as a GitHub-flavoured Markdown table."""
-    conf = f"{100 * result.confidence:g}%"
-    lines = [
-        f"### dltest gate: {'passed' if result.passed else 'failed'}",
-        "",
-        f"{result.model or 'model'} on {result.report.n} inputs of {result.report.dataset}/{result.report.split}"
-        f" (seed {result.report.seed}); intervals are exact at {conf}.",
-        "",
-        f"| bar | measured | {conf} interval | decided on | rule | result |",
-        "|---|---|---|---|---|---|",
-    ]
-    for bar in result.bars:
-        low, high = bar.interval
-        lines.append(f"| `{bar.name}` | {_pct(bar.estimate)} ({bar.correct}/{bar.n}) | {_pct(low)} - {_pct(high)} "
-                     f"| {bar.decided_on} | {bar.rule} | {'pass' if bar.passed else '**FAIL**'} |")
-    for note in result.warnings:
-        lines.append(f"\n> warning: {note}")
-    return "\n".join(lines) + "\n"
-
-
-def junit_xml(result: GateResult) -> str:
-    """JUnit XML with one test case per bar (CI systems show failing bars as failing tests)."""
-    failures = len(result.failures)
-    seconds = f"{result.report.seconds:.3f}"
-    suites = ET.Element("testsuites", name="dltest gate", tests=str(len(result.bars)), failures=str(failures),
-                        errors="0", time=seconds)
-    suite = ET.SubElement(suites, "testsuite", name="dltest gate", tests=str(len(result.bars)),
-                          failures=str(failures), errors="0", skipped="0", time=seconds)
-    props = ET.SubElement(suite, "properties")
-    for key, value in (("model", result.model or ""), ("dataset", result.report.dataset),
-                       ("split", result.report.split), ("n", result.report.n), ("seed", result.report.seed),
-                       ("confidence", result.confidence), ("dltest_version", __version__)):
-        ET.SubElement(props, "property", name=key, value=str(value))
-    for bar in result.bars:
-        case = ET.SubElement(suite, "testcase", classname=f"dltest.gate.{result.report.dataset}", name=bar.name,
-                             time="0")
-        if not bar.passed:
-            failure = ET.SubElement(case, "failure", message=bar.describe(), type="GateBarFailed")
-            failure.text = f"{bar.describe()}\nrule: {bar.rule}"
-        else:
-            out = ET.SubElement(case, "system-out")
-            out.text = f"{bar.describe()}\nrule: {bar.rule}"
-    ET.indent(suites)
-    return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(suites, encoding="unicode") + "\n"
-
-
-def write_text(path: str | os.PathLike, text: str) -> Path:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
-    return Path(path)
-
-
-def append_step_summary(markdown: str, environ: Mapping[str, str] = os.environ) -> Path | None:
-    """Append ``markdown`` to GitHub Actions' job summary when ``GITHUB_STEP_SUMMARY`` names a file."""
-    target = environ.get("GITHUB_STEP_SUMMARY")
-    if not target:
-        return None
-    try:
-        # O_NONBLOCK: a named pipe without a reader fails at once instead of hanging the gate
-        fd = os.open(target, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK, 0o666)
-        with open(fd, "a", encoding="utf-8") as handle:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise OSError("not a regular file; dltest only writes regular files")
-            handle.write(markdown + "\n")
-    except OSError as exc:
-        print(f"warning: cannot append to GITHUB_STEP_SUMMARY={target} ({exc.strerror or exc})", file=sys.stderr)
-        return None
-    return Path(target)
-
-
-def check_step_summary(environ: Mapping[str, str] = os.environ) -> None:
-    """Refuse, before any work, a ``GITHUB_STEP_SUMMARY`` that names something other than a regular
-    file (a named pipe would block the gate, a device file would swallow the table)."""
-    target = environ.get("GITHUB_STEP_SUMMARY")
-    if not target or not os.path.lexists(target):
-        return
-    mode = os.stat(target).st_mode if os.path.exists(target) else 0
-    if not stat.S_ISREG(mode):
-        raise DltestError(f"GITHUB_STEP_SUMMARY={target} is not a regular file; dltest only appends to regular files")
-
-
-# --- configuration -----------------------------------------------------------------------------
-
-CONFIG_KEYS = (
-    "min-accuracy", "min-robust", "max-drop", "max-relative-drop", "confidence", "attacks", "baseline",
-    "dataset", "split", "model", "n", "seed", "eps", "steps", "alpha", "queries", "allow-randomised",
-)
-
-
-def read_config(path: str | os.PathLike | None = None, folder: str | os.PathLike = ".") -> tuple[dict[str, Any], str | None]:
-    """The gate's settings from ``path``, else ``dltest.toml`` (table ``[gate]``), else
-    ``pyproject.toml`` (table ``[tool.dltest.gate]``) in ``folder``; ``({}, None)`` when none."""
-    if path is not None:
-        candidates = [Path(path)]
-        if not candidates[0].is_file():
-            raise DltestError(f"config file not found: {path}")
-    else:
-        candidates = [Path(folder) / "dltest.toml", Path(folder) / "pyproject.toml"]
-    for candidate in candidates:
-        if not candidate.is_file():
-            continue
-        document = _read_toml(candidate)
-        if candidate.name == "pyproject.toml":
-            table = _table_at(document, ("tool", "dltest", "gate"), candidate)
-            where = "[tool.dltest.gate]"
-        else:
-            table = document.get("gate", _table_at(document, ("tool", "dltest", "gate"), candidate))
-            where = "[gate]"
-        if table is None:
-            if path is not None:
-                raise DltestError(f"{candidate} has no {where} table")
-            continue
-        if not isinstance(table, dict):
-            raise DltestError(f"{candidate}: {where} must be a table")
-        unknown = sorted(set(table) - set(CONFIG_KEYS))
-        if unknown:
-            raise DltestError(f"{candidate} {where}: unknown key {unknown[0]!r}; allowed: {', '.join(CONFIG_KEYS)}")
-        flag = table.get("allow-randomised")
-        if flag is not None and not isinstance(flag, bool):
-            raise DltestError(f"{candidate} {where}: allow-randomised must be true or false (a TOML boolean, "
-                              f"not a string), got {flag!r}")
-        return dict(table), str(candidate)
-    return {}, None
-
-
-MAX_TOML_BYTES = 2**20  # a gate configuration is a few lines; a larger file is not one
-
-
-def _read_toml(path: Path) -> dict[str, Any]:
-    """Parse a TOML file with a one-line error for malformed, oversized or absurdly nested input."""
-    try:
-        if path.stat().st_size > MAX_TOML_BYTES:
-            raise DltestError(f"{path} is {path.stat().st_size} bytes, too large for a configuration "
-                              f"(at most {MAX_TOML_BYTES})")
-        text = path.read_text(encoding="utf-8")
-        return _tomllib().loads(text)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise DltestError(f"{path} is not valid TOML ({str(exc).splitlines()[0]})") from None
-    except RecursionError:
-        raise DltestError(f"{path} is nested too deeply to be a configuration") from None
-
-
-def _table_at(document: dict[str, Any], keys: tuple[str, ...], path: Path) -> Any:
-    """``document[k1][k2]...``, or None where a key is missing; a non-table on the way is an error."""
-    value: Any = document
-    for depth, key in enumerate(keys):
-        if not isinstance(value, dict):
-            raise DltestError(f"{path}: [{'.'.join(keys[:depth])}] must be a table, got {value!r:.40}")
-        value = value.get(key)
-        if value is None:
-            return None
-    return value
-
-
-def _tomllib():
-    if sys.version_info >= (3, 11):
-        import tomllib
-    else:  # pragma: no cover - Python 3.10
-        import tomli as tomllib
-    return tomllib
-
-
-def _pct(value: float | None) -> str:
-    return "-" if value is None else f"{100 * value:.2f}%"
 
