@@ -301,3 +301,22 @@ def test_fashion_stages_are_evaluated_with_the_profiles_attack_and_the_log_names
         assert all(r.attacks == ["apgd-square eps=0.3 steps=100 queries=1000"] for r in records)
         assert all(list(r.robust_accuracy) == ["apgd-square"] for r in records)
     assert json.loads((tmp_path / "run" / "config.json").read_text())["eval_attacks"] == ["apgd-square"]
+
+
+def test_a_stage_whose_epochs_all_collapse_is_trained_again_with_the_eps_warm_up(splits, monkeypatch):
+    import dltest.workflows.robust_al as workflow
+
+    calls = []
+    real_train = workflow.train
+
+    def spy(model, data, val, config, *, adversary=None, **kwargs):
+        result = real_train(model, data, val, config, adversary=adversary, **kwargs)
+        calls.append((len(data), None if adversary is None else adversary.warmup_epochs, result.best_epoch))
+        return result
+
+    monkeypatch.setattr(workflow, "train", spy)
+    records = run(tiny(budget=240), splits).records["entropy"]  # one epoch per stage on ~200 inputs: collapses
+    later = [c for c in calls if c[0] == 240]  # stage 2 (stage 1 has the ramp already)
+    assert later[0][1] == 0.0 and later[0][2] == -1  # at full eps every epoch collapsed...
+    assert len(later) == 2 and later[1][1] > 0  # ...so the stage trained again with the ramp
+    assert records[2].stopped_early.startswith("every epoch collapsed at full eps; trained again with the eps warm-up")

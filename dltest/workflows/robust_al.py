@@ -356,6 +356,13 @@ def _stage(config, metric, stage, model, labeled, train_data, val, method, check
         stage_method = replace(method, warmup_epochs=0.0)  # warm-started from a robust model: no ramp
     result = train(copy.deepcopy(model), train_data.subset(labeled), val, _train_config(config, stage, augment),
                    adversary=stage_method, val_adversary=check, device=device, progress=progress)
+    if result.best_epoch < 0 and stage_method is not method:
+        # every epoch collapsed to near-constant predictions at full eps: train the stage again from the same
+        # weights with the first stage's eps ramp; without it the kept weights collapse again at every stage
+        result = train(copy.deepcopy(model), train_data.subset(labeled), val, _train_config(config, stage, augment),
+                       adversary=method, val_adversary=check, device=device, progress=progress)
+        result.stopped_early = "every epoch collapsed at full eps; trained again with the eps warm-up" + (
+            f" ({result.stopped_early})" if result.stopped_early else "")
     trained_at = time.perf_counter()
     clean, robust, attacks = evaluate(result.model)
     record = StageRecord(
