@@ -8,34 +8,37 @@ trained). TorchScript files load too. A pickled ``nn.Module`` loads only with ``
 No metadata in a file runs code: the architecture a checkpoint names is built only when it is a
 zoo name; a ``module:Class`` or ``file.py:Class`` (imported and called to build the model) only
 when the user named it (``arch=``, ``--arch``) or trusts the file (``trust=True``,
-``--trust-model``); see :func:`check_file_arch`.
+``--trust-model``); see :func:`dltest.zoo.check_file_arch`.
 """
 
 from __future__ import annotations
 
 import copy
 import hashlib
-import importlib
-import importlib.util
 import json
 import os
 import pickle
-import sys
 import warnings
 import zipfile
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
-from dltest.data import ImageDataset
-from dltest.errors import DltestError
+from dltest.adapter import ModelAdapter, adapt, parse_normalize, unwrap
+from dltest.adapter import check_fits  # noqa: F401 - re-exported: it lived here before (issue 19)
+from dltest.errors import DltestError, first_line
+from dltest.export import load_onnx
 from dltest.io import atomic_path
 from dltest.profiles import PROFILES
-from dltest.zoo import ARCHITECTURES, Classifier, build_model, is_zoo_architecture
+from dltest.zoo import (
+    ARCHITECTURES, Classifier, _shown, build_architecture, build_model, check_file_arch, is_zoo_architecture,
+    parse_arch_kwargs,
+)
+from dltest.zoo import resolve_arch  # noqa: F401 - re-exported: architecture resolution lived here before (issue 19)
 
 FORMAT = "dltest-checkpoint"
 VERSION = 1
@@ -109,8 +112,6 @@ def save_checkpoint(
     = ``module:Class`` with ``arch_kwargs`` (an adapter's normalisation is stored with it).
     ``extra`` holds resumable training state.
     """
-    from dltest.inference import ModelAdapter
-
     normalize = model.normalization if isinstance(model, ModelAdapter) else None
     inner = model.model if isinstance(model, ModelAdapter) else model
     state = {
@@ -139,8 +140,6 @@ def save_model(model: nn.Module, path: str | os.PathLike, info: ModelInfo, *, da
                input_shape: tuple[int, ...], num_classes: int, meta: dict[str, Any] | None = None) -> Path:
     """Save a (re)trained model in the form it came in: a dltest checkpoint for zoo and
     ``--arch`` models, TorchScript for TorchScript models (normalisation stays outside, as given)."""
-    from dltest.inference import unwrap
-
     inner = unwrap(model)
     if info.arch and (isinstance(inner, Classifier) or ":" in info.arch):
         return save_checkpoint(model, path, arch=info.arch, arch_kwargs=info.arch_kwargs, dataset=dataset,
@@ -148,7 +147,7 @@ def save_model(model: nn.Module, path: str | os.PathLike, info: ModelInfo, *, da
     try:
         scripted = inner if isinstance(inner, torch.jit.ScriptModule) else torch.jit.script(inner)
     except Exception as exc:  # noqa: BLE001 - any scripting failure is reported in one line
-        why = f"cannot save the retrained model as TorchScript ({_first_line(exc)}); load it as a state_dict with "
+        why = f"cannot save the retrained model as TorchScript ({first_line(exc)}); load it as a state_dict with "
         raise DltestError(why + "arch='module:Class' instead", cli=why + "--arch module:Class instead") from None
     with atomic_path(path) as tmp:
         torch.jit.save(scripted, str(tmp))
@@ -194,9 +193,9 @@ def _load_weights_only(path: Path) -> Any:
                 why + "pass trust=True only for a file you made, or save its state_dict and pass arch",
                 cli=why + "pass --trust-model only for a file you made, or save its state_dict and pass --arch",
             ) from None
-        raise DltestError(f"cannot read {path} as a model file ({_first_line(exc)})") from None
+        raise DltestError(f"cannot read {path} as a model file ({first_line(exc)})") from None
     except Exception as exc:  # corrupt zip, truncated file
-        raise DltestError(f"cannot read {path} as a model file ({_first_line(exc)})") from None
+        raise DltestError(f"cannot read {path} as a model file ({first_line(exc)})") from None
 
 
 def load_model(
@@ -221,11 +220,9 @@ def load_model(
     is imported and called, which runs its code; a dltest checkpoint that names such an
     architecture loads only when ``arch`` names the same one, or with ``trust=True``
     (:func:`check_file_arch`). ``normalize=(mean, std)`` is for models trained
-    on normalised inputs: the model then comes wrapped in :class:`~dltest.inference.ModelAdapter`
+    on normalised inputs: the model then comes wrapped in :class:`~dltest.adapter.ModelAdapter`
     (every dltest function adapts other outside models itself).
     """
-    from dltest.inference import parse_normalize
-
     if source is None:
         if dataset is None:
             raise DltestError("no model given: pass --model FILE or a dataset with a bundled model")
@@ -253,14 +250,14 @@ def load_model(
                 warnings.simplefilter("ignore")  # torch.jit.load's deprecation notice
                 model = torch.jit.load(str(path), map_location="cpu")
         except Exception as exc:
-            raise DltestError(f"cannot read TorchScript file {path} ({_first_line(exc)})") from None
+            raise DltestError(f"cannot read TorchScript file {path} ({first_line(exc)})") from None
         info = ModelInfo(source=str(path), kind="torchscript", normalize=normalization)
         return _adapted(model.eval(), normalization), info
     if trust:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=False)
         except Exception as exc:
-            raise DltestError(f"cannot read {path} as a model file ({_first_line(exc)})") from None
+            raise DltestError(f"cannot read {path} as a model file ({first_line(exc)})") from None
         if isinstance(obj, nn.Module):
             info = ModelInfo(source=str(path), kind="pickled-module", normalize=normalization)
             return _adapted(obj.eval(), normalization), info
@@ -285,10 +282,8 @@ def load_model(
 
 
 def _adapted(model: nn.Module, normalization) -> nn.Module:
-    """The model as loaded, wrapped in a :class:`~dltest.inference.ModelAdapter` only when it needs
+    """The model as loaded, wrapped in a :class:`~dltest.adapter.ModelAdapter` only when it needs
     a normalisation in front (every entry point adapts outside models itself)."""
-    from dltest.inference import adapt
-
     return adapt(model, normalize=normalization) if normalization is not None else model
 
 
@@ -338,8 +333,6 @@ def _from_checkpoint(state: dict[str, Any], path: Path, normalization,
 
 def _load_onnx(path: Path) -> tuple[nn.Module, ModelInfo]:
     """An ONNX file runs through onnxruntime (dltest.export): inference only, no gradients."""
-    from dltest.export import load_onnx
-
     model, meta = load_onnx(path)
     shape = meta.get("input_shape") or model.input_shape
     return model, ModelInfo(
@@ -347,34 +340,6 @@ def _load_onnx(path: Path) -> tuple[nn.Module, ModelInfo]:
         input_shape=tuple(shape) if shape else None,
         num_classes=int(meta["num_classes"]) if meta.get("num_classes") else None, meta=meta,
     )
-
-
-def check_file_arch(arch: Any, source: str | os.PathLike, *, allowed: bool = False) -> None:
-    """The one rule for an architecture named inside a file (a checkpoint's ``arch``).
-
-    A zoo name is built by dltest itself. Anything else (``module:Class``, ``file.py:Class``) is
-    imported and called, which runs that code, so a file alone never makes dltest do it:
-    ``allowed`` says the user asked for it (``arch=``/``--arch`` naming it, ``trust=True``/
-    ``--trust-model``). Refused: one line naming the value and how to allow it.
-    """
-    if is_zoo_architecture(arch):
-        return
-    if not isinstance(arch, str) or not arch:
-        raise DltestError(f"{source} is a dltest checkpoint without a valid architecture name (arch is "
-                          f"{_shown(arch)}); save the model again with dltest")
-    if allowed:
-        return
-    raise DltestError(
-        f"{source} names architecture {_shown(arch)}, not one of dltest's zoo models ({', '.join(ARCHITECTURES)}): "
-        f"building it would import and run that code; only if you trust it, name it yourself with --arch "
-        f"{_shown(arch)} (arch= in Python) or pass --trust-model (trust=True)"
-    )
-
-
-def _shown(value: Any, limit: int = 120) -> str:
-    """``value`` on one short line (repr escapes newlines), for messages quoting file contents."""
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def model_from_checkpoint(state: dict[str, Any], path: str | os.PathLike = "checkpoint", *,
@@ -391,7 +356,7 @@ def model_from_checkpoint(state: dict[str, Any], path: str | os.PathLike = "chec
             kwargs, weights = dict(state.get("arch_kwargs") or {}), state["state_dict"]
             input_shape = tuple(state["input_shape"])
         except (KeyError, TypeError, ValueError) as exc:
-            raise DltestError(f"{path}: checkpoint does not match its architecture ({_first_line(exc)})") from None
+            raise DltestError(f"{path}: checkpoint does not match its architecture ({first_line(exc)})") from None
         return build_architecture(arch, kwargs, weights, input_shape, state.get("num_classes"), path)
     try:
         model = build_model(
@@ -400,100 +365,8 @@ def model_from_checkpoint(state: dict[str, Any], path: str | os.PathLike = "chec
         )
         model.load_state_dict(state["state_dict"])
     except (KeyError, RuntimeError, TypeError) as exc:
-        raise DltestError(f"{path}: checkpoint does not match its architecture ({_first_line(exc)})") from None
+        raise DltestError(f"{path}: checkpoint does not match its architecture ({first_line(exc)})") from None
     return model.eval()
-
-
-# --- state_dict + architecture ---------------------------------------------------------------
-
-
-def parse_arch_kwargs(spec: dict[str, Any] | str | None, what: str = "arch_kwargs") -> dict[str, Any]:
-    """Keyword arguments of the architecture: a dict, or a JSON object (``--arch-kwargs``)."""
-    if spec is None:
-        return {}
-    if isinstance(spec, str):
-        from dltest.io import parse_json_text
-
-        spec = parse_json_text(spec, what)
-    if not isinstance(spec, dict):
-        raise DltestError(f"{what} must be a JSON object like {{\"num_classes\": 10}}, got {type(spec).__name__}")
-    return spec
-
-
-def resolve_arch(arch: str) -> Callable[..., nn.Module]:
-    """A zoo name, or ``package.module:ClassOrFactory`` / ``path/to/file.py:ClassOrFactory``.
-
-    A module name is imported with the working directory on the path (as uvicorn and hydra do);
-    importing it runs that module's code, which is the user's own.
-    """
-    if arch in ARCHITECTURES:
-        return ARCHITECTURES[arch]
-    module_name, sep, attr = arch.partition(":")
-    if not sep or not module_name or not attr:
-        raise DltestError(f"unknown architecture {arch!r}: give a zoo name ({', '.join(ARCHITECTURES)}) or "
-                          "module:Class (e.g. mypackage.nets:Net or nets.py:Net)")
-    try:
-        if module_name.endswith(".py"):
-            file = Path(module_name)
-            if not file.is_file():
-                raise _arch_error(arch, f"file {file} not found")
-            spec = importlib.util.spec_from_file_location(f"dltest_user_arch_{file.stem}", file)
-            module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-            spec.loader.exec_module(module)  # type: ignore[union-attr]
-        else:
-            cwd = os.getcwd()
-            added = cwd not in sys.path
-            if added:
-                sys.path.insert(0, cwd)
-            try:
-                module = importlib.import_module(module_name)
-            finally:
-                if added:
-                    sys.path.remove(cwd)
-    except DltestError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - ImportError, SyntaxError, errors in the user's module
-        raise _arch_error(arch, f"cannot import {module_name} ({type(exc).__name__}: {_first_line(exc)})") from None
-    target = getattr(module, attr, None)
-    if not callable(target):
-        raise _arch_error(arch, f"{module_name} has no class or function {attr!r}")
-    return target
-
-
-def build_architecture(arch: str, kwargs: dict[str, Any], weights: dict[str, torch.Tensor],
-                       input_shape: tuple[int, ...] | None, num_classes: int | None,
-                       path: str | os.PathLike) -> nn.Module:
-    """Build ``arch`` with ``kwargs`` and load ``weights`` into it (strictly), in eval mode."""
-    factory = resolve_arch(arch)
-    weights = _strip_prefix(weights, "module.")  # DataParallel / DDP checkpoints
-    try:
-        if arch in ARCHITECTURES:
-            if input_shape is None:
-                raise DltestError(f"zoo architecture {arch} needs the input shape: load it with the data "
-                                  "(the CLI does) or pass input_shape")
-            head = weights.get("head.weight")
-            classes = num_classes or (int(head.shape[0]) if head is not None else 10)
-            model = build_model(arch, classes, input_shape, **kwargs)
-        else:
-            model = factory(**kwargs)
-            if not isinstance(model, nn.Module):
-                raise _arch_error(arch, f"returned {type(model).__name__}, not an nn.Module")
-            if input_shape is not None and any(isinstance(p, nn.parameter.UninitializedParameter) for p in model.parameters()):
-                with torch.no_grad():
-                    model.eval()(torch.zeros(1, *input_shape))  # materialise lazy layers
-        model.load_state_dict(weights)
-    except DltestError:
-        raise
-    except TypeError as exc:
-        why = f"cannot be built with {kwargs or 'no arguments'} ({_first_line(exc)}); pass its arguments with "
-        raise DltestError(f"arch {arch!r} {why}arch_kwargs", cli=f"--arch {arch} {why}--arch-kwargs JSON") from None
-    except (KeyError, RuntimeError, ValueError) as exc:
-        raise DltestError(f"{path} does not fit architecture {arch} ({_first_line(exc)})") from None
-    return model.eval()
-
-
-def _arch_error(arch: str, problem: str) -> DltestError:
-    return DltestError(f"arch {arch!r}: {problem}", cli=f"--arch {arch}: {problem}")
 
 
 def _state_dict_in(obj: Any) -> dict[str, torch.Tensor] | None:
@@ -505,12 +378,6 @@ def _state_dict_in(obj: Any) -> dict[str, torch.Tensor] | None:
             if key in obj:
                 return _state_dict_in(obj[key])
     return None
-
-
-def _strip_prefix(weights: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    if weights and all(k.startswith(prefix) for k in weights):
-        return {k[len(prefix):]: v for k, v in weights.items()}
-    return weights
 
 
 def pretrained_path(dataset: str, robust: bool = False) -> Path:
@@ -541,50 +408,6 @@ def _bundled(name: str) -> Path | None:
     return path if path.is_file() else None
 
 
-def check_fits(model: nn.Module, data: ImageDataset, info: ModelInfo | None = None) -> nn.Module:
-    """Fail with one line when ``model`` cannot classify ``data`` (input shape, class count,
-    non-finite outputs); return it ready for dltest (outside models adapted and inspected on a
-    probe of ``data``: output kind, embeddings)."""
-    from dltest.data import BUILTINS
-    from dltest.inference import PROBE_SIZE, ModelAdapter, adapt, embedding_head, output_kind
-
-    name = info.source if info else "model"
-    if info and info.input_shape and tuple(info.input_shape) != tuple(data.input_shape):
-        raise DltestError(
-            f"{name} takes inputs of shape {tuple(info.input_shape)}, but {data.name} has {tuple(data.input_shape)}"
-        )
-    if len(data) == 0:
-        raise DltestError(f"{data.name} holds no inputs")
-    probe = data.images(slice(0, PROBE_SIZE))
-    try:
-        device = next(iter(model.parameters()), probe).device
-        model = adapt(model, probe.to(device))
-        with torch.inference_mode():
-            out = model.eval()(probe.to(device))
-    except DltestError:
-        raise
-    except Exception as exc:
-        raise DltestError(f"{name} cannot take {data.name} inputs of shape {tuple(data.input_shape)} ({_first_line(exc)})") from None
-    if out.ndim != 2:
-        raise DltestError(f"{name} must output (batch, classes) scores, got shape {tuple(out.shape)}")
-    if not torch.isfinite(out).all():
-        why = (f"{name} gives NaN or infinite outputs on the first {len(probe)} inputs of {data.name}; check its "
-               "weights and the input range it expects ")
-        raise DltestError(why + "(normalize=)", cli=why + "(--normalize)")
-    exact = data.name in BUILTINS  # a user file may lack some classes in its labels
-    if out.shape[1] < data.num_classes or (exact and out.shape[1] != data.num_classes):
-        raise DltestError(f"{name} outputs {out.shape[1]} classes, but {data.name} has {data.num_classes}")
-    if info is not None:
-        info.outputs = output_kind(model)
-        info.embeddings = (model.embedding_source if isinstance(model, ModelAdapter)
-                           else "embed/head" if embedding_head(model) else None)
-    if info is not None and info.num_classes is None:
-        info.num_classes = int(out.shape[1])
-    if info is not None and info.input_shape is None:
-        info.input_shape = tuple(data.input_shape)
-    return model
-
-
 def _is_torchscript(path: Path) -> bool:
     """TorchScript archives hold a ``code/`` folder; plain ``torch.save`` files do not."""
     try:
@@ -592,8 +415,3 @@ def _is_torchscript(path: Path) -> bool:
             return any("/code/" in n for n in z.namelist())
     except (zipfile.BadZipFile, OSError):
         return False
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__

@@ -18,3 +18,9 @@ class DltestError(Exception):
     def cli_message(self) -> str:
         """The message as the command line shows it."""
         return self.cli or str(self)
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of ``exc``'s message (its type name when empty), for one-line errors."""
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

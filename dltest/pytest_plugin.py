@@ -114,7 +114,8 @@ def dltest_data(pytestconfig: pytest.Config) -> "ImageDataset":
 @pytest.fixture(scope="session")
 def dltest_model(pytestconfig: pytest.Config, dltest_data: "ImageDataset") -> "nn.Module":
     """The model under test, in eval mode, checked to fit ``dltest_data``."""
-    from dltest.checkpoint import check_fits, load_model
+    from dltest.adapter import check_fits
+    from dltest.checkpoint import load_model
     from dltest.errors import DltestError
 
     source = _setting(pytestconfig, "model") or None

@@ -33,7 +33,7 @@ from dltest.attacks import AttackSpec, attack_preset, takes
 from dltest.data import ImageDataset
 from dltest.analysis.intervals import mcnemar_exact
 from dltest.errors import DltestError
-from dltest.inference import PROBE_SIZE, adapt
+from dltest.adapter import PROBE_SIZE, adapt
 from dltest.progress import progress_bar
 from dltest.runtime import MAX_TORCH_SEED, check_seed, eval_mode, on_device, resolve_device, seeded
 

@@ -17,10 +17,11 @@ import torch
 from torch import Tensor, nn
 
 from dltest._version import __version__
+from dltest.adapter import PROBE_SIZE, adapt, embedding_help
 from dltest.budget import parse_budget
 from dltest.data import ImageDataset
 from dltest.errors import DltestError
-from dltest.inference import INFERENCE_BATCH, PROBE_SIZE, PoolOutputs, adapt, embedding_help, infer
+from dltest.inference import INFERENCE_BATCH, PoolOutputs, infer
 from dltest.io import read_json, write_json
 from dltest.selectors import REGISTRY, Candidates, get_selector
 from dltest.selectors.base import ProbabilityOutputs

@@ -29,7 +29,7 @@ from dltest.adversarial_training import AdversarialTraining
 from dltest.attacks import PGDAdversary
 from dltest.data import ImageDataset, fingerprint
 from dltest.errors import DltestError
-from dltest.inference import PROBE_SIZE, adapt
+from dltest.adapter import PROBE_SIZE, adapt
 from dltest.io import atomic_path
 from dltest.progress import progress_bar
 from dltest.runtime import MAX_TORCH_SEED, check_seed, data_parallel, stream_seed, gather, rank, resolve_device, seeded, shard_positions, world_size
@@ -299,7 +299,7 @@ def predictions(model: nn.Module, data: ImageDataset, *, device: str | torch.dev
 
 
 def _scorer(model: nn.Module, data: ImageDataset, device: torch.device) -> nn.Module:
-    """``model`` read as inference reads it (:func:`~dltest.inference.adapt`), probed on ``data``."""
+    """``model`` read as inference reads it (:func:`~dltest.adapter.adapt`), probed on ``data``."""
     return adapt(model, data.images(slice(0, PROBE_SIZE), device)) if len(data) else model
 
 

@@ -3,17 +3,27 @@
 Every zoo model is a :class:`Classifier`: it takes images in [0, 1], normalises them inside,
 and splits into ``embed`` (penultimate features) and ``head`` (the final linear layer), so one
 pass yields both logits and embeddings and MC dropout can sample the head alone.
+
+An architecture is named by a zoo name or, for outside models, ``module:Class`` /
+``file.py:Class`` (:func:`resolve_arch`, :func:`build_architecture`); a name read from a file
+is built only under the trust rule of :func:`check_file_arch`.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import importlib
+import importlib.util
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 import torch.nn.functional as F
 
-from dltest.errors import DltestError
+from dltest.errors import DltestError, first_line
+from dltest.io import parse_json_text
 from dltest.profiles import dataset_profile, generic_profile
 
 
@@ -193,3 +203,127 @@ def model_for_dataset(
 def default_arch(dataset: str, input_shape: Sequence[int]) -> str:
     """The paper's architecture for ``dataset``; for user data, LeNet-5 (grey) or ResNet18 (colour)."""
     return dataset_profile(dataset, int(input_shape[0])).arch
+
+
+# --- architectures by name: a zoo name, module:Class or file.py:Class ---------------------------
+
+
+def check_file_arch(arch: Any, source: str | os.PathLike, *, allowed: bool = False) -> None:
+    """The one rule for an architecture named inside a file (a checkpoint's ``arch``).
+
+    A zoo name is built by dltest itself. Anything else (``module:Class``, ``file.py:Class``) is
+    imported and called, which runs that code, so a file alone never makes dltest do it:
+    ``allowed`` says the user asked for it (``arch=``/``--arch`` naming it, ``trust=True``/
+    ``--trust-model``). Refused: one line naming the value and how to allow it.
+    """
+    if is_zoo_architecture(arch):
+        return
+    if not isinstance(arch, str) or not arch:
+        raise DltestError(f"{source} is a dltest checkpoint without a valid architecture name (arch is "
+                          f"{_shown(arch)}); save the model again with dltest")
+    if allowed:
+        return
+    raise DltestError(
+        f"{source} names architecture {_shown(arch)}, not one of dltest's zoo models ({', '.join(ARCHITECTURES)}): "
+        f"building it would import and run that code; only if you trust it, name it yourself with --arch "
+        f"{_shown(arch)} (arch= in Python) or pass --trust-model (trust=True)"
+    )
+
+
+def _shown(value: Any, limit: int = 120) -> str:
+    """``value`` on one short line (repr escapes newlines), for messages quoting file contents."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def parse_arch_kwargs(spec: dict[str, Any] | str | None, what: str = "arch_kwargs") -> dict[str, Any]:
+    """Keyword arguments of the architecture: a dict, or a JSON object (``--arch-kwargs``)."""
+    if spec is None:
+        return {}
+    if isinstance(spec, str):
+        spec = parse_json_text(spec, what)
+    if not isinstance(spec, dict):
+        raise DltestError(f"{what} must be a JSON object like {{\"num_classes\": 10}}, got {type(spec).__name__}")
+    return spec
+
+
+def resolve_arch(arch: str) -> Callable[..., nn.Module]:
+    """A zoo name, or ``package.module:ClassOrFactory`` / ``path/to/file.py:ClassOrFactory``.
+
+    A module name is imported with the working directory on the path (as uvicorn and hydra do);
+    importing it runs that module's code, which is the user's own.
+    """
+    if arch in ARCHITECTURES:
+        return ARCHITECTURES[arch]
+    module_name, sep, attr = arch.partition(":")
+    if not sep or not module_name or not attr:
+        raise DltestError(f"unknown architecture {arch!r}: give a zoo name ({', '.join(ARCHITECTURES)}) or "
+                          "module:Class (e.g. mypackage.nets:Net or nets.py:Net)")
+    try:
+        if module_name.endswith(".py"):
+            file = Path(module_name)
+            if not file.is_file():
+                raise _arch_error(arch, f"file {file} not found")
+            spec = importlib.util.spec_from_file_location(f"dltest_user_arch_{file.stem}", file)
+            module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+            spec.loader.exec_module(module)  # type: ignore[union-attr]
+        else:
+            cwd = os.getcwd()
+            added = cwd not in sys.path
+            if added:
+                sys.path.insert(0, cwd)
+            try:
+                module = importlib.import_module(module_name)
+            finally:
+                if added:
+                    sys.path.remove(cwd)
+    except DltestError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - ImportError, SyntaxError, errors in the user's module
+        raise _arch_error(arch, f"cannot import {module_name} ({type(exc).__name__}: {first_line(exc)})") from None
+    target = getattr(module, attr, None)
+    if not callable(target):
+        raise _arch_error(arch, f"{module_name} has no class or function {attr!r}")
+    return target
+
+
+def build_architecture(arch: str, kwargs: dict[str, Any], weights: dict[str, torch.Tensor],
+                       input_shape: tuple[int, ...] | None, num_classes: int | None,
+                       path: str | os.PathLike) -> nn.Module:
+    """Build ``arch`` with ``kwargs`` and load ``weights`` into it (strictly), in eval mode."""
+    factory = resolve_arch(arch)
+    weights = _strip_prefix(weights, "module.")  # DataParallel / DDP checkpoints
+    try:
+        if arch in ARCHITECTURES:
+            if input_shape is None:
+                raise DltestError(f"zoo architecture {arch} needs the input shape: load it with the data "
+                                  "(the CLI does) or pass input_shape")
+            head = weights.get("head.weight")
+            classes = num_classes or (int(head.shape[0]) if head is not None else 10)
+            model = build_model(arch, classes, input_shape, **kwargs)
+        else:
+            model = factory(**kwargs)
+            if not isinstance(model, nn.Module):
+                raise _arch_error(arch, f"returned {type(model).__name__}, not an nn.Module")
+            if input_shape is not None and any(isinstance(p, nn.parameter.UninitializedParameter) for p in model.parameters()):
+                with torch.no_grad():
+                    model.eval()(torch.zeros(1, *input_shape))  # materialise lazy layers
+        model.load_state_dict(weights)
+    except DltestError:
+        raise
+    except TypeError as exc:
+        why = f"cannot be built with {kwargs or 'no arguments'} ({first_line(exc)}); pass its arguments with "
+        raise DltestError(f"arch {arch!r} {why}arch_kwargs", cli=f"--arch {arch} {why}--arch-kwargs JSON") from None
+    except (KeyError, RuntimeError, ValueError) as exc:
+        raise DltestError(f"{path} does not fit architecture {arch} ({first_line(exc)})") from None
+    return model.eval()
+
+
+def _arch_error(arch: str, problem: str) -> DltestError:
+    return DltestError(f"arch {arch!r}: {problem}", cli=f"--arch {arch}: {problem}")
+
+
+def _strip_prefix(weights: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    if weights and all(k.startswith(prefix) for k in weights):
+        return {k[len(prefix):]: v for k, v in weights.items()}
+    return weights

@@ -24,7 +24,7 @@ from dltest.data import ImageDataset, check_examples, check_npz_sizes, to_float_
 
 EXAMPLE_ARRAYS = ("x", "y", "indices", "meta")  # what every adversarial-examples file holds
 from dltest.errors import DltestError
-from dltest.inference import PROBE_SIZE, adapt
+from dltest.adapter import PROBE_SIZE, adapt
 from dltest.io import atomic_path, parse_json_text
 from dltest.progress import progress_bar
 from dltest.runtime import MAX_TORCH_SEED, check_seed, eval_mode, on_device, resolve_device, seeded

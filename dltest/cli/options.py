@@ -49,9 +49,10 @@ def load_data_and_model(
     ``need_labels=False``: an unlabeled pool is fine (``dltest select``).
     Grey images stored as RGB (or grey images for a colour model) get the model's channel count.
     """
-    from dltest.checkpoint import check_fits, load_model, parse_arch_kwargs
+    from dltest.adapter import check_fits, parse_normalize
+    from dltest.checkpoint import load_model
     from dltest.data import BUILTINS, fit_channels, load_dataset
-    from dltest.inference import parse_normalize
+    from dltest.zoo import parse_arch_kwargs
 
     if (arch or arch_kwargs) and model is None:
         raise DltestError("--arch and --arch-kwargs describe a state_dict given with --model FILE")

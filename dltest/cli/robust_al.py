@@ -50,7 +50,7 @@ def robust_al_command(
 ) -> None:
     """Train from scratch on a labeling budget: select, label, adversarially train, stage by stage."""
     from dltest.attacks import parse_attack_list, parse_eps
-    from dltest.checkpoint import parse_arch_kwargs, resolve_arch
+    from dltest.zoo import parse_arch_kwargs, resolve_arch
     from dltest.data import BUILTINS, load_dataset
     from dltest.progress import console as err_console
     from dltest.workflows.robust_al import preset, robust_active_learning

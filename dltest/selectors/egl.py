@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, jacrev, vmap
 
 from dltest.errors import DltestError
-from dltest.inference import embedding_head
+from dltest.adapter import embedding_head
 from dltest.progress import progress_bar
 from dltest.runtime import eval_mode, on_device
 from dltest.selectors.base import Candidates, ScoreSelector, register

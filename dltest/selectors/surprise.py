@@ -40,9 +40,10 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
+from dltest.adapter import ModelAdapter, embedding_head, unwrap
 from dltest.data import ImageDataset
 from dltest.errors import DltestError
-from dltest.inference import INFERENCE_BATCH, ModelAdapter, embedding_head, unwrap
+from dltest.inference import INFERENCE_BATCH
 from dltest.progress import console
 from dltest.runtime import eval_mode, on_device
 from dltest.selectors.base import Candidates, ScoreSelector, register
@@ -78,7 +79,7 @@ def layer_activations(model: nn.Module, data: ImageDataset, layer: str = PENULTI
                       device: torch.device | str = "cpu", batch_size: int = INFERENCE_BATCH) -> tuple[Tensor, Tensor]:
     """(activations (n, D) float32 on the CPU, predicted classes (n,)) of ``data`` at ``layer``:
     the module's output, or for ``penultimate`` the input of the final linear layer (for an
-    outside model, its embeddings as :class:`~dltest.inference.ModelAdapter` finds them)."""
+    outside model, its embeddings as :class:`~dltest.adapter.ModelAdapter` finds them)."""
     if layer == PENULTIMATE and isinstance(model, ModelAdapter) and model.embedding_kind is not None:
         with on_device(model, device), eval_mode(model):
             pairs = [model.scores_and_embeddings(data.images(slice(s, s + batch_size), device))

@@ -19,7 +19,8 @@ from torch import nn
 from dltest.header import output_header
 from dltest.adversarial_training import adversarial_training
 from dltest.attacks import attack_preset
-from dltest.checkpoint import check_fits, load_model, save_checkpoint
+from dltest.adapter import check_fits
+from dltest.checkpoint import load_model, save_checkpoint
 from dltest.data import load_dataset
 from dltest.errors import DltestError
 from dltest.profiles import dataset_profile

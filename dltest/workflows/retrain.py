@@ -24,7 +24,7 @@ from dltest.header import output_header
 from dltest.attacks import AdversarialExamples, AttackSpec, attack_preset, generate_adversarial, with_examples
 from dltest.checkpoint import ModelInfo, copy_model, save_model
 from dltest.data import ImageDataset, load_dataset
-from dltest.inference import PROBE_SIZE, adapt
+from dltest.adapter import PROBE_SIZE, adapt
 from dltest.errors import DltestError
 from dltest.profiles import dataset_profile
 from dltest.robustness import RobustnessReport, evaluate_robustness

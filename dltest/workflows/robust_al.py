@@ -37,14 +37,15 @@ from torch import Tensor, nn
 
 from dltest._version import __version__
 from dltest.header import output_header
+from dltest.adapter import class_scores
 from dltest.adversarial_training import AT_METHODS, AdversarialTraining, adversarial_training
 from dltest.analysis.bias import selection_bias
 from dltest.analysis.plots import accuracy_by_stage
 from dltest.attacks import attack_preset, parse_attack_list
-from dltest.checkpoint import resolve_arch, save_checkpoint, state_digest
+from dltest.checkpoint import save_checkpoint, state_digest
 from dltest.data import ImageDataset
 from dltest.errors import DltestError
-from dltest.inference import class_scores, infer
+from dltest.inference import infer
 from dltest.io import atomic_path, parse_json_text, read_json, write_json
 from dltest.profiles import PROFILES, dataset_profile
 from dltest.robustness import evaluate_robustness
@@ -52,7 +53,7 @@ from dltest.runtime import check_seed, resolve_device, seeded
 from dltest.selection import select
 from dltest.selectors import get_selector
 from dltest.training import TrainConfig, robust_check, train
-from dltest.zoo import ARCHITECTURES, default_arch, model_for_dataset
+from dltest.zoo import ARCHITECTURES, default_arch, model_for_dataset, resolve_arch
 
 CONFIG_FILE, LOG_FILE, SUMMARY_FILE, FIGURE_FILE = "config.json", "log.jsonl", "summary.json", "figure.png"
 
