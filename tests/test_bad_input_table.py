@@ -17,7 +17,6 @@ import re
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Callable
@@ -28,7 +27,7 @@ import torch
 
 from dltest.errors import DltestError
 from dltest.workflows import robust_al as ral
-from tests.test_bad_inputs import _snapshot, run
+from tests.test_bad_inputs import Case, check_refused, run
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -142,17 +141,6 @@ def full_disk(monkeypatch):
 # --- the cases --------------------------------------------------------------------------------
 
 
-@dataclass
-class Case:
-    id: str
-    args: Callable[[SimpleNamespace, Path], list]  # (files, out folder) -> command line
-    message: str  # a part of the one error line
-    setup: Callable[[SimpleNamespace, Path], None] | None = None
-    patch: Callable[[pytest.MonkeyPatch], None] | None = None
-    env: dict[str, str] | None = None  # set for the case (paths relative to the out folder)
-    started: bool = False  # the failure comes once the work has begun: its progress lines come first
-
-
 def resume(*extra):
     return lambda f, o: [*TINY_RUN, "--out", o / "run", "--resume", *extra]
 
@@ -260,26 +248,7 @@ def test_the_table_covers_every_command_it_names():
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_bad_input(case, files, tmp_path, monkeypatch):
-    out = tmp_path / "out"
-    out.mkdir()
-    monkeypatch.chdir(out)  # default outputs, and the gate's dltest.toml / pyproject.toml, are here
-    for name, value in (case.env or {}).items():
-        monkeypatch.setenv(name, value)
-    if case.setup:
-        case.setup(files, out)
-    if case.patch:
-        case.patch(monkeypatch)
-    before = _snapshot(files.dir, out)
-    result = run(*case.args(files, out))
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert result.exit_code == 2, (result.exit_code, result.stdout, result.stderr, result.exception)
-    if case.started:
-        lines = lines[-1:]
-        assert sum(line.startswith("error: ") for line in result.stderr.splitlines()) == 1, result.stderr
-    assert len(lines) == 1 and lines[0].startswith("error: "), lines
-    assert case.message in lines[0], lines[0]
-    assert "Traceback" not in result.output
-    assert _snapshot(files.dir, out) == before  # nothing written, nothing changed, no temporary file
+    check_refused(case, files, tmp_path, monkeypatch)
 
 
 # --- what the table cannot show -----------------------------------------------------------------

@@ -154,6 +154,8 @@ class Case:
     message: str  # a part of the one error line
     setup: Callable[[SimpleNamespace, Path], None] | None = None  # extra files in the out folder
     patch: Callable[[pytest.MonkeyPatch], None] | None = None
+    env: dict[str, str] | None = None  # set for the case (paths relative to the out folder)
+    started: bool = False  # the failure comes once the work has begun: its progress lines come first
 
 
 def sel(*extra):
@@ -342,11 +344,13 @@ def test_the_table_covers_forty_bad_inputs():
                                                            "metrics", "gate", "export", "analyze"}
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_bad_input(case, files, tmp_path, monkeypatch):
+def check_refused(case: Case, files: SimpleNamespace, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Run ``case``'s command: exit 2, one error line with its message, no traceback, nothing written."""
     out = tmp_path / "out"
     out.mkdir()
-    monkeypatch.chdir(out)  # default output names land here too
+    monkeypatch.chdir(out)  # default outputs, and the gate's dltest.toml / pyproject.toml, land here
+    for name, value in (case.env or {}).items():
+        monkeypatch.setenv(name, value)
     if case.setup:
         case.setup(files, out)
     if case.patch:
@@ -355,10 +359,20 @@ def test_bad_input(case, files, tmp_path, monkeypatch):
     result = run(*case.args(files, out))
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.exit_code == 2, (result.exit_code, result.stdout, result.stderr, result.exception)
+    if case.started:
+        lines = lines[-1:]
+        assert sum(line.startswith("error: ") for line in result.stderr.splitlines()) == 1, result.stderr
     assert len(lines) == 1 and lines[0].startswith("error: "), lines
     assert case.message in lines[0], lines[0]
-    assert "Traceback" not in result.output and not result.stdout.strip()
+    assert "Traceback" not in result.output
     assert _snapshot(files.dir, out) == before  # nothing written, nothing changed, no temporary file
+    return result
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input(case, files, tmp_path, monkeypatch):
+    result = check_refused(case, files, tmp_path, monkeypatch)
+    assert not result.stdout.strip()
     assert not (files.dir / "PWNED").exists()
 
 
