@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from dltest.data import ImageDataset
-from dltest.errors import DltestError
+from dltest.errors import DltestError, first_line
 from dltest.io import atomic_path
 
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
@@ -72,7 +72,7 @@ class OnnxClassifier(nn.Module):
         except DltestError:
             raise
         except Exception as exc:  # onnxruntime raises its own types for corrupt or invalid files
-            raise DltestError(f"cannot read ONNX file {path} ({_first_line(exc)})") from None
+            raise DltestError(f"cannot read ONNX file {path} ({first_line(exc)})") from None
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
         if len(inputs) != 1:
             raise DltestError(f"{path}: an ONNX classifier must take one input (images), this one takes {len(inputs)}")
@@ -111,7 +111,7 @@ class OnnxClassifier(nn.Module):
         try:
             out = self.session.run([self.output_name], {self.input_name: x.numpy()})[0]
         except Exception as exc:
-            raise DltestError(f"{self.path} cannot take inputs of shape {tuple(x.shape)} ({_first_line(exc)})") from None
+            raise DltestError(f"{self.path} cannot take inputs of shape {tuple(x.shape)} ({first_line(exc)})") from None
         return torch.from_numpy(out[:rows])
 
     def extra_repr(self) -> str:
@@ -242,7 +242,7 @@ def _convert_opset(path: Path, opset: int) -> None:
         onnx.checker.check_model(converted)
     except Exception as exc:
         raise DltestError(f"cannot export with opset {opset}: the exporter wrote opset {_opset_of(proto)} and "
-                          f"onnx cannot convert it ({_first_line(exc)}); choose another --opset") from None
+                          f"onnx cannot convert it ({first_line(exc)}); choose another --opset") from None
     if _opset_of(converted) != opset:
         raise DltestError(f"cannot export with opset {opset}: the model needs opset {_opset_of(converted)}")
     onnx.save(converted, str(path))
@@ -260,7 +260,7 @@ def _torch_export(model: nn.Module, example: Tensor, path: Path, opset: int | No
                 dynamic_shapes=({0: batch},), external_data=False, verbose=False, **kwargs,
             )
     except Exception as exc:
-        raise DltestError(f"torch.onnx.export failed ({_first_line(exc)})") from None
+        raise DltestError(f"torch.onnx.export failed ({first_line(exc)})") from None
 
 
 def _write_metadata(path: Path, meta: dict[str, Any]) -> None:
@@ -282,7 +282,3 @@ def _read_metadata(session) -> dict[str, Any]:
         return {}
     return meta if isinstance(meta, dict) else {}
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__

@@ -17,8 +17,8 @@ import torch
 from torch import Tensor
 
 from dltest.data.dataset import ImageDataset
-from dltest.data.user_files import _first_line, load_image_folder, load_npz
-from dltest.errors import DltestError
+from dltest.data.user_files import load_image_folder, load_npz
+from dltest.errors import DltestError, first_line
 from dltest.settings import data_root, download_allowed
 
 BUILTIN_SPLITS = ("train", "test", "val", "holdout")
@@ -94,7 +94,7 @@ def _read_pickled_batch(path: Path, md5: str) -> dict:
             batch = _ArrayUnpickler(io.BytesIO(data), encoding="latin1").load()
     except Exception as exc:  # noqa: BLE001 - refused globals, truncated pickles
         raise DltestError(f"{path} is not torchvision's CIFAR-10 file (its MD5 differs) and cannot be read as plain "
-                          f"arrays ({_first_line(exc)}); refusing to unpickle it: replace it with the original") from None
+                          f"arrays ({first_line(exc)}); refusing to unpickle it: replace it with the original") from None
     if not isinstance(batch, dict):
         raise DltestError(f"{path} does not hold a CIFAR-10 batch (a dict), but {type(batch).__name__}")
     return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in batch.items()}

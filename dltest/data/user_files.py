@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from dltest.data.dataset import ImageDataset
-from dltest.errors import DltestError
+from dltest.errors import DltestError, first_line
 
 MAX_CLASSES = 100_000  # a label beyond this is a corrupt file, not a classifier (ImageNet-21k has 21,841)
 
@@ -64,7 +64,7 @@ def check_npz_sizes(path: Path, headers: dict[str, tuple[tuple[int, ...], np.dty
     try:
         headers = headers if headers is not None else _npz_headers(path)
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
-        raise DltestError(f"cannot read {path} as an .npz file ({_first_line(exc)})") from None
+        raise DltestError(f"cannot read {path} as an .npz file ({first_line(exc)})") from None
     limit = max_array_bytes()
     for key in keys if keys is not None else tuple(headers):
         if key in headers:
@@ -98,7 +98,7 @@ def load_npz(path: str | os.PathLike, part: str = "test") -> ImageDataset:
     try:
         headers = _npz_headers(path)
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
-        raise DltestError(f"cannot read {path} as an .npz file ({_first_line(exc)})") from None
+        raise DltestError(f"cannot read {path} as an .npz file ({first_line(exc)})") from None
     if part == "train":
         x_key, y_key = "x_train", "y_train"
         if x_key not in headers:
@@ -131,7 +131,7 @@ def load_npz(path: str | os.PathLike, part: str = "test") -> ImageDataset:
             y = f[y_key].reshape(-1) if labeled else None
             classes = [str(c) for c in f["classes"].reshape(-1)] if "classes" in f else None
     except Exception as exc:  # noqa: BLE001 - truncated members, CRC errors: one line
-        raise DltestError(f"cannot read {path} as an .npz file ({_first_line(exc)})") from None
+        raise DltestError(f"cannot read {path} as an .npz file ({first_line(exc)})") from None
     x = _images_nchw(x, path, x_key)
     check_pixels(x, path, x_key)
     if labeled:
@@ -239,7 +239,7 @@ def load_image_folder(path: str | os.PathLike, part: str = "test") -> ImageDatas
     try:
         ds = tvd.ImageFolder(str(path))
     except (FileNotFoundError, OSError) as exc:
-        raise DltestError(f"cannot read image folder {path}: {_first_line(exc)}") from None
+        raise DltestError(f"cannot read image folder {path}: {first_line(exc)}") from None
     sizes, modes = set(), set()
     for file, _ in ds.samples:
         try:
@@ -247,7 +247,7 @@ def load_image_folder(path: str | os.PathLike, part: str = "test") -> ImageDatas
                 sizes.add(img.size)
                 modes.add(img.mode)
         except Exception as exc:  # noqa: BLE001 - not an image, truncated header, decompression bomb
-            raise DltestError(f"cannot read image {file} ({_first_line(exc)}); remove or replace it") from None
+            raise DltestError(f"cannot read image {file} ({first_line(exc)}); remove or replace it") from None
     grey = modes <= GREY_MODES
     channels = 1 if grey else 3
     if len(sizes) != 1:
@@ -264,12 +264,8 @@ def load_image_folder(path: str | os.PathLike, part: str = "test") -> ImageDatas
                 img = img.convert("L" if grey else "RGB")
                 x[i] = torch.from_numpy(np.asarray(img, dtype=np.uint8).reshape(h, w, channels)).permute(2, 0, 1)
         except Exception as exc:  # noqa: BLE001 - a header that opened, pixels that do not decode
-            raise DltestError(f"cannot read image {file} ({_first_line(exc)}); remove or replace it") from None
+            raise DltestError(f"cannot read image {file} ({first_line(exc)}); remove or replace it") from None
     y = torch.tensor(ds.targets, dtype=torch.long)
     split = "train" if part == "train" and path.name == "train" else "all"
     return ImageDataset(str(path.parent if path.name in ("train", "test", "val") and parts else path), split, x, y,
                         list(ds.classes), torch.arange(len(y)))
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
