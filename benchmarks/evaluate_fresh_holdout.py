@@ -33,11 +33,9 @@ def positions(pool_size: int, start: int, stop: int) -> list[int]:
     return torch.randperm(pool_size, generator=torch.Generator().manual_seed(0))[start:stop].tolist()
 
 
-def run_chunk(model_path: str, dataset: str, start: int, stop: int, out: Path) -> dict:
-    data = load_dataset(dataset, "holdout")
-    model, _ = load_model(model_path)
+def run_chunk(model, data, model_path: str, start: int, stop: int, out: Path) -> dict:
     report = evaluate_robustness(model, data, ATTACKS, indices=positions(len(data), start, stop), seed=0,
-                                 device="cpu", dataset=dataset)
+                                 device="cpu", dataset=data.name)
     result = report.to_dict()
     result.update(model=model_path, start=start, stop=stop)
     write_json(out, result)
@@ -88,12 +86,14 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     tag = args.tag or args.dataset
     started = time.perf_counter()
+    data = load_dataset(args.dataset, "holdout")
+    model, _ = load_model(args.model)
     chunks = []
     for a in range(args.start, args.stop, args.chunk):
         b = min(a + args.chunk, args.stop)
         path = args.work / f"chunk-{tag}-{a}-{b}.json"
         chunks.append(json.loads(path.read_text()) if path.is_file()
-                      else run_chunk(args.model, args.dataset, a, b, path))
+                      else run_chunk(model, data, args.model, a, b, path))
         print(f"{path.name}: done", flush=True)
     result = combine(chunks, args, time.perf_counter() - started)
     write_json(args.out, result)
