@@ -320,3 +320,33 @@ def test_a_stage_whose_epochs_all_collapse_is_trained_again_with_the_eps_warm_up
     assert later[0][1] == 0.0 and later[0][2] == -1  # at full eps every epoch collapsed...
     assert len(later) == 2 and later[1][1] > 0  # ...so the stage trained again with the ramp
     assert records[2].stopped_early.startswith("every epoch collapsed at full eps; trained again with the eps warm-up")
+
+
+def test_final_attacks_run_once_per_metric_and_a_resume_reuses_them(splits, tmp_path, monkeypatch):
+    import dltest.workflows.robust_al as robust_al
+
+    attacked: list[list[str]] = []
+    real = robust_al.evaluate_robustness
+
+    def counting(model, data, attacks, **kwargs):
+        attacked.append([a.name for a in attacks])
+        return real(model, data, attacks, **kwargs)
+
+    monkeypatch.setattr(robust_al, "evaluate_robustness", counting)
+    config = tiny(metrics=("entropy", "random"), budget=220, final_attacks=("pgd",), eval_attacks=("fgsm",),
+                  eval_n=60)
+    first = run(config, splits, tmp_path / "run")
+    # stage 0 once, stage 1 per metric, each metric's final attack right after its last stage
+    assert attacked == [["fgsm"], ["fgsm"], ["pgd"], ["fgsm"], ["pgd"]]
+    kept = json.loads((tmp_path / "run" / "state" / "random.final.json").read_text())
+    assert kept["robust_accuracy"] == first.final_attacks["random"] and kept["attacks"] == ["pgd"]
+
+    attacked.clear()
+    again = run(config, splits, tmp_path / "run", resume=True)
+    assert attacked == []  # every stage and every final attack comes from the run folder
+    assert again.final_attacks == first.final_attacks
+
+    kept["digest"] = "0" * 64  # a result that does not belong to this state is computed again, not trusted
+    (tmp_path / "run" / "state" / "random.final.json").write_text(json.dumps(kept))
+    again = run(config, splits, tmp_path / "run", resume=True)
+    assert attacked == [["pgd"]] and again.final_attacks == first.final_attacks

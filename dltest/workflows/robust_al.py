@@ -10,7 +10,9 @@ Everything lives in a run folder, rewritten atomically after every stage::
     config.json    the settings (a resumed run must match them)
     log.jsonl      one record per (metric, stage): labeled size, selected indices, accuracy,
                    robust accuracy per attack, the selection's bias (SPEC §6), seconds spent
-    state/         the initial model, and per metric the latest stage's model and labeled pool
+    state/         the initial model, and per metric the latest stage's model and labeled pool;
+                   <metric>.final.json  the final attacks on its last model, run as soon as the
+                   metric's last stage is done (a resume reuses them while the state matches)
     summary.json   the last stage of every metric;  <metric>.pt  its final model
     figure.png     accuracy and robustness per stage, one line per metric (the paper's Figure 2)
 
@@ -266,6 +268,8 @@ def robust_active_learning(
         return (report.clean_accuracy, {o.attack: o.robust_accuracy for o in report.attacks},
                 [o.label for o in report.attacks])
 
+    final_specs = [attack_preset(a, train_data.name, "eval", channels=train_data.input_shape[0], eps=config.eps,
+                                 seed=config.seed) for a in config.final_attacks]
     augment = profile.augment
     if on_start:
         on_start()
@@ -273,6 +277,7 @@ def robust_active_learning(
                                                               evaluate, augment, progress, saved.get(""))
     records: dict[str, list[StageRecord]] = {}
     models: dict[str, nn.Module] = {}
+    final_attacks: dict[str, dict[str, float]] = {}
     for metric in config.metrics:
         model, labeled, history = _resume_metric(saved.get(metric), initial_model, initial_labeled, device)
         if not history:
@@ -289,11 +294,10 @@ def robust_active_learning(
             if on_stage:
                 on_stage(record)
         records[metric], models[metric] = history, model
-    result = RobustALResult(config, records, models, folder)
-    if config.final_attacks:
-        final_specs = [attack_preset(a, train_data.name, "eval", channels=train_data.input_shape[0],
-                                     eps=config.eps, seed=config.seed) for a in config.final_attacks]
-        result.final_attacks = {m: evaluate(model, final_specs)[1] for m, model in models.items()}
+        if final_specs:  # per metric, as soon as it is done, kept in the run folder: a resume never repeats it
+            final_attacks[metric] = _final_attacks(folder, config, metric, model, labeled, history,
+                                                   lambda m: evaluate(m, final_specs)[1])
+    result = RobustALResult(config, records, models, folder, final_attacks)
     if folder is not None:
         _finish(folder, result, train_data)
     return result
@@ -493,6 +497,36 @@ def _write_state(path: Path, config: RobustALConfig, model: nn.Module, labeled: 
     with atomic_path(path) as tmp:
         torch.save({"format": STATE_FORMAT, "run": run_id, "model": weights, "labeled": labeled, "records": lines,
                     "digest": _state_digest(run_id, weights, labeled, lines)}, tmp)
+
+
+def _final_path(folder: Path, metric: str) -> Path:
+    return folder / "state" / f"{metric}.final.json"
+
+
+def _final_attacks(folder: Path | None, config: RobustALConfig, metric: str, model: nn.Module, labeled: Tensor,
+                   records: list[StageRecord], attack: Callable[[nn.Module], dict[str, float]]) -> dict[str, float]:
+    """The final attacks' robust accuracy of ``metric``'s last model, computed once per run folder:
+    the result is kept beside the metric's state with that state's digest and reused only while the
+    digest matches (the same settings, weights, labeled pool and records)."""
+    if folder is None:
+        return attack(model)
+    weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    lines = [json.dumps(asdict(r)) for r in records]
+    digest = hashlib.sha256(json.dumps([_state_digest(_run_id(config), weights, labeled, lines),
+                                        list(config.final_attacks)]).encode()).hexdigest()
+    path = _final_path(folder, metric)
+    if path.is_file():
+        try:
+            kept = read_json(path)
+        except DltestError:
+            kept = None
+        if (isinstance(kept, dict) and kept.get("digest") == digest and isinstance(kept.get("robust_accuracy"), dict)
+                and all(isinstance(v, float) for v in kept["robust_accuracy"].values())):
+            return kept["robust_accuracy"]
+    accuracy = attack(model)
+    write_json(path, {"metric": metric, "attacks": list(config.final_attacks), "robust_accuracy": accuracy,
+                      "digest": digest})
+    return accuracy
 
 
 def _load_saved_states(folder: Path, config: RobustALConfig, factory: Callable[[], nn.Module],
