@@ -108,3 +108,61 @@ def test_bad_selections_are_one_line_errors():
         selection_bias(POOL, LABELS[:3], torch.tensor([0]))
     with pytest.raises(DltestError, match=r"\(n, C\) matrix"):
         selection_bias(torch.ones(4), None, torch.tensor([0]))
+
+
+class _FixedProbs(torch.nn.Module):
+    """A 'model' whose probabilities for input i are row i of a table (the input holds i), counting
+    its forward passes."""
+
+    def __init__(self, table: torch.Tensor):
+        super().__init__()
+        self.table, self.calls = table, 0
+
+    def forward(self, x):
+        self.calls += 1
+        return torch.log(self.table[x.flatten(1)[:, 0].round().long()])
+
+
+def _fixed_pool(n: int = 40):
+    from dltest.data import ImageDataset
+
+    gen = torch.Generator().manual_seed(3)
+    table = torch.softmax(3 * torch.randn(n, 4, generator=gen), dim=1)
+    x = torch.arange(n, dtype=torch.float32).view(n, 1, 1, 1)
+    return _FixedProbs(table), ImageDataset("fixed", "pool", x, torch.arange(n) % 4, ["a", "b", "c", "d"], torch.arange(n)), table
+
+
+def test_selection_bias_report_leaves_the_labeled_inputs_out_of_the_pool():
+    from dltest.analysis.bias import selection_bias_report
+    from dltest.selection import SelectionResult
+
+    model, data, table = _fixed_pool()
+    chosen, done = [3, 7, 20, 31], [0, 1, 2, 5, 8]
+    selection = SelectionResult(metric="entropy", budget=4, budget_spec="4", indices=chosen, pool_size=0, seed=5)
+    report = selection_bias_report(model, data, selection, labeled=SelectionResult(
+        metric="random", budget=5, budget_spec="5", indices=done, pool_size=0, seed=0), bins=5)
+    pool = torch.tensor([i for i in range(40) if i not in done])
+    expected = selection_bias(table[pool], data.y[pool], torch.tensor([int((pool == c).nonzero()) for c in chosen]), bins=5)
+    assert report["bias"] == pytest.approx(expected)
+    assert (report["pool_size"], report["selected"], report["seed"], report["command"]) == (35, 4, 5, "dltest analyze bias")
+    whole = selection_bias_report(model, data, selection, bins=5)
+    assert whole["pool_size"] == 40 and whole["bias"] == pytest.approx(selection_bias(table, data.y, torch.tensor(chosen), bins=5))
+
+
+@pytest.mark.parametrize("indices, labeled, pool_size, message", [
+    ([3, 40], None, 0, "holds indices outside the pool of 40"),
+    ([3, 4], [4], 0, "selects inputs that `labeled` lists"),
+    ([3], [41], 0, "`labeled` holds indices outside the pool of 40"),
+    ([3], None, 50, "selects from a pool of 50 inputs"),
+])
+def test_a_selection_that_does_not_fit_the_pool_is_refused_before_any_forward_pass(indices, labeled, pool_size, message):
+    from dltest.analysis.bias import selection_bias_report
+    from dltest.selection import SelectionResult
+
+    model, data, _ = _fixed_pool()
+    selection = SelectionResult(metric="dre", budget=len(indices), budget_spec="x", indices=indices, pool_size=pool_size,
+                                seed=0)
+    done = SelectionResult(metric="random", budget=1, budget_spec="1", indices=labeled, pool_size=0, seed=0) if labeled else None
+    with pytest.raises(DltestError, match=message):
+        selection_bias_report(model, data, selection, labeled=done)
+    assert model.calls == 0

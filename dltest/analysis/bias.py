@@ -9,6 +9,8 @@ training reaches on the selection.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import numpy as np
 import torch
 from scipy.special import rel_entr
@@ -17,6 +19,10 @@ from torch import Tensor
 from dltest.errors import DltestError
 from dltest.selectors.dre import histogram_bins
 from dltest.selectors.uncertainty import entropy, gini, least_confidence, margin
+
+if TYPE_CHECKING:
+    from dltest.data import ImageDataset
+    from dltest.selection import SelectionResult
 
 BINS = 50
 CHARACTERISTICS = ("entropy", "gini", "lc", "margin")
@@ -92,3 +98,57 @@ def _check_probs(probs: Tensor) -> Tensor:
     if probs.ndim != 2 or probs.shape[0] == 0 or probs.shape[1] == 0:
         raise DltestError(f"probabilities must be a non-empty (n, C) matrix, got shape {tuple(probs.shape)}")
     return probs.float()
+
+
+def selection_bias_report(
+    model: torch.nn.Module,
+    data: "ImageDataset",
+    selection: "SelectionResult",
+    *,
+    labeled: "SelectionResult | None" = None,
+    bins: int = BINS,
+    batch_size: int = 256,
+    device: str | torch.device | None = None,
+    progress: bool = False,
+    source: str | None = None,
+    model_name: str | None = None,
+) -> dict[str, Any]:
+    """``dltest analyze bias`` of a selection file: the bias of ``selection`` against the pool it was
+    chosen from, ``data`` less the inputs ``labeled`` lists (labeled before, so not in that pool).
+
+    Checks that the selection fits the data before the one inference pass; the report starts with
+    ``output_header`` and names the ``source`` file and ``model_name``.
+    """
+    from dltest.header import output_header
+    from dltest.inference import infer
+
+    n = len(data)
+    where = source or "the selection"
+    if selection.pool_size and selection.pool_size != n:
+        raise DltestError(f"{where} selects from a pool of {selection.pool_size} inputs, but {data.name}/{data.split} "
+                          f"holds {n}: pass the pool as `data`")
+    chosen = _positions(selection, n, where)
+    pool = torch.arange(n)
+    if labeled is not None:
+        done = _positions(labeled, n, "`labeled`")
+        keep = torch.ones(n, dtype=torch.bool)
+        keep[done] = False
+        if not keep[chosen].all():
+            raise DltestError(f"{where} selects inputs that `labeled` lists: not the pool it was made from")
+        pool = torch.nonzero(keep).flatten()
+    outputs = infer(model, data, batch_size=batch_size, device=device, embeddings=False, progress=progress)
+    bias = selection_bias(outputs.probs[pool], data.y[pool], torch.searchsorted(pool, chosen), bins=bins)
+    note = None
+    if selection.labeled and labeled is None:
+        note = (f"the selection left {selection.labeled} labeled inputs out of its pool; they count in the pool "
+                "here (pass `labeled` to leave them out)")
+    return {**output_header("analyze bias", selection.seed), "source": source, "kind": "selection",
+            "metric": selection.metric, "dataset": data.name, "split": data.split, "model": model_name,
+            "pool_size": len(pool), "selected": len(chosen), "bins": bins, "bias": bias, "note": note}
+
+
+def _positions(selection: "SelectionResult", n: int, where: str) -> Tensor:
+    chosen = torch.tensor(selection.indices, dtype=torch.long)
+    if len(chosen) and (chosen.min() < 0 or chosen.max() >= n):
+        raise DltestError(f"{where} holds indices outside the pool of {n}")
+    return chosen

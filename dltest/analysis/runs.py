@@ -122,3 +122,15 @@ def _is_int(value: Any) -> bool:
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def run_bias_report(run: Run) -> dict[str, Any]:
+    """``dltest analyze bias`` of a robust-al run: the selection bias its log records per stage."""
+    from dltest.header import output_header
+
+    rows = [{"metric": r["metric"], "seed": r["seed"], "stage": r["stage"], "labeled": r.get("labeled"),
+             "bias": r.get("bias")} for r in run.records]
+    if not any(row["bias"] for row in rows):
+        raise DltestError(f"{run.path}/log.jsonl records no bias at any stage (stage 0 has none: it selects nothing)")
+    return {**output_header("analyze bias", run.config.get("seed")),
+            "source": str(run.path), "kind": "run", "dataset": run.config.get("dataset"), "records": rows}

@@ -56,7 +56,7 @@ def bias_command(
     trust_model: TrustModel = False,
 ) -> None:
     """Selection bias (JSD base 2) of entropy, gini, lc, margin and label: selected set vs pool."""
-    from dltest.analysis.runs import load_run
+    from dltest.analysis.runs import load_run, run_bias_report
     from dltest.io import check_outputs, write_json
     from rich.console import Console
 
@@ -69,7 +69,7 @@ def bias_command(
         if given:
             raise DltestError(f"{', '.join(given)} only apply to a selection file; {source} is a run folder")
         run = load_run(source)
-        report = _run_bias(run)
+        report = run_bias_report(run)
         _print_run_bias(report)
         if not no_plot:
             from dltest.analysis.plots import bias_by_stage
@@ -190,9 +190,8 @@ def _refuse_writing_into_runs(outputs: dict[str, Path], runs: list[Path]) -> Non
 
 def _selection_bias(path: Path, model, dataset, split, labeled, bins, data_root, download, device, batch_size,
                     trust) -> dict[str, Any]:
-    import torch
-    from dltest.analysis.bias import selection_bias
-    from dltest.inference import infer
+    """The pool and model a selection file names (or the flags), then the library's report."""
+    from dltest.analysis.bias import selection_bias_report
     from dltest.selection import load_selection
 
     selection = load_selection(str(path))
@@ -204,34 +203,22 @@ def _selection_bias(path: Path, model, dataset, split, labeled, bins, data_root,
         model = Path(selection.model)
         if not model.is_file():
             raise DltestError(f"the model {model} named by {path} is not there: pass --model")
+    done = load_selection(str(labeled)) if labeled is not None else None
     data, net, info = load_data_and_model(dataset, split, model, data_root, download, trust)
-    n = len(data)
-    if selection.pool_size and selection.pool_size != n:
-        raise DltestError(f"{path} selects from a pool of {selection.pool_size} inputs, but {data.name}/{data.split} "
-                          f"holds {n}: pass the pool's --dataset/--split")
-    chosen = torch.tensor(selection.indices, dtype=torch.long)
-    if len(chosen) and (chosen.min() < 0 or chosen.max() >= n):
-        raise DltestError(f"{path} holds indices outside the pool of {n}")
-    pool = torch.arange(n)
-    if labeled is not None:
-        done = torch.tensor(load_selection(str(labeled)).indices, dtype=torch.long)
-        if len(done) and (done.min() < 0 or done.max() >= n):
-            raise DltestError(f"{labeled} holds indices outside the pool of {n}")
-        keep = torch.ones(n, dtype=torch.bool)
-        keep[done] = False
-        if not keep[chosen].all():
-            raise DltestError(f"{path} selects inputs that {labeled} lists as labeled: not the pool it was made from")
-        pool = torch.nonzero(keep).flatten()
-    outputs = infer(net, data, batch_size=batch_size, device=device, embeddings=False, progress=True)
-    bias = selection_bias(outputs.probs[pool], data.y[pool], torch.searchsorted(pool, chosen), bins=bins)
-    note = None
-    if selection.labeled and labeled is None:
-        note = (f"the selection left {selection.labeled} labeled inputs out of its pool; they count in the pool "
-                f"here (pass --labeled to leave them out)")
-    return {**output_header("analyze bias", selection.seed), "source": str(path),
-            "kind": "selection", "metric": selection.metric, "dataset": data.name, "split": data.split,
-            "model": info.source, "pool_size": len(pool), "selected": len(chosen), "bins": bins, "bias": bias,
-            "note": note}
+    flags = {"`data`": "--dataset/--split", "`labeled`": f"--labeled {labeled}" if labeled else "--labeled"}
+    try:
+        report = selection_bias_report(net, data, selection, labeled=done, bins=bins, batch_size=batch_size,
+                                       device=device, progress=True, source=str(path), model_name=info.source)
+    except DltestError as exc:  # the library names its parameters, the user knows the flags
+        raise DltestError(_as_flags(str(exc), flags)) from None
+    report["note"] = _as_flags(report["note"], flags) if report["note"] else None
+    return report
+
+
+def _as_flags(text: str, flags: dict[str, str]) -> str:
+    for parameter, flag in flags.items():
+        text = text.replace(parameter, flag)
+    return text
 
 
 def _print_selection_bias(report: dict[str, Any]) -> None:
@@ -250,15 +237,6 @@ def _print_selection_bias(report: dict[str, Any]) -> None:
 
 
 # --- bias recorded in a run ---------------------------------------------------------------------
-
-
-def _run_bias(run: Run) -> dict[str, Any]:
-    rows = [{"metric": r["metric"], "seed": r["seed"], "stage": r["stage"], "labeled": r.get("labeled"),
-             "bias": r.get("bias")} for r in run.records]
-    if not any(row["bias"] for row in rows):
-        raise DltestError(f"{run.path}/log.jsonl records no bias at any stage (stage 0 has none: it selects nothing)")
-    return {**output_header("analyze bias", run.config.get("seed")),
-            "source": str(run.path), "kind": "run", "dataset": run.config.get("dataset"), "records": rows}
 
 
 def _print_run_bias(report: dict[str, Any]) -> None:
