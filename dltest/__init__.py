@@ -20,7 +20,7 @@ _EXPORTS = {
     "SelectionResult": "dltest.selection", "load_selection": "dltest.selection", "select": "dltest.selection",
     "SELECTORS": "dltest.selectors",
     "TrainConfig": "dltest.training", "accuracy": "dltest.training", "train": "dltest.training",
-    **dict.fromkeys(["ATTACKS", "AdversarialExamples", "AttackSpec", "LinfPGD", "attack_preset", "build_attack",
+    **dict.fromkeys(["ATTACKS", "AdversarialExamples", "AttackSpec", "PGDAdversary", "attack_preset", "build_attack",
                      "generate_adversarial", "load_adversarial", "pgd_adversary", "pgd_linf"], "dltest.attacks"),
     "DatasetProfile": "dltest.profiles", "dataset_profile": "dltest.profiles",
     "RobustnessReport": "dltest.robustness", "RobustnessWarning": "dltest.robustness",

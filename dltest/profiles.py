@@ -25,18 +25,35 @@ class PGDSettings:
 
 
 @dataclass(frozen=True)
+class TrainingDefaults:
+    """Adversarial training's defaults for a family of datasets, beyond its eps and PGD presets.
+
+    ``warmup_epochs``: epochs over which eps ramps up from 0 (3 at MNIST's eps 0.3, where a fresh
+    LeNet-5 trained at full strength collapses to a constant predictor; none at 8/255).
+    ``trades``: TRADES' inner maximisation (its paper: 40 steps of 0.01 at eps 0.3 on MNIST,
+    10 steps of 2/255 on CIFAR-10); ``trades_beta``: its trade-off (6 in both).
+    """
+
+    warmup_epochs: float
+    trades: PGDSettings
+    trades_beta: float = 6.0
+
+
+@dataclass(frozen=True)
 class AttackFamily:
     """The attack presets shared by a family of datasets (SPEC §2 / the paper's Table 4).
 
     ``grey``: MNIST-like images, eps 0.3. ``colour``: SVHN/CIFAR-like images, eps 8/255 (the
     paper prints 0.3 for their training too, which cannot be meant for [0, 1] colour images;
-    the authors' code used 8/255, 2/255, 7 steps).
+    the authors' code used 8/255, 2/255, 7 steps). ``training`` holds the other adversarial
+    training defaults (the PGD method's inner attack is ``pgd_train``).
     """
 
     name: str
     eps: float
     pgd_train: PGDSettings
     pgd_eval: PGDSettings
+    training: TrainingDefaults
 
     def pgd(self, purpose: str) -> PGDSettings:
         """The PGD preset for ``purpose`` (``train`` or ``eval``)."""
@@ -47,8 +64,10 @@ class AttackFamily:
         raise DltestError(f"unknown attack purpose {purpose!r}; choose train or eval")
 
 
-GREY = AttackFamily("grey", 0.3, PGDSettings(0.3, 0.01, 40), PGDSettings(0.3, 0.01, 50))
-COLOUR = AttackFamily("colour", 8 / 255, PGDSettings(8 / 255, 2 / 255, 7), PGDSettings(8 / 255, 2 / 255, 50))
+GREY = AttackFamily("grey", 0.3, PGDSettings(0.3, 0.01, 40), PGDSettings(0.3, 0.01, 50),
+                    TrainingDefaults(warmup_epochs=3.0, trades=PGDSettings(0.3, 0.01, 40)))
+COLOUR = AttackFamily("colour", 8 / 255, PGDSettings(8 / 255, 2 / 255, 7), PGDSettings(8 / 255, 2 / 255, 50),
+                      TrainingDefaults(warmup_epochs=0.0, trades=PGDSettings(8 / 255, 2 / 255, 10)))
 FAMILIES = {f.name: f for f in (GREY, COLOUR)}
 
 

@@ -164,7 +164,7 @@ def select(
         seed=seed,
         indices=indices.tolist(),
         scores=_finite_or_none(chosen.scores),
-        score_name=type(selector).score_name,
+        score_name=selector.score_name,
         options=selector.options(),
         dataset=data.name if data is not None else None,
         split=data.split if data is not None else None,

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dltest.adversarial_training import AdversarialTraining
-from dltest.attacks import PGDAdversary
+from dltest.attacks import pgd_check
 from dltest.data import ImageDataset, fingerprint
 from dltest.errors import DltestError
 from dltest.adapter import PROBE_SIZE, adapt
@@ -108,9 +108,10 @@ def train(
     an eps warm-up), or any ``(model, images, labels) -> images`` callable whose outputs replace
     the clean batch (Madry et al.: used even where the attack fails). When training
     adversarially the best epoch is the one with the highest robust accuracy on ``val_data``
-    under ``val_adversary`` (default: a 10-step PGD at the training eps), and a collapse of that
-    figure stops training (catastrophic overfitting). ``state_path`` keeps per-epoch state for
-    ``resume``. torch's global random state is restored on return.
+    under ``val_adversary`` (default: :func:`~dltest.attacks.pgd_check`, a 10-step PGD at the
+    training eps), and a collapse of that figure stops training (catastrophic overfitting).
+    ``state_path`` keeps per-epoch state for ``resume``. torch's global random state is restored
+    on return.
 
     On CUDA, ``config.amp`` runs the forward passes under autocast and ``config.channels_last``
     uses the channels_last memory format; on the CPU both are off.
@@ -126,18 +127,11 @@ def train(
     config = config or TrainConfig()
     method = adversary if isinstance(adversary, AdversarialTraining) else None
     if adversary is not None and val_adversary is None:
-        val_adversary = robust_check(method.eps if method else getattr(adversary, "eps", None))
+        val_adversary = pgd_check(method.eps if method else getattr(adversary, "eps", None))
     device = resolve_device(device)
     with seeded(config.seed, device):
         return _train(model, train_data, val_data, config, adversary, method, val_adversary, device, state_path,
                       resume, progress)
-
-
-def robust_check(eps: float | None, steps: int = 10) -> Adversary | None:
-    """The per-epoch robustness check: PGD with ``steps`` steps of 2.5 eps / steps from a random start."""
-    if eps is None:
-        return None
-    return PGDAdversary(eps=eps, alpha=2.5 * eps / steps, steps=steps)
 
 
 def _train(model, train_data, val_data, config, adversary, method, val_adversary, device, state_path, resume,

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dltest.adversarial_training import AdversarialTraining, adversarial_training
+from dltest.adversarial_training import training_method, adversarial_training
 from dltest.errors import DltestError
 from dltest.robustness import evaluate_robustness
 from dltest.training import TrainConfig, train
@@ -16,9 +16,9 @@ from dltest.zoo import model_for_dataset
 
 
 def test_warmup_ramps_eps_linearly_then_holds():
-    method = AdversarialTraining("fgsm-rs", eps=0.3, warmup_epochs=3)
+    method = training_method("fgsm-rs")(eps=0.3, warmup_epochs=3)
     assert [method.eps_at(e) for e in (0, 1.5, 3, 7)] == pytest.approx([0.0, 0.15, 0.3, 0.3])
-    assert AdversarialTraining("pgd", eps=0.3).eps_at(0) == 0.3
+    assert training_method("pgd")(eps=0.3).eps_at(0) == 0.3
 
 
 def test_presets_and_their_costs():
@@ -43,6 +43,42 @@ def test_bad_settings(kwargs, message):
         adversarial_training(**kwargs)
 
 
+def test_methods_are_registered_by_name_with_their_settings_in_the_constructor():
+    from dltest.adversarial_training import AT_METHODS, TRAINING_METHODS, PGDTraining, TRADESTraining
+
+    assert AT_METHODS == ("pgd", "fgsm-rs", "n-fgsm", "trades") == tuple(TRAINING_METHODS)
+    assert training_method("pgd") is PGDTraining
+    assert {name: cls.options() for name, cls in TRAINING_METHODS.items()} == {
+        "pgd": ("alpha", "steps"), "fgsm-rs": ("alpha",), "n-fgsm": ("alpha",), "trades": ("alpha", "steps", "beta")}
+    trades = TRADESTraining(eps=0.2, steps=5, alpha=0.05, beta=3.0)
+    assert trades.label == "trades eps=0.2 alpha=0.05 steps=5 beta=3"
+    assert trades.to_dict() == {"method": "trades", "eps": 0.2, "alpha": 0.05, "steps": 5, "warmup_epochs": 0.0,
+                                "beta": 3.0, "family": "grey"}
+    with pytest.raises(DltestError, match=r"^unknown adversarial training method 'free'; choose one of pgd, "
+                                          r"fgsm-rs, n-fgsm, trades$"):
+        training_method("free")
+
+
+@pytest.mark.parametrize("dataset, expected", [
+    # (eps, pgd alpha, pgd steps, trades alpha, trades steps, beta, warm-up): SPEC §2 and the profiles
+    ("mnist", (0.3, 0.01, 40, 0.01, 40, 6.0, 3.0)),
+    ("fashion-mnist", (0.3, 0.01, 40, 0.01, 40, 6.0, 3.0)),
+    ("svhn", (8 / 255, 2 / 255, 7, 2 / 255, 10, 6.0, 0.0)),
+    ("cifar10", (8 / 255, 2 / 255, 7, 2 / 255, 10, 6.0, 0.0)),
+])
+def test_defaults_come_from_the_dataset_profile(dataset, expected):
+    from dltest.profiles import dataset_profile
+
+    pgd, trades = adversarial_training("pgd", dataset), adversarial_training("trades", dataset)
+    got = (pgd.eps, pgd.step_size, pgd.num_steps, trades.step_size, trades.num_steps, trades.beta, pgd.warmup_epochs)
+    assert got == pytest.approx(expected)
+    assert pgd.family == trades.family == dataset_profile(dataset).attack.name
+    assert adversarial_training("fgsm-rs", dataset).step_size == 1.25  # a multiple of eps on every dataset
+    assert adversarial_training("pgd", dataset, steps=3, warmup_epochs=1.0).num_steps == 3
+    with pytest.raises(DltestError, match="unknown image family 'imagenet'; choose one of grey, colour or a dataset"):
+        adversarial_training("pgd", "imagenet")
+
+
 class Linear(torch.nn.Module):
     def __init__(self):
         super().__init__()
@@ -58,8 +94,8 @@ def test_perturbations_stay_in_their_ball_and_in_the_image_range(method, bound, 
     model = Linear()
     x = torch.rand(32, 1, 4, 4)
     y = torch.randint(0, 3, (32,))
-    at = AdversarialTraining(method, eps=0.1, steps=3 if method in ("pgd", "trades") else None, alpha=0.05
-                             if method in ("pgd", "trades") else None)
+    inner = dict(steps=3, alpha=0.05) if method in ("pgd", "trades") else {}
+    at = training_method(method)(eps=0.1, **inner)
     seen = []
     original = model.forward
     model.forward = lambda z: (seen.append(z.detach()), original(z))[1]
@@ -75,7 +111,7 @@ def test_trades_loss_is_cross_entropy_plus_beta_kl():
     model = Linear()
     x, y = torch.rand(16, 1, 4, 4), torch.randint(0, 3, (16,))
     torch.manual_seed(1)
-    loss, logits = AdversarialTraining("trades", eps=1e-6, steps=1, alpha=1e-7, beta=6.0).loss(model, x, y, 1e-6)
+    loss, logits = training_method("trades")(eps=1e-6, steps=1, alpha=1e-7, beta=6.0).loss(model, x, y, 1e-6)
     # at a vanishing radius the KL term vanishes: only the clean cross-entropy is left
     assert float(loss.detach()) == pytest.approx(float(F.cross_entropy(model(x), y)), abs=1e-5)
 
@@ -119,7 +155,7 @@ def test_catastrophic_overfitting_stops_training_and_keeps_the_best_epoch(mnist_
     check = CollapsingCheck()
     check.batches_per_epoch = 1  # the val slice is one accuracy batch of 256
     result = train(model_for_dataset("mnist"), data, val, TrainConfig(epochs=6, seed=0), progress=False,
-                   adversary=AdversarialTraining("fgsm-rs", eps=0.1), val_adversary=check)
+                   adversary=training_method("fgsm-rs")(eps=0.1), val_adversary=check)
     assert result.stopped_early and "catastrophic overfitting at epoch 3" in result.stopped_early
     assert len(result.history) == 3 and result.best_epoch in (0, 1)
 

@@ -9,7 +9,7 @@ import torch
 import torchattacks
 
 from dltest.attacks import (
-    LinfPGD, attack_preset, native_cpu_backward, build_attack, parse_attack_list, parse_eps, pgd_adversary, pgd_linf,
+    PGDAdversary, attack_preset, native_cpu_backward, build_attack, parse_attack_list, parse_eps, pgd_adversary, pgd_linf,
 )
 from dltest.errors import DltestError
 from dltest.training import TrainConfig, accuracy, train
@@ -111,7 +111,7 @@ def test_lean_pgd_matches_torchattacks_given_the_same_start(trained_lenet, batch
     assert float((lean != reference).float().mean()) < 0.01
     start = (x + 0.1).clamp(0, 1)
     no_rng = pgd_linf(trained_lenet, x, y, 0.3, 0.01, 5, start=start)
-    again = LinfPGD(trained_lenet, 0.3, 0.01, 5)
+    again = PGDAdversary(0.3, 0.01, 5).on(trained_lenet)
     torch.manual_seed(99)  # the start argument makes the output independent of the generator
     assert torch.equal(no_rng, pgd_linf(trained_lenet, x, y, 0.3, 0.01, 5, start=start))
     adv = again(x, y)
@@ -241,5 +241,5 @@ def test_linf_pgd_restores_every_modules_mode(trained_lenet, batch):
     model.features[0].eval()
     before = [m.training for m in model.modules()]
     x, y = batch
-    LinfPGD(model, 0.3, 0.01, 2)(x[:8], y[:8])
+    PGDAdversary(0.3, 0.01, 2).on(model)(x[:8], y[:8])
     assert [m.training for m in model.modules()] == before

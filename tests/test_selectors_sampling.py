@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ import torch
 
 from dltest import select
 from dltest.errors import DltestError
+from dltest.inference import PoolOutputs
 from dltest.selectors import get_selector, score_based, stochastic_rank
 
 
@@ -98,3 +100,43 @@ def test_sampling_over_metrics_that_run_the_model(trained_lenet, mnist_test):
         assert a.indices == b.indices and len(set(a.indices)) == 6 and a.options["sampling"] == "rank"
         cold = select(metric, 6, model=trained_lenet, data=pool, seed=1, sampling="softmax", temperature=1e-9, **options)
         assert cold.indices == top.indices  # a cold draw is the ranking (dfal: on the same candidates)
+
+
+@pytest.mark.parametrize("mode, temperature, message", [
+    ("boltzmann", 1.0, "sampling must be one of power, softmax, rank, not 'boltzmann'"),
+    ("softmax", 0, "temperature must be a positive number, not 0"),
+    ("rank", float("inf"), "temperature must be a positive number, not inf"),
+])
+def test_sampling_settings_are_checked_in_one_place_with_one_message(mode, temperature, message):
+    from dltest.selectors import Sampling
+
+    scores = torch.tensor([1.0, 2.0])
+    for make in (lambda: Sampling(mode, temperature),
+                 lambda: get_selector("entropy", sampling=mode, temperature=temperature),
+                 lambda: stochastic_rank(scores, 1, mode, temperature, torch.Generator().manual_seed(0))):
+        with pytest.raises(DltestError, match=f"^{re.escape(message)}$"):
+            make()
+
+
+def test_sampling_composes_over_any_score_selector():
+    from dltest.selectors import SampledSelector, Sampling, ScoreSelector
+    from dltest.selectors.base import Candidates
+
+    class Doubled(ScoreSelector):  # a new score selector, not registered: sampling works on it unchanged
+        name, summary = "doubled", "twice the first probability"
+
+        def score(self, candidates):
+            return 2 * candidates.outputs.probs[:, 0].double()
+
+    probs = torch.softmax(torch.randn(40, 3, generator=torch.Generator().manual_seed(1)), dim=1)
+    candidates = Candidates(outputs=PoolOutputs.from_probs(probs))
+    sampled = SampledSelector(Doubled(), Sampling("power", 0.5))
+    first = sampled(candidates, 5, torch.Generator().manual_seed(7)).indices
+    assert torch.equal(first, sampled(candidates, 5, torch.Generator().manual_seed(7)).indices)
+    cold = SampledSelector(Doubled(), Sampling("softmax", 1e-9))(candidates, 5, torch.Generator().manual_seed(7))
+    assert cold.indices.tolist() == Doubled()(candidates, 5, torch.Generator()).indices.tolist()
+    assert (sampled.label, sampled.options()) == ("doubled+power(T=0.5)", {"sampling": "power", "temperature": 0.5})
+    assert get_selector("entropy", sampling="power").label == "entropy+power"
+    assert get_selector("entropy").label == "entropy" and get_selector("margin", sampling="rank").needs_model is False
+    with pytest.raises(DltestError, match="^power sampling needs scores where higher is better; 'margin' ranks"):
+        get_selector("margin", sampling="power")

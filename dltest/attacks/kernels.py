@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -85,24 +85,16 @@ def pgd_linf(
     return adv
 
 
-class LinfPGD:
-    """torchattacks-style PGD on :func:`pgd_linf`: ``LinfPGD(model, eps, alpha, steps)(x, y)``.
-
-    Puts the model in eval mode for the attack and restores every module's mode after.
-    """
-
-    def __init__(self, model: nn.Module, eps: float = 0.3, alpha: float = 0.01, steps: int = 40,
-                 random_start: bool = True):
-        self.model, self.eps, self.alpha, self.steps, self.random_start = model, eps, alpha, steps, random_start
-
-    def __call__(self, images: Tensor, labels: Tensor) -> Tensor:
-        with eval_mode(self.model):
-            return pgd_linf(self.model, images, labels, self.eps, self.alpha, self.steps, self.random_start)
-
-
 @dataclass(frozen=True)
 class PGDAdversary:
-    """The trainer's adversary: ``adversary(model, images, labels)`` runs :func:`pgd_linf`."""
+    """dltest's PGD: the settings of :func:`pgd_linf`, called as the trainer's adversary
+    ``pgd(model, images, labels)`` (the model's mode is the caller's), or bound to a model as a
+    torchattacks-style attack, ``pgd.on(model)(images, labels)`` (eval mode, modes restored after).
+
+    The ``pgd`` attack preset's training settings, the ``pgd`` adversarial-training method's inner
+    attack and the trainer's per-epoch check (:func:`~dltest.attacks.pgd_check`, fewer and larger
+    steps) are all this one PGD.
+    """
 
     eps: float
     alpha: float
@@ -111,6 +103,15 @@ class PGDAdversary:
 
     def __call__(self, model: nn.Module, images: Tensor, labels: Tensor) -> Tensor:
         return pgd_linf(model, images, labels, self.eps, self.alpha, self.steps, self.random_start)
+
+    def on(self, model: nn.Module) -> "Callable[[Tensor, Tensor], Tensor]":
+        """This PGD on ``model``: ``attack(images, labels)``, run in eval mode."""
+
+        def attack(images: Tensor, labels: Tensor) -> Tensor:
+            with eval_mode(model):
+                return self(model, images, labels)
+
+        return attack
 
 
 # --- batched L2 DeepFool (DFAL) ------------------------------------------------------------------

@@ -12,9 +12,12 @@ Each preset is registered with ``@register`` and says, once, which options it ta
 
 Attacks (Linf unless said otherwise):
 
-- ``pgd``: Madry et al.'s PGD with a random start. Evaluation runs torchattacks' ``PGD``;
-  training runs :func:`~dltest.attacks.kernels.pgd_linf`, a lean batched version that gives
-  torchattacks' outputs without its per-call overhead.
+- ``pgd``: Madry et al.'s PGD with a random start. Evaluation (``build``) runs torchattacks'
+  ``PGD``, the independent reference the reported figures come from; training (``adversary()``)
+  runs dltest's PGD, :class:`~dltest.attacks.kernels.PGDAdversary` on the lean batched
+  :func:`~dltest.attacks.kernels.pgd_linf`, the same steps without torchattacks' per-call
+  overhead (tests/test_attacks.py compares the two). The trainer's per-epoch check,
+  :func:`pgd_check`, is the same PGD with fewer, larger steps.
 - ``fgsm``: torchattacks' ``FGSM``.
 - ``square``: torchattacks' ``Square`` (5000 queries, p_init 0.8, margin loss: the original's).
 - ``autoattack``: the original *standard* AutoAttack: APGD-CE and APGD-T (9 target classes)
@@ -375,9 +378,23 @@ def build_attack(name: str, model: nn.Module, dataset: str | None = "mnist", pur
 
 
 def pgd_adversary(dataset: str = "mnist", purpose: str = "train", **overrides: Any) -> PGDAdversary:
-    """The SPEC §2 PGD adversary for ``dataset`` (training preset unless ``purpose='eval'``)."""
+    """The ``pgd`` preset's settings for ``dataset`` as dltest's PGD (training preset unless
+    ``purpose='eval'``): ``attack_preset("pgd", dataset, purpose, **overrides).adversary()``."""
     spec = attack_preset("pgd", dataset, purpose, **overrides)
     return spec.adversary()  # type: ignore[return-value]
+
+
+PGD_CHECK_STEPS = 10  # the trainer's default; robust-al's ``check_steps`` is 5
+PGD_CHECK_STEP_RULE = 2.5  # Madry et al.'s step size: 2.5 eps / steps
+
+
+def pgd_check(eps: float | None, steps: int = PGD_CHECK_STEPS) -> PGDAdversary | None:
+    """The trainer's per-epoch robustness check: dltest's PGD with ``steps`` steps of 2.5 eps /
+    steps (Madry et al.'s rule) from a random start; cheaper than the SPEC §2 presets (40 or 50
+    steps of 0.01 at eps 0.3) because it runs after every epoch. None without an eps."""
+    if eps is None:
+        return None
+    return PGDAdversary(eps=eps, alpha=PGD_CHECK_STEP_RULE * eps / steps, steps=steps)
 
 
 def _fmt(value: float) -> str:

@@ -7,7 +7,6 @@ Selectors are configured like torchattacks' attacks, options in the constructor
 from __future__ import annotations
 
 import inspect
-import math
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
@@ -16,7 +15,6 @@ import torch
 from torch import Tensor, nn
 
 from dltest.data import ImageDataset
-from dltest.errors import DltestError
 from dltest.inference import PoolOutputs
 
 
@@ -73,6 +71,11 @@ class Selector:
     def options(self) -> dict[str, Any]:
         """This instance's option values (written into every output JSON)."""
         return {name: getattr(self, name) for name in self.option_defaults()}
+
+    @property
+    def label(self) -> str:
+        """The name reports give this selector: its ``name`` (a sampled one adds its sampling)."""
+        return self.name
 
 
 @dataclass
@@ -148,7 +151,8 @@ class ScoreSelector(Selector):
     """A selector that scores candidates and takes the best ``budget`` of them.
 
     :meth:`scored` gives the positions it scored (all candidates, or a subset such as DFAL's) and
-    their scores; that is what lets ``sampling`` (:func:`stochastic_rank`) work on any of them.
+    their scores; that is what lets ``sampling`` (:class:`~dltest.selectors.sampling.SampledSelector`)
+    work on any of them.
     """
 
     highest: ClassVar[bool] = True
@@ -164,69 +168,3 @@ class ScoreSelector(Selector):
         positions, scores = self.scored(candidates, budget, generator)
         order = rank(scores, budget, self.highest)
         return Selection(positions[order], scores[order])
-
-
-# --- stochastic batch acquisition (Kirsch et al., TMLR 2023) ------------------------------------
-
-SAMPLINGS = ("power", "softmax", "rank")
-
-
-def stochastic_rank(scores: Tensor, budget: int, sampling: str, temperature: float,
-                    generator: torch.Generator, highest: bool = True) -> Tensor:
-    """``budget`` positions drawn without replacement, with probabilities from the scores instead
-    of the top-``budget`` ranking (Kirsch et al. 2023, "Stochastic batch acquisition"):
-
-    - ``power``: p_i proportional to s_i^(1/T) (scores >= 0, higher is better);
-    - ``softmax``: p_i proportional to exp(s_i / T) (for lowest-first scores, exp(-s_i / T));
-    - ``rank``: p_i proportional to r_i^(-1/T), r_i the 1-based rank in the deterministic order.
-
-    The draw is the Gumbel-top-k trick: log p_i + Gumbel noise from ``generator``, best
-    ``budget`` kept, which samples without replacement exactly by those probabilities. As T goes
-    to 0 every mode becomes the deterministic ranking; large T approaches a uniform draw.
-    Scores of -inf (or +inf for lowest-first) have probability 0 and come last, by position.
-    """
-    if sampling not in SAMPLINGS:
-        raise DltestError(f"sampling must be one of {', '.join(SAMPLINGS)}, not {sampling!r}")
-    if not float(temperature) > 0 or not math.isfinite(float(temperature)):
-        raise DltestError(f"temperature must be a positive number, not {temperature}")
-    s = scores.detach().double().cpu()
-    s = torch.where(torch.isnan(s), torch.tensor(-math.inf if highest else math.inf, dtype=torch.float64), s)
-    beta = 1.0 / float(temperature)
-    if sampling == "power":
-        if not highest:
-            raise DltestError("power sampling needs scores where higher is better; this metric ranks its lowest "
-                              "scores first: use --sampling softmax or rank")
-        if bool((s < 0).any()):
-            raise DltestError(f"power sampling needs scores >= 0; this metric gave {float(s.min()):.4g}")
-        log_p = beta * torch.log(s)
-    elif sampling == "softmax":
-        log_p = beta * (s if highest else -s)
-        finite = torch.isfinite(log_p)
-        if bool(finite.any()):
-            log_p = log_p - log_p[finite].max()  # exp stays in range; +inf keys stay on top
-    else:
-        ranks = torch.empty(len(s), dtype=torch.float64)
-        ranks[rank(s, len(s), highest)] = torch.arange(1, len(s) + 1, dtype=torch.float64)
-        log_p = -beta * torch.log(ranks)
-    u = torch.rand(len(s), generator=generator, dtype=torch.float64).clamp_(min=torch.finfo(torch.float64).tiny)
-    keys = log_p - torch.log(-torch.log(u))
-    return rank(keys, budget, highest=True)
-
-
-def with_sampling(cls: type[ScoreSelector]) -> type[ScoreSelector]:
-    """``cls`` drawing its batch with :func:`stochastic_rank` instead of taking the top scores."""
-
-    class Sampled(cls):  # type: ignore[valid-type, misc]
-        sampling: str = "power"
-        temperature: float = 1.0
-
-        def __call__(self, candidates: Candidates, budget: int, generator: torch.Generator) -> Selection:
-            positions, scores = self.scored(candidates, budget, generator)
-            order = stochastic_rank(scores, budget, self.sampling, self.temperature, generator, self.highest)
-            return Selection(positions[order], scores[order])
-
-        def options(self) -> dict[str, Any]:
-            return {**super().options(), "sampling": self.sampling, "temperature": self.temperature}
-
-    Sampled.__name__ = Sampled.__qualname__ = f"Sampled{cls.__name__}"
-    return Sampled

@@ -43,7 +43,7 @@ from dltest.adapter import class_scores
 from dltest.adversarial_training import AT_METHODS, AdversarialTraining, adversarial_training
 from dltest.analysis.bias import selection_bias
 from dltest.analysis.plots import accuracy_by_stage
-from dltest.attacks import attack_preset, parse_attack_list
+from dltest.attacks import attack_preset, parse_attack_list, pgd_check
 from dltest.checkpoint import save_checkpoint, state_digest
 from dltest.data import ImageDataset
 from dltest.errors import DltestError
@@ -54,7 +54,7 @@ from dltest.robustness import evaluate_robustness
 from dltest.runtime import check_seed, resolve_device, seeded
 from dltest.selection import select
 from dltest.selectors import get_selector
-from dltest.training import TrainConfig, robust_check, train
+from dltest.training import TrainConfig, train
 from dltest.zoo import ARCHITECTURES, default_arch, model_for_dataset, resolve_arch
 
 CONFIG_FILE, LOG_FILE, SUMMARY_FILE, FIGURE_FILE = "config.json", "log.jsonl", "summary.json", "figure.png"
@@ -258,7 +258,7 @@ def robust_active_learning(
     profile = dataset_profile(train_data.name, train_data.input_shape[0])
     method = _method(config, profile.attack.name)
     val = val_data.sample(config.val_n, config.seed)
-    check = robust_check(method.eps, steps=config.check_steps) if method else None
+    check = pgd_check(method.eps, steps=config.check_steps) if method else None
     eval_specs = [attack_preset(a, train_data.name, "eval", channels=train_data.input_shape[0], eps=config.eps,
                                 seed=config.seed) for a in config.eval_attacks]
 
