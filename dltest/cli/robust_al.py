@@ -19,6 +19,8 @@ if TYPE_CHECKING:  # for type hints only: the commands import these when they ru
 @app.command("robust-al")
 def robust_al_command(
     metric: Annotated[str, typer.Option("--metric", "--metrics", help="Acquisition metric, or several comma-separated (each from the same initial model).")] = "dre",
+    sampling: Annotated[Optional[str], typer.Option("--sampling", help="Every metric (each must rank scores): draw each stage's batch at random with probabilities from the scores (power, softmax or rank; Kirsch et al. 2023) instead of taking the top scores; the run names it, e.g. entropy+power.", show_default=False)] = None,
+    temperature: Annotated[Optional[float], typer.Option("--temperature", help="With --sampling: T > 0; small T approaches the top scores, large T a uniform draw [default: 1].", show_default=False)] = None,
     dataset: Dataset = "mnist",
     arch: Annotated[Optional[str], typer.Option(help=f"One of {', '.join(ARCHITECTURES)} (default: the paper's model for the dataset), or your module:Class / file.py:Class returning logits (imported, so that module or file is executed).", show_default=False)] = None,
     arch_kwargs: Annotated[Optional[str], typer.Option(help="JSON keyword arguments of a module:Class architecture.", show_default=False)] = None,
@@ -66,6 +68,7 @@ def robust_al_command(
         eval_attacks=tuple(parse_attack_list(eval_attacks)) if eval_attacks is not None else None,
         final_attacks=tuple(parse_attack_list(final_attacks)) if final_attacks.strip() else (),
         eval_n=eval_n, val_n=val_n, train_size=train_size, seed=seed,
+        metric_options={k: v for k, v in (("sampling", sampling), ("temperature", temperature)) if v is not None},
     )
     if arch is not None:
         resolve_arch(arch)  # a bad name or module is a one-line error before any data is loaded
@@ -76,7 +79,8 @@ def robust_al_command(
     val_data = load_dataset(dataset, "val", **load)
     holdout = load_dataset(dataset, "holdout", **load)
     kind = "standard" if standard else f"robust ({at})"
-    intro = (f"{kind} active learning on {train_data.name}: {', '.join(metrics)}, {config.initial} -> "
+    names = [config.label(m) for m in metrics]
+    intro = (f"{kind} active learning on {train_data.name}: {', '.join(names)}, {config.initial} -> "
              f"{config.budget} labeled in {config.stages} stages of {config.per_stage}, seed {seed}")
     with StageView(config.stages) as view:
         result = robust_active_learning(config, train_data=train_data, val_data=val_data, holdout=holdout,
@@ -96,7 +100,7 @@ def robust_al_command(
         table.add_row(m, str(final["labeled"]), f"{100 * final['clean_accuracy']:.2f}%",
                       *[f"{100 * final['robust_accuracy'][a]:.2f}%" for a in attacks], f"{seconds:.0f} s")
     Console().print(table)
-    Console().print(f"wrote {out}/ (log.jsonl, summary.json, figure.png, {', '.join(m + '.pt' for m in metrics)})")
+    Console().print(f"wrote {out}/ (log.jsonl, summary.json, figure.png, {', '.join(m + '.pt' for m in names)})")
 
 
 class StageView:

@@ -58,6 +58,7 @@ from dltest.training import TrainConfig, train
 from dltest.zoo import ARCHITECTURES, default_arch, model_for_dataset, resolve_arch
 
 CONFIG_FILE, LOG_FILE, SUMMARY_FILE, FIGURE_FILE = "config.json", "log.jsonl", "summary.json", "figure.png"
+EVERY_METRIC_OPTIONS = ("sampling", "temperature")  # how each metric of a run draws its batch
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,10 @@ class RobustALConfig:
     robust accuracy on ``val_n`` validation inputs under a ``check_steps``-step PGD.
     ``train_size`` limits the unlabeled pool to a seeded subset of the training data. ``arch`` is
     a zoo name or the user's ``module:Class`` / ``file.py:Class``, built with ``arch_kwargs``
-    (its forward must return logits).
+    (its forward must return logits). ``metric_options`` go to the metrics that take them (e.g.
+    ``samples`` to bald), except ``sampling`` and ``temperature``, which apply to every metric of
+    the run: each must rank scores, and is named with its sampling (``entropy+power``) in the
+    log, the summary and the files.
     """
 
     dataset: str
@@ -144,12 +148,18 @@ class RobustALConfig:
         return min(self.per_stage, self.budget - self.initial - (stage - 1) * self.per_stage)
 
     def options_for(self, metric: str) -> dict[str, Any]:
-        """The selector options that apply to ``metric`` (e.g. ``samples`` only to bald)."""
+        """The selector options that apply to ``metric``: those its constructor takes (e.g.
+        ``samples`` only to bald), and ``sampling`` / ``temperature``, which apply to every metric."""
         from dltest.selectors import REGISTRY
 
         cls = REGISTRY.get(metric)
         allowed = cls.option_defaults() if cls else {}
-        return {k: v for k, v in self.metric_options.items() if k in allowed}
+        return {k: v for k, v in self.metric_options.items() if k in allowed or k in EVERY_METRIC_OPTIONS}
+
+    def label(self, metric: str) -> str:
+        """``metric``'s name in the run's log, summary, state and model files: the metric's own
+        name, with its sampling when it has one (``entropy+power``)."""
+        return get_selector(metric, **self.options_for(metric)).label
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -183,7 +193,8 @@ def preset(dataset: str, **overrides: Any) -> RobustALConfig:
 class StageRecord:
     """One line of the run log: a metric after one stage (stage 0: the initial model).
 
-    ``selected`` are positions in the dataset's training split (``source_index``); ``attacks``
+    ``metric`` is the metric's name in the run (:meth:`RobustALConfig.label`): ``entropy``, or
+    ``entropy+power`` where the run samples its batches. ``selected`` are positions in the dataset's training split (``source_index``); ``attacks``
     names the attacks behind ``robust_accuracy`` with their settings (e.g.
     ``apgd-square eps=0.3 steps=100 queries=1000``).
     """
@@ -279,9 +290,10 @@ def robust_active_learning(
     models: dict[str, nn.Module] = {}
     final_attacks: dict[str, dict[str, float]] = {}
     for metric in config.metrics:
-        model, labeled, history = _resume_metric(saved.get(metric), initial_model, initial_labeled, device)
+        name = config.label(metric)
+        model, labeled, history = _resume_metric(saved.get(name), initial_model, initial_labeled, device)
         if not history:
-            history = [replace(initial_record, metric=metric)]
+            history = [replace(initial_record, metric=name)]
             if on_stage:
                 on_stage(history[0])
         for stage in range(history[-1].stage + 1, config.stages + 1):
@@ -289,14 +301,14 @@ def robust_active_learning(
                                             evaluate, augment, device, progress)
             history.append(record)
             if folder is not None:
-                _write_state(_state_path(folder, metric), config, model, labeled, history)
-                _write_log(folder, config, records | {metric: history})
+                _write_state(_state_path(folder, name), config, model, labeled, history)
+                _write_log(folder, config, records | {name: history})
             if on_stage:
                 on_stage(record)
-        records[metric], models[metric] = history, model
+        records[name], models[name] = history, model
         if final_specs:  # per metric, as soon as it is done, kept in the run folder: a resume never repeats it
-            final_attacks[metric] = _final_attacks(folder, config, metric, model, labeled, history,
-                                                   lambda m: evaluate(m, final_specs)[1])
+            final_attacks[name] = _final_attacks(folder, config, name, model, labeled, history,
+                                                 lambda m: evaluate(m, final_specs)[1])
     result = RobustALResult(config, records, models, folder, final_attacks)
     if folder is not None:
         _finish(folder, result, train_data)
@@ -345,9 +357,10 @@ def _stage(config, metric, stage, model, labeled, train_data, val, method, check
            progress):
     """Select ``stage_size`` inputs, label them, train on the labeled pool, evaluate."""
     started = time.perf_counter()
+    name = config.label(metric)
     outputs = infer(model, train_data, device=device)
     selection = select(metric, config.stage_size(stage), model=model, data=train_data, outputs=outputs,
-                       labeled=labeled, seed=_seed(config.seed, metric, stage), device=device,
+                       labeled=labeled, seed=_seed(config.seed, name, stage), device=device,
                        **config.options_for(metric))
     chosen = torch.tensor(selection.indices, dtype=torch.long)
     candidates = _complement(labeled, len(train_data))
@@ -371,7 +384,7 @@ def _stage(config, metric, stage, model, labeled, train_data, val, method, check
     trained_at = time.perf_counter()
     clean, robust, attacks = evaluate(result.model)
     record = StageRecord(
-        metric=metric, seed=config.seed, stage=stage, labeled=len(labeled),
+        metric=name, seed=config.seed, stage=stage, labeled=len(labeled),
         selected=train_data.source_index[chosen].tolist(),
         clean_accuracy=clean, robust_accuracy=robust, bias=bias, attacks=attacks,
         seconds={"select": round(selected_at - started, 3), "train": round(trained_at - selected_at, 3),
@@ -534,7 +547,7 @@ def _load_saved_states(folder: Path, config: RobustALConfig, factory: Callable[[
     """Every state file of the run, checked (the initial model under the key ""); a state file that
     is unreadable, edited, or from another run or other settings is refused, never used."""
     saved = {}
-    for metric in ("", *config.metrics):
+    for metric in ("", *map(config.label, config.metrics)):
         path = _state_path(folder, metric)
         if os.path.lexists(path):
             saved[metric] = _read_state(path, config, metric, factory, pool_size)
@@ -608,7 +621,7 @@ def _write_log(folder: Path, config: RobustALConfig, records: dict[str, list[Sta
     with atomic_path(folder / LOG_FILE) as tmp:
         with open(tmp, "w") as f:
             for metric in config.metrics:
-                for record in records.get(metric, []):
+                for record in records.get(config.label(metric), []):
                     f.write(json.dumps(asdict(record)) + "\n")
 
 
