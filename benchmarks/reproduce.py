@@ -5,13 +5,17 @@
     python benchmarks/reproduce.py --size smoke --runs /tmp/r --report /tmp/r/results.md   # the test's size
 
 Parts, each for every dataset of the size:
-1. robust active learning (Table 3 schedule, every acquisition function, one run folder per seed);
+1. robust active learning (Table 3 schedule, every acquisition function, one run folder per seed;
+   a function with stochastic sampling, e.g. entropy with power sampling, gets a run folder of its
+   own per seed, ``<dataset>-seed<N>-entropy-power``, with the same schedule, seed, initial model
+   and evaluation inputs, so that its figures pair with the others');
 2. standard active learning, the same loop without adversarial training (Table 1);
 3. test selection and retraining at 1 % and 4 % of the validation half (Section 8), from the
    bundled standard-trained model.
 Then the analyses (``dltest analyze``): the final-stage table beside SPEC §7's figures, Wilcoxon
-tests of DRE and of random against every other function, selection bias and its Pearson
-correlation with robustness per stage, and the figures.
+tests of DRE and of random against every other function (and of each sampled function against
+its top-score version), selection bias and its Pearson correlation with robustness per stage,
+and the figures.
 
 Resumable: every run lives under ``--runs``; a rerun skips finished runs, resumes robust-al runs
 from their last finished stage, and rebuilds the report from what is there. Uses CUDA when
@@ -84,6 +88,7 @@ class Size:
     retrain_train_size: int | None
     retrain_eval_n: int | None
     extra: dict[str, Any] = field(default_factory=dict)
+    sampled: tuple[tuple[str, str], ...] = ()  # (function, sampling): robust-al runs of their own, e.g. entropy+power
 
 
 SIZES = {
@@ -103,13 +108,14 @@ SIZES = {
                 val_n=500, train_size=None, standard_metrics=(), standard_seeds=(), retrain_metrics=(),
                 retrain_budgets=(), retrain_seeds=(), retrain_epochs=None, retrain_train_size=None,
                 retrain_eval_n=None),
-    # Issue 17's CPU table: the "cpu" size for all 12 functions of the paper plus BADGE and BatchBALD,
-    # the first robust-AL comparison of newer functions (about 25-30 min of one core per function and seed).
+    # Issue 17's CPU table: the "cpu" size for all 12 functions of the paper plus BADGE, BatchBALD and
+    # entropy with power sampling (Kirsch et al. 2023), the first robust-AL comparison of newer functions
+    # (about 25-30 min of one core per function and seed).
     "cpu-all": Size("cpu-all", ("mnist",), ALL_METRICS + ("badge", "batchbald"), (0, 1, 2), None, epochs=10,
                     initial_epochs=30, at="pgd", at_steps=5, at_alpha=0.15, eval_attacks=None,
                     final_attacks=("autoattack",), eval_n=500, val_n=500, train_size=None, standard_metrics=(),
                     standard_seeds=(), retrain_metrics=(), retrain_budgets=(), retrain_seeds=(), retrain_epochs=None,
-                    retrain_train_size=None, retrain_eval_n=None),
+                    retrain_train_size=None, retrain_eval_n=None, sampled=(("entropy", "power"),)),
     # A first look on a CPU: MNIST, 5 stages of 200, the functions the paper's shape is about. Ten
     # epochs per stage as in the paper: with three, a 400-input pool gets 12 optimiser steps per
     # stage and PGD training at eps 0.3 falls into the constant predictor (measured: 7% from stage 2).
@@ -123,32 +129,38 @@ SIZES = {
                   at="fgsm-rs", at_steps=None, at_alpha=None, eval_attacks=("pgd",), final_attacks=(), eval_n=40, val_n=40, train_size=1000,
                   standard_metrics=("random", "dre"), standard_seeds=(0,), retrain_metrics=("random", "dre"),
                   retrain_budgets=("1%",), retrain_seeds=(0,), retrain_epochs=1, retrain_train_size=500,
-                  retrain_eval_n=40),
+                  retrain_eval_n=40, sampled=(("deepgini", "power"),)),
 }
 
 
-def robust_al_config(size: Size, dataset: str, seed: int, standard: bool):
+def robust_al_config(size: Size, dataset: str, seed: int, standard: bool, sampled: tuple[str, str] | None = None):
+    """The run's settings; ``sampled`` (function, sampling): that one function, sampling its batches."""
     overrides: dict[str, Any] = dict(
-        metrics=size.standard_metrics if standard else size.metrics, epochs=size.epochs,
+        metrics=(sampled[0],) if sampled else size.standard_metrics if standard else size.metrics, epochs=size.epochs,
         initial_epochs=size.initial_epochs, at=None if standard else size.at,
         at_steps=None if standard else size.at_steps, at_alpha=None if standard else size.at_alpha,
         eval_attacks=size.eval_attacks,
         final_attacks=size.final_attacks, eval_n=size.eval_n, val_n=size.val_n, train_size=size.train_size, seed=seed)
     if size.schedule:
         overrides.update(budget=size.schedule[0], initial=size.schedule[1], per_stage=size.schedule[2])
+    if sampled:
+        overrides["metric_options"] = {"sampling": sampled[1]}
     return preset(dataset, **overrides)
 
 
-def run_active_learning(size: Size, dataset: str, seed: int, standard: bool, runs: Path, device) -> Path:
-    """One robust-al (or standard) run folder; finished runs are skipped, unfinished ones resumed."""
-    folder = runs / f"{'standard' if standard else 'robust'}-al" / f"{dataset}-seed{seed}"
+def run_active_learning(size: Size, dataset: str, seed: int, standard: bool, runs: Path, device,
+                        sampled: tuple[str, str] | None = None) -> Path:
+    """One robust-al (or standard) run folder; finished runs are skipped, unfinished ones resumed.
+    ``sampled`` (function, sampling) runs that function alone, in ``<dataset>-seed<N>-<function>-<sampling>``."""
+    name = f"{dataset}-seed{seed}" + (f"-{sampled[0]}-{sampled[1]}" if sampled else "")
+    folder = runs / f"{'standard' if standard else 'robust'}-al" / name
     if (folder / "summary.json").is_file():
         return folder
-    config = robust_al_config(size, dataset, seed, standard)
+    config = robust_al_config(size, dataset, seed, standard, sampled)
     resume = (folder / "config.json").is_file()
     folder.parent.mkdir(parents=True, exist_ok=True)
     say(f"{'resuming' if resume else 'starting'} {'standard' if standard else 'robust'} active learning: "
-        f"{dataset}, seed {seed}, {', '.join(config.metrics)} ({config.initial} -> {config.budget} in "
+        f"{dataset}, seed {seed}, {', '.join(map(config.label, config.metrics))} ({config.initial} -> {config.budget} in "
         f"{config.stages} stages)")
     robust_active_learning(
         config, train_data=load_dataset(dataset, "train"), val_data=load_dataset(dataset, "val"),
@@ -260,6 +272,9 @@ def analyses(folders: list[Path], dataset: str, figures: Path, label: str, repor
         others = [m for m in metrics if m not in skip]
         if first in metrics and others:
             comparisons += compare_functions(records, [first, *others])
+    for sampled in [m for m in metrics if "+" in m]:  # entropy+power against entropy's top scores
+        if sampled.split("+")[0] in metrics:
+            comparisons += compare_functions(records, [sampled.split("+")[0], sampled])
     lines: list[str] = []
     if comparisons:
         lines += ["", "Wilcoxon signed-rank tests (two-sided, α = 0.05) over robust accuracies paired by (seed, "
@@ -292,8 +307,9 @@ def analyses(folders: list[Path], dataset: str, figures: Path, label: str, repor
         from dltest.analysis.plots import accuracy_by_stage, bias_by_stage, correlation_heatmap
 
         figures.mkdir(parents=True, exist_ok=True)
+        seeds = len({r["seed"] for r in records})
         accuracy = accuracy_by_stage(records, figures / f"{label}-accuracy.png",
-                                     title=f"{dataset}: accuracy per stage, mean over {len(folders)} seed(s) (Figure 2)")
+                                     title=f"{dataset}: accuracy per stage, mean over {seeds} seed(s) (Figure 2)")
         heat = correlation_heatmap(correlations, figures / f"{label}-correlation.png", title=f"{dataset}: bias vs robustness")
         bias = bias_by_stage(records, figures / f"{label}-bias.png", title=f"{dataset}: selection bias per stage")
         lines += ["", f"![accuracy per stage]({_relative(accuracy, report_dir)})", "",
@@ -349,8 +365,11 @@ def write_report(size: Size, runs: Path, report: Path, command: str, device, sec
         f"{', '.join(size.final_attacks) or '(same)'} on {size.eval_n or 'all 5000'} holdout inputs | "
         f"AutoAttack on the test set |",
         f"| seeds | {', '.join(map(str, size.seeds))} | 3 |",
-        "",
     ]
+    if size.sampled:
+        lines.append("| stochastic sampling (Kirsch et al. 2023) | " + ", ".join(f"{m}+{s}" for m, s in size.sampled)
+                     + ": a run folder of its own per seed, same initial model and evaluation inputs | - |")
+    lines.append("")
     for dataset in size.datasets:
         robust = sorted((runs / "robust-al").glob(f"{dataset}-seed*/summary.json"))
         folders = [p.parent for p in robust]
@@ -359,7 +378,8 @@ def write_report(size: Size, runs: Path, report: Path, command: str, device, sec
             lines += ["(no finished run)", ""]
             continue
         rows = final_rows(folders)
-        lines += [f"Last stage, mean ± sd over {len(folders)} seed(s); the paper's robustness is under AutoAttack.", ""]
+        seeds = len({read_json(f / "summary.json")["seed"] for f in folders})
+        lines += [f"Last stage, mean ± sd over {seeds} seed(s); the paper's robustness is under AutoAttack.", ""]
         lines += final_table(rows, dataset, paper=True)
         analysis, comparisons = analyses(folders, dataset, figures, f"{size.name}-{dataset}-robust", report.parent)
         headline = next((a for a in ("autoattack", "pgd") if a in next(iter(rows.values()))), None)
@@ -469,6 +489,8 @@ def main(argv: list[str] | None = None) -> int:
                 if "robust" in parts:
                     for seed in size.seeds:
                         run_active_learning(size, dataset, seed, False, runs, device)
+                        for sampled in size.sampled:
+                            run_active_learning(size, dataset, seed, False, runs, device, sampled)
                 if "standard" in parts:
                     for seed in size.standard_seeds:
                         run_active_learning(size, dataset, seed, True, runs, device)

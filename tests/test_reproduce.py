@@ -37,6 +37,14 @@ def test_smoke_size_runs_every_part_and_resumes(tmp_path):
     assert json.loads((robust / "config.json").read_text())["at"] is not None
     retrained = sorted(p.name for p in (runs / "retrain").glob("*.json"))
     assert retrained == ["mnist-dre-1pct-seed0.json", "mnist-random-1pct-seed0.json"]
+    # deepgini with power sampling: a run folder of its own, the same initial model (paired stage 0)
+    assert size.sampled == (("deepgini", "power"),)
+    sampled = runs / "robust-al" / "mnist-seed0-deepgini-power"
+    sampled_summary = json.loads((sampled / "summary.json").read_text())
+    assert list(sampled_summary["final"]) == ["deepgini+power"]
+    assert sampled_summary["config"]["metric_options"] == {"sampling": "power"}
+    stage0 = [json.loads(line) for line in (sampled / "log.jsonl").read_text().splitlines()][0]
+    assert (stage0["metric"], stage0["clean_accuracy"]) == ("deepgini+power", log[0]["clean_accuracy"])
 
     text = report.read_text()
     for heading in ("## mnist: robust active learning (Table 5)", "## mnist: standard active learning (Table 1)",
@@ -44,6 +52,8 @@ def test_smoke_size_runs_every_part_and_resumes(tmp_path):
                     "Selection bias (JSD base 2", "Pearson r across functions", "The shape the paper reports"):
         assert heading in text, heading
     assert "| dre | " in text and "67.69" in text  # the measured row beside the paper's figure
+    assert "| deepgini+power | " in text and "| deepgini | deepgini+power | 2 | " in text  # its row, its test
+    assert "mean ± sd over 1 seed(s)" in text  # the sampled run is not another seed
     figures = sorted(p.name for p in (report.parent / "results").glob("*.png"))
     assert figures == ["smoke-mnist-robust-accuracy.png", "smoke-mnist-robust-bias.png",
                        "smoke-mnist-robust-correlation.png"]
