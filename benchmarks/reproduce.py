@@ -44,7 +44,7 @@ from dltest.errors import DltestError
 from dltest.workflows.robust_al import stage_attack
 from dltest.io import atomic_path, read_json, write_json
 from dltest.settings import default_device
-from dltest.workflows.robust_al import preset, robust_active_learning
+from dltest.workflows.robust_al import finished_metrics, preset, robust_active_learning
 
 ALL_METRICS = ("random", "entropy", "deepgini", "lc", "margin", "mcp", "bald", "dropout-entropy", "egl", "dfal",
                "coreset", "dre")
@@ -202,16 +202,29 @@ def run_retrain(size: Size, dataset: str, metric: str, budget: str, seed: int, r
 
 
 def final_rows(folders: list[Path]) -> dict[str, dict[str, list[float]]]:
-    """metric -> {"clean": [per seed], attack: [per seed]} at each run's last stage (final attacks included)."""
+    """metric -> {"clean": [per seed], attack: [per seed]} at each run's last stage (final attacks included;
+    a run still going contributes the functions it has finished)."""
     rows: dict[str, dict[str, list[float]]] = {}
     for folder in folders:
-        summary = read_json(folder / "summary.json")
-        for metric, final in summary["final"].items():
+        for metric, final in finished_metrics(folder).items():
             row = rows.setdefault(metric, {"clean": []})
             row["clean"].append(100 * final["clean_accuracy"])
             for attack, value in final["robust_accuracy"].items():
                 row.setdefault(attack, []).append(100 * value)
     return rows
+
+
+def _progress(folders: list[Path]) -> list[str]:
+    """A line per run folder still going: which of its functions the table holds so far."""
+    lines = []
+    for folder in folders:
+        if (folder / "summary.json").is_file():
+            continue
+        config, done = read_json(folder / "config.json"), finished_metrics(folder)
+        attacked = [m for m, f in done.items() if set(config.get("final_attacks", [])) <= set(f["robust_accuracy"])]
+        lines.append(f"- in progress, {folder.name}: {len(done)} of {len(config['metrics'])} functions finished "
+                     f"({', '.join(done) or 'none'}), final attacks on {len(attacked)}")
+    return [*lines, ""] if lines else []
 
 
 def mean_sd(values: list[float]) -> str:
@@ -225,22 +238,34 @@ def mean_sd(values: list[float]) -> str:
 def final_table(rows: dict[str, dict[str, list[float]]], dataset: str, paper: bool) -> list[str]:
     attacks = sorted({a for r in rows.values() for a in r if a != "clean"}, key=lambda a: (a != "autoattack", a))
     headline = attacks[0] if attacks else None
-    head = ["function", "clean acc. %", *(f"robust acc. % ({a})" for a in attacks)]
+    stage_attacks = [a for a in attacks if a != "autoattack"] if "autoattack" in attacks else []
+    head = ["function", "seeds", "clean acc. %", *(f"robust acc. % ({a})" for a in attacks),
+            *(f"{a} - autoattack (points)" for a in stage_attacks)]
     if paper:
         head += ["paper acc. %", "paper rob. % (autoattack)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     order = sorted(rows, key=lambda m: -statistics.fmean(rows[m].get(headline, [0.0])) if headline else 0)
     for metric in order:
-        cells = [metric, mean_sd(rows[metric]["clean"]), *(mean_sd(rows[metric].get(a, [])) for a in attacks)]
+        cells = [metric, str(len(rows[metric]["clean"])), mean_sd(rows[metric]["clean"]),
+                 *(mean_sd(rows[metric].get(a, [])) for a in attacks)]
+        cells += [mean_sd(_gaps(rows[metric], a)) for a in stage_attacks]
         if paper:
             known = PAPER.get(dataset, {}).get(metric)
             cells += [f"{known[0]:.2f}", f"{known[1]:.2f}"] if known else ["-", "-"]
         lines.append("| " + " | ".join(cells) + " |")
     if paper and dataset in PAPER:
         full = PAPER[dataset]["full data (adversarial training)"]
-        cells = ["*full data, adversarially trained (paper)*", "", *([""] * len(attacks)), f"{full[0]:.2f}", f"{full[1]:.2f}"]
+        cells = ["*full data, adversarially trained (paper)*", "", "", *([""] * (len(attacks) + len(stage_attacks))),
+                 f"{full[0]:.2f}", f"{full[1]:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
+
+
+def _gaps(row: dict[str, list[float]], attack: str) -> list[float]:
+    """Per seed, how many points the per-stage attack overstates robustness against AutoAttack (same
+    model, same inputs); only where both were run."""
+    pgd, aa = row.get(attack, []), row.get("autoattack", [])
+    return [p - a for p, a in zip(pgd, aa)] if len(pgd) == len(aa) else []
 
 
 def shape_verdicts(rows: dict[str, dict[str, list[float]]], comparisons: list, headline: str) -> list[str]:
@@ -371,20 +396,22 @@ def write_report(size: Size, runs: Path, report: Path, command: str, device, sec
                      + ": a run folder of its own per seed, same initial model and evaluation inputs | - |")
     lines.append("")
     for dataset in size.datasets:
-        robust = sorted((runs / "robust-al").glob(f"{dataset}-seed*/summary.json"))
-        folders = [p.parent for p in robust]
+        folders = [p.parent for p in sorted((runs / "robust-al").glob(f"{dataset}-seed*/config.json"))]
+        folders = [f for f in folders if (f / "log.jsonl").is_file()]
         lines += [f"## {dataset}: robust active learning (Table 5)", ""]
-        if not folders:
-            lines += ["(no finished run)", ""]
-            continue
         rows = final_rows(folders)
-        seeds = len({read_json(f / "summary.json")["seed"] for f in folders})
+        if not rows:
+            lines += ["(no function has finished its last stage yet)", ""]
+            continue
+        seeds = len({read_json(f / "config.json")["seed"] for f in folders if finished_metrics(f)})
         lines += [f"Last stage, mean ± sd over {seeds} seed(s); the paper's robustness is under AutoAttack.", ""]
+        lines += _progress(folders)
         lines += final_table(rows, dataset, paper=True)
         analysis, comparisons = analyses(folders, dataset, figures, f"{size.name}-{dataset}-robust", report.parent)
-        headline = next((a for a in ("autoattack", "pgd") if a in next(iter(rows.values()))), None)
-        if headline:
-            lines += ["", "The shape the paper reports:", "", *shape_verdicts(rows, comparisons, headline)]
+        headline = next((a for a in ("autoattack", "pgd") if any(a in r for r in rows.values())), None)
+        verdicts = shape_verdicts(rows, comparisons, headline) if headline else []
+        if verdicts:
+            lines += ["", "The shape the paper reports:", "", *verdicts]
         lines += [*analysis, ""]
     for dataset in size.datasets:
         folders = [p.parent for p in sorted((runs / "standard-al").glob(f"{dataset}-seed*/summary.json"))]

@@ -88,3 +88,17 @@ def test_the_cpu_sizes_follow_the_papers_schedule_where_they_say_so():
     assert sizes["cpu"].schedule is None and sizes["cpu"].epochs == 10 == sizes["quick"].epochs
     assert (sizes["cpu"].at, sizes["cpu"].at_steps, sizes["cpu"].final_attacks) == ("pgd", 5, ("autoattack",))
     assert sizes["full"].at_steps is None and sizes["full"].final_attacks == ("autoattack",)
+
+
+def test_the_final_table_counts_seeds_per_function_and_shows_the_per_stage_attacks_gap():
+    reproduce = load_reproduce()
+    rows = {"random": {"clean": [98.0, 97.0], "pgd": [90.0, 88.0], "autoattack": [81.0, 80.0]},
+            "dre": {"clean": [97.5], "pgd": [91.0], "autoattack": [83.5]},
+            "lc": {"clean": [96.0], "pgd": [70.0]}}  # finished, not yet attacked with AutoAttack
+    table = reproduce.final_table(rows, "mnist", paper=True)
+    assert table[0] == ("| function | seeds | clean acc. % | robust acc. % (autoattack) | robust acc. % (pgd) | "
+                        "pgd - autoattack (points) | paper acc. % | paper rob. % (autoattack) |")
+    assert "| dre | 1 | 97.50 | 83.50 | 91.00 | 7.50 | 98.59 | 67.69 |" in table
+    assert "| random | 2 | 97.50 ± 0.71 | 80.50 ± 0.71 | 89.00 ± 1.41 | 8.50 ± 0.71 | 98.30 | 63.85 |" in table
+    assert "| lc | 1 | 96.00 | - | 70.00 | - | - | - |" in table
+    assert table[-1].count("|") == table[0].count("|")

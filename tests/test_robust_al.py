@@ -350,3 +350,22 @@ def test_final_attacks_run_once_per_metric_and_a_resume_reuses_them(splits, tmp_
     (tmp_path / "run" / "state" / "random.final.json").write_text(json.dumps(kept))
     again = run(config, splits, tmp_path / "run", resume=True)
     assert attacked == [["pgd"]] and again.final_attacks == first.final_attacks
+
+
+def test_finished_metrics_of_a_run_still_going(splits, tmp_path):
+    from dltest.workflows.robust_al import finished_metrics
+
+    config = tiny(metrics=("entropy", "random"), budget=220, final_attacks=("fgsm",), eval_attacks=("fgsm",),
+                  eval_n=60)
+    result = run(config, splits, tmp_path / "run")
+    folder = tmp_path / "run"
+    complete = finished_metrics(folder)
+    assert complete == json.loads((folder / "summary.json").read_text())["final"]
+    # as if stopped during random's last stage: no summary, random's last record and final attack not written
+    (folder / "summary.json").unlink()
+    lines = (folder / "log.jsonl").read_text().splitlines()
+    (folder / "log.jsonl").write_text("\n".join(line for line in lines if not ('"random"' in line and '"stage": 1' in line)) + "\n")
+    (folder / "state" / "random.final.json").unlink()
+    going = finished_metrics(folder)
+    assert list(going) == ["entropy"] and going["entropy"] == complete["entropy"]
+    assert going["entropy"]["robust_accuracy"]["fgsm"] == result.final_attacks["entropy"]["fgsm"]

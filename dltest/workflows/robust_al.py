@@ -662,6 +662,33 @@ def read_log(path: str | os.PathLike) -> list[StageRecord]:
     return records
 
 
+def finished_metrics(folder: str | os.PathLike) -> dict[str, dict[str, Any]]:
+    """The metrics of a run folder that reached the last stage, in ``summary.json``'s ``final`` shape
+    (labeled, stage, clean accuracy, robust accuracy with the final attacks): for a finished run its
+    summary, for one still going (or stopped) the metrics done so far, with the final attacks kept in
+    ``state/`` for those already attacked."""
+    folder = Path(folder)
+    if (folder / SUMMARY_FILE).is_file():
+        summary = read_json(folder / SUMMARY_FILE)
+        if isinstance(summary, dict) and isinstance(summary.get("final"), dict):
+            return summary["final"]
+        raise DltestError(f"{folder / SUMMARY_FILE} holds no 'final' table")
+    config = read_json(folder / CONFIG_FILE)
+    try:
+        stages = -(-(int(config["budget"]) - int(config["initial"])) // int(config["per_stage"]))
+    except (TypeError, KeyError, ValueError):
+        raise DltestError(f"{folder / CONFIG_FILE} lacks the schedule (budget, initial, per_stage)") from None
+    finished = {}
+    for record in read_log(folder) if (folder / LOG_FILE).is_file() else []:
+        if record.stage != stages:
+            continue
+        final = read_json(_final_path(folder, record.metric)) if _final_path(folder, record.metric).is_file() else {}
+        finished[record.metric] = {"labeled": record.labeled, "stage": record.stage,
+                                   "clean_accuracy": record.clean_accuracy,
+                                   "robust_accuracy": {**record.robust_accuracy, **final.get("robust_accuracy", {})}}
+    return finished
+
+
 def _total_seconds(records: Sequence[StageRecord]) -> dict[str, float]:
     totals = {"select": 0.0, "train": 0.0, "evaluate": 0.0}
     for r in records:
