@@ -80,7 +80,7 @@ def test_seeds_share_the_work_between_processes(tmp_path, capsys):
     report = tmp_path / "results.md"
     assert reproduce.main(["--size", "smoke", "--parts", "robust", "--seeds", "", "--runs", str(tmp_path / "runs"),
                            "--report", str(report), "--device", "cpu"]) == 0
-    assert not (tmp_path / "runs" / "robust-al").exists() and "(no finished run)" in report.read_text()
+    assert not (tmp_path / "runs" / "robust-al").exists() and "(no function has finished its last stage yet)" in report.read_text()
 
 
 def test_the_cpu_sizes_follow_the_papers_schedule_where_they_say_so():
