@@ -116,6 +116,15 @@ SIZES = {
                     final_attacks=("autoattack",), eval_n=500, val_n=500, train_size=None, standard_metrics=(),
                     standard_seeds=(), retrain_metrics=(), retrain_budgets=(), retrain_seeds=(), retrain_epochs=None,
                     retrain_train_size=None, retrain_eval_n=None, sampled=(("entropy", "power"),)),
+    # Issue 17's Fashion-MNIST part: the "cpu" size on Fashion-MNIST's Table 3 schedule (200 -> 6000 in
+    # 29 stages), DRE, random and DeepGini; per stage the profile's apgd-square (PGD-50 overstates
+    # Fashion's robustness by about 33 points against AutoAttack; apgd-square by 1.7, at about 37 s per
+    # 500 inputs here). About 35 min of one core per function and seed, plus AutoAttack (about 6 min).
+    "cpu-fashion": Size("cpu-fashion", ("fashion-mnist",), ("random", "deepgini", "dre"), (0, 1, 2), None, epochs=10,
+                        initial_epochs=30, at="pgd", at_steps=5, at_alpha=0.15, eval_attacks=None,
+                        final_attacks=("autoattack",), eval_n=500, val_n=500, train_size=None, standard_metrics=(),
+                        standard_seeds=(), retrain_metrics=(), retrain_budgets=(), retrain_seeds=(),
+                        retrain_epochs=None, retrain_train_size=None, retrain_eval_n=None),
     # A first look on a CPU: MNIST, 5 stages of 200, the functions the paper's shape is about. Ten
     # epochs per stage as in the paper: with three, a 400-input pool gets 12 optimiser steps per
     # stage and PGD training at eps 0.3 falls into the constant predictor (measured: 7% from stage 2).

@@ -102,3 +102,13 @@ def test_the_final_table_counts_seeds_per_function_and_shows_the_per_stage_attac
     assert "| random | 2 | 97.50 ± 0.71 | 80.50 ± 0.71 | 89.00 ± 1.41 | 8.50 ± 0.71 | 98.30 | 63.85 |" in table
     assert "| lc | 1 | 96.00 | - | 70.00 | - | - | - |" in table
     assert table[-1].count("|") == table[0].count("|")
+
+
+def test_the_fashion_size_runs_the_papers_fashion_schedule_with_its_per_stage_attack():
+    reproduce = load_reproduce()
+    size = reproduce.SIZES["cpu-fashion"]
+    assert size.datasets == ("fashion-mnist",) and size.metrics == ("random", "deepgini", "dre")
+    assert size.seeds == (0, 1, 2) and size.final_attacks == ("autoattack",) and size.eval_attacks is None
+    config = reproduce.robust_al_config(size, "fashion-mnist", 1, standard=False)
+    assert (config.budget, config.initial, config.per_stage, config.stages) == (6000, 200, 200, 29)
+    assert config.eval_attacks == ("apgd-square",) and config.seed == 1
