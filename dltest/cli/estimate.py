@@ -44,6 +44,10 @@ def plan_command(
     strata: Annotated[Optional[int], typer.Option("--strata", help="stratified: number of confidence strata (default 5).", show_default=False)] = None,
     uniform_share: Annotated[Optional[float], typer.Option("--uniform-share", help="importance, active: share of the uniform in the draw probability, in (0, 1]; bounds the weights by 1/share (default 0.5).", show_default=False)] = None,
     proportional_share: Annotated[Optional[float], typer.Option("--proportional-share", help="stratified: share of the budget allocated proportionally, the rest Neyman (default 0.5).", show_default=False)] = None,
+    attacks: Annotated[Optional[str], typer.Option("--attacks", help="Plan-time attacks (comma-separated presets) run over the WHOLE pool with the model's predicted labels: no labels, but one attack pass over the pool per attack. Whether each prediction survives makes the robust figures' surrogate (confidence x survived), and the active, importance and stratified draws then aim at robust accuracy too; 'dltest estimate --attacks' then takes these attacks or a subset.", show_default=False)] = None,
+    eps: Annotated[Optional[str], typer.Option(help="--attacks: Linf radius (default: the dataset's preset).", show_default=False)] = None,
+    steps: Annotated[Optional[int], typer.Option(help="--attacks: attack iterations (default: the preset's).", show_default=False)] = None,
+    alpha: Annotated[Optional[float], typer.Option(help="--attacks: PGD step size (default: the preset's).", show_default=False)] = None,
     dataset: Dataset = "mnist",
     split: Split = "test",
     model: ModelPath = None,
@@ -59,7 +63,10 @@ def plan_command(
     arch_kwargs: ArchKwargs = None,
     normalize: Normalize = None,
 ) -> None:
-    """Draw the inputs to label (seeded, with known probabilities) and write the plan and the sheet."""
+    """Draw the inputs to label (seeded, with known probabilities) and write the plan and the sheet.
+    With --attacks, first attack the whole pool with the predicted labels (costs an attack pass
+    over the pool, no labels) for a better robust-accuracy estimate."""
+    from dltest.attacks import parse_attack_list, parse_eps
     from dltest.estimation import get_design, plan
     from dltest.io import check_outputs
     from dltest.runtime import resolve_device
@@ -72,12 +79,18 @@ def plan_command(
     if score != "entropy" and design != "importance":
         raise DltestError(f"--score applies to the importance design, not to {design!r}")
     parse_budget(budget, pool_size=2**62)
+    names = parse_attack_list(attacks) if attacks else []
+    eps_value = parse_eps(eps)
+    if not names and (eps is not None or steps is not None or alpha is not None):
+        raise DltestError("--eps, --steps and --alpha set the plan-time attacks: give --attacks too")
     resolve_device(device)
     check_outputs({"--out": out, "--csv": csv_path}, {"--model": model, "--dataset": dataset})
     data, net, info = load_data_and_model(dataset, split, model, data_root, download, trust_model, arch, arch_kwargs,
                                           normalize, need_labels=False)
-    drawn = plan(net, data, design=design, budget=budget, seed=seed, score=score, batch_size=batch_size,
-                 device=device, progress=True, model_name=info.source, **options)
+    with robustness_warnings_as_lines():
+        drawn = plan(net, data, design=design, budget=budget, seed=seed, score=score, batch_size=batch_size,
+                     device=device, progress=True, model_name=info.source, attacks=names, eps=eps_value, steps=steps,
+                     alpha=alpha, **options)
     drawn.model = info.describe()
     drawn.model_path = str(model) if model else None
     drawn.save(out)
@@ -100,6 +113,8 @@ def _print_plan(drawn: EstimationPlan, out: Path, sheet: Path | None) -> None:
     for note in drawn.notes:
         if note.startswith("interval will not be valid"):
             console.print(f"[bold red]{note}[/]")
+        elif note.startswith("plan-time attacks"):
+            console.print(note)
     console.print(f"wrote {out}" + (f" and the sheet {sheet} (fill in its label column)" if sheet else "")
                   + f" in {drawn.seconds:.2f} s")
 
@@ -110,7 +125,7 @@ def estimate_command(
     plan_path: Annotated[Optional[Path], typer.Option("--plan", help="The plan from 'dltest estimate plan'.", show_default=False)] = None,
     labels: Annotated[Optional[str], typer.Option("--labels", help="The labels: the sheet's CSV (index, label), an .npz (index and label, or y), or 'pool' for the labels of the plan's dataset (experiments).", show_default=False)] = None,
     out: Annotated[Optional[Path], typer.Option(help="The estimate (JSON), default estimate.json.", show_default=False)] = None,
-    attacks: Annotated[Optional[str], typer.Option("--attacks", help="Also robust accuracy under these attacks (comma-separated), run on the labeled inputs only.", show_default=False)] = None,
+    attacks: Annotated[Optional[str], typer.Option("--attacks", help="Also robust accuracy under these attacks (comma-separated), run on the labeled inputs only (with their given labels). A plan made with --attacks takes those attacks or a subset, run with the plan's settings.", show_default=False)] = None,
     confidence: Annotated[float, typer.Option("--confidence", help="Confidence of the two-sided interval.")] = 0.95,
     model: Annotated[Optional[Path], typer.Option("--model", "-m", help="--attacks: the plan's model (default: the one the plan names).", show_default=False)] = None,
     dataset: Annotated[Optional[str], typer.Option("--dataset", "-d", help="--attacks or --labels pool: the plan's pool (default: the one the plan names).", show_default=False)] = None,
@@ -130,6 +145,7 @@ def estimate_command(
     """Estimate accuracy on the plan's pool from its labels (subcommand 'plan' draws the inputs to label)."""
     from dltest.attacks import parse_attack_list, parse_eps
     from dltest.estimation import estimate, load_plan, read_label_file
+    from dltest.estimation.estimating import check_plan_attacks
     from dltest.io import check_outputs, write_json
     from dltest.runtime import resolve_device
 
@@ -150,6 +166,7 @@ def estimate_command(
     label_file = None if labels == POOL_LABELS else Path(labels)
     check_outputs({"--out": out}, {"--plan": plan_path, "--labels": label_file, "--model": model, "--dataset": dataset})
     drawn = load_plan(plan_path)
+    check_plan_attacks(drawn, names, eps_value, steps, alpha)  # before loading the model: refuse mismatches
     given = read_label_file(label_file) if label_file is not None else None
     net = data = None
     if names or given is None:

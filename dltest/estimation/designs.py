@@ -61,8 +61,8 @@ Everything here is numpy on arrays, so a benchmark can redraw a design thousands
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable
 
 import numpy as np
 from scipy.stats import beta, norm
@@ -109,6 +109,18 @@ class Sample:
         """Distinct inputs to label (a repeated draw is labeled once)."""
         return len(np.unique(self.positions))
 
+    def with_prediction(self, values: np.ndarray, moments: dict[str, Any]) -> "Sample":
+        """The same draws with another prediction of the outcome in place of the confidence
+        (e.g. the robust surrogate ``g``): ``values`` per draw, ``moments`` its pool sums from
+        :meth:`Design.prediction_moments`. Estimators read ``confidence`` and the moments only,
+        so they estimate with ``values`` as their prediction; the draws stay the same."""
+        pool_moments = {k: float(v) for k, v in moments.items() if k != "strata_mean"}
+        strata_mean = moments.get("strata_mean")
+        return replace(self, confidence=np.asarray(values, float), pool_mean_confidence=pool_moments["mean_c"],
+                       moments=pool_moments,
+                       strata_mean_confidence=self.strata_mean_confidence if strata_mean is None
+                       else np.asarray(strata_mean, float))
+
 
 @dataclass(frozen=True)
 class Result:
@@ -128,10 +140,14 @@ class Result:
 
 @dataclass(frozen=True)
 class PoolScores:
-    """What a design knows of the pool: per input, the confidence and an uncertainty score."""
+    """What a design knows of the pool: per input, the confidence and an uncertainty score, and
+    optionally ``robust``, the label-free surrogate of robust correctness ``g = f * survived``
+    (:func:`robust_surrogate`) from plan-time attacks with the predicted labels: with it the
+    weighted draws and the strata aim at both clean and robust accuracy."""
 
     confidence: np.ndarray
     score: np.ndarray
+    robust: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         c, s = np.asarray(self.confidence, float), np.asarray(self.score, float)
@@ -141,6 +157,11 @@ class PoolScores:
             raise DltestError("confidence and scores must be finite")
         object.__setattr__(self, "confidence", np.clip(c, 0.0, 1.0))
         object.__setattr__(self, "score", np.clip(s, 0.0, None))
+        if self.robust is not None:
+            g = np.asarray(self.robust, float)
+            if g.shape != c.shape or not np.isfinite(g).all():
+                raise DltestError(f"the robust surrogate must be one finite value per pool input ({c.shape}), got {g.shape}")
+            object.__setattr__(self, "robust", np.clip(g, 0.0, 1.0))
 
     def __len__(self) -> int:
         return len(self.confidence)
@@ -179,6 +200,30 @@ def mix_with_uniform(weights: np.ndarray, uniform_share: float) -> np.ndarray:
     if total <= 0:
         return np.full(n, 1.0 / n)
     return (1 - uniform_share) * weights / total + uniform_share / n
+
+
+def robust_surrogate(confidence: np.ndarray, survived: np.ndarray) -> np.ndarray:
+    """``g = f * survived``: the predicted probability that an input is right AND robust, label-free.
+    An attack with the model's predicted label is the attack with the true label wherever the
+    prediction is right, and a wrong prediction is never robust; so robust-and-right = right and
+    the prediction survives, and a calibrated ``f`` makes ``g`` calibrated too."""
+    return np.asarray(confidence, float) * np.asarray(survived, float)
+
+
+def aim_at_both(clean_rule: np.ndarray, robust_rule: np.ndarray | None) -> np.ndarray:
+    """The draw weights for both figures: the mean of the two rules, each normalised to sum 1
+    (a rule that is zero everywhere drops out); ``clean_rule`` itself without a robust one."""
+    if robust_rule is None:
+        return clean_rule
+    rules = [r for r in (clean_rule, robust_rule) if r is not None and float(r.sum()) > 0]
+    if not rules:
+        return np.zeros_like(clean_rule)
+    return sum(r / float(r.sum()) for r in rules) / len(rules)
+
+
+def bernoulli_spread(p: np.ndarray) -> np.ndarray:
+    """``sqrt(p (1 - p))``: the root of the expected ``(y - p)^2`` of an outcome right with probability ``p``."""
+    return np.sqrt(np.clip(p * (1 - p), 0.0, None))
 
 
 def _check_budget(budget: int, pool_size: int) -> None:
@@ -256,6 +301,12 @@ class Design:
     def options(self) -> dict:
         return {}
 
+    def prediction_moments(self, pool: PoolScores, values: np.ndarray, budget: int) -> dict[str, Any]:
+        """The pool sums the estimator's variance floor needs for a prediction ``values`` (one per
+        pool input) in place of the confidence, under this design's draw of ``budget``."""
+        v = np.asarray(values, float)
+        return {"mean_c": float(v.mean()), "mean_c2": float((v * v).mean())}
+
 
 @dataclass(frozen=True)
 class SimpleRandom(Design):
@@ -292,19 +343,36 @@ class Stratified(Design):
         return {"strata": self.strata, "proportional_share": self.proportional_share}
 
     def allocation(self, pool: PoolScores, budget: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(stratum of every pool input, N_h, n_h): equal-size strata by confidence, Neyman counts."""
+        """(stratum of every pool input, N_h, n_h): equal-size strata by confidence, Neyman counts.
+        With a robust surrogate, the inputs whose prediction survived the plan-time attacks and
+        those whose prediction did not are stratified by confidence separately, and a stratum's
+        spread is the mean of its clean and robust ones."""
         n_pool = len(pool)
         _check_budget(budget, n_pool)
-        count = max(1, min(self.strata, budget // MIN_PER_STRATUM, n_pool))
-        order = np.argsort(pool.confidence, kind="stable")
+        groups = [np.arange(n_pool)] if pool.robust is None else [
+            g for g in (np.flatnonzero(pool.robust > 0), np.flatnonzero(pool.robust <= 0)) if len(g)]
+        per_group = max(1, min(self.strata, budget // (MIN_PER_STRATUM * len(groups))))
         stratum = np.empty(n_pool, dtype=np.int64)
-        stratum[order] = np.arange(n_pool) * count // n_pool
-        sizes = np.bincount(stratum, minlength=count)
-        mean_conf = np.bincount(stratum, weights=pool.confidence, minlength=count) / sizes
-        spread = np.sqrt(np.clip(mean_conf * (1 - mean_conf), 1e-6, None))
+        first = 0
+        for members in groups:
+            count = min(per_group, len(members))
+            order = members[np.argsort(pool.confidence[members], kind="stable")]
+            stratum[order] = first + np.arange(len(members)) * count // len(members)
+            first += count
+        sizes = np.bincount(stratum, minlength=first)
+        spread = _stratum_spread(np.bincount(stratum, weights=pool.confidence, minlength=first) / sizes)
+        if pool.robust is not None:
+            spread = (spread + _stratum_spread(np.bincount(stratum, weights=pool.robust, minlength=first) / sizes)) / 2
         # compromise allocation: a share of the budget proportional to N_h, the rest Neyman (N_h S_h)
         spread = self.proportional_share * spread.dot(sizes) / sizes.sum() + (1 - self.proportional_share) * spread
         return stratum, sizes, neyman_counts(sizes, spread, budget)
+
+    def prediction_moments(self, pool: PoolScores, values: np.ndarray, budget: int) -> dict[str, Any]:
+        stratum, sizes, _ = self.allocation(pool, budget)
+        moments = super().prediction_moments(pool, values, budget)
+        moments["strata_mean"] = (np.bincount(stratum, weights=np.asarray(values, float), minlength=len(sizes))
+                                  / sizes).tolist()
+        return moments
 
     def draw(self, pool: PoolScores, budget: int, rng: np.random.Generator) -> Sample:
         stratum, sizes, counts = self.allocation(pool, budget)
@@ -328,6 +396,11 @@ class Stratified(Design):
             raise DltestError("a stratified estimate needs the strata of the plan")
         anticipated = survival * np.asarray(sample.strata_mean_confidence) if floor else None
         return stratified_estimate(y, sample.strata, np.asarray(sample.strata_sizes), anticipated, confidence)
+
+
+def _stratum_spread(p: np.ndarray) -> np.ndarray:
+    """A stratum's ``S_h = sqrt(p_h (1 - p_h))``, at least 0.001 so that no stratum is starved to nothing."""
+    return np.sqrt(np.clip(p * (1 - p), 1e-6, None))
 
 
 def neyman_counts(sizes: np.ndarray, spread: np.ndarray, budget: int) -> np.ndarray:
@@ -397,6 +470,13 @@ class WeightedDraws(Design):
     def probabilities(self, pool: PoolScores) -> np.ndarray:
         raise NotImplementedError
 
+    def prediction_moments(self, pool: PoolScores, values: np.ndarray, budget: int) -> dict[str, Any]:
+        v = np.asarray(values, float)
+        scale = 1.0 / (len(v) ** 2 * self.probabilities(pool))
+        moments = super().prediction_moments(pool, v, budget)
+        moments.update(s0=float(scale.sum()), s1=float((v * scale).sum()), s2=float((v * v * scale).sum()))
+        return moments
+
     def draw(self, pool: PoolScores, budget: int, rng: np.random.Generator) -> Sample:
         _check_budget(budget, len(pool))
         q = self.probabilities(pool)
@@ -412,7 +492,8 @@ class Importance(WeightedDraws):
     min_budget: int = IMPORTANCE_MIN_BUDGET
 
     def probabilities(self, pool: PoolScores) -> np.ndarray:
-        return mix_with_uniform(pool.score, self.uniform_share)
+        robust = None if pool.robust is None else bernoulli_spread(pool.robust)
+        return mix_with_uniform(aim_at_both(pool.score, robust), self.uniform_share)
 
     def estimate(self, sample: Sample, y: np.ndarray, confidence: float = 0.95, survival: float = 1.0,
                  floor: bool = True) -> Result:
@@ -464,8 +545,8 @@ class ActiveInference(WeightedDraws):
     min_budget: int = ACTIVE_MIN_BUDGET
 
     def probabilities(self, pool: PoolScores) -> np.ndarray:
-        c = pool.confidence
-        return mix_with_uniform(np.sqrt(c * (1 - c)), self.uniform_share)
+        robust = None if pool.robust is None else bernoulli_spread(pool.robust)
+        return mix_with_uniform(aim_at_both(bernoulli_spread(pool.confidence), robust), self.uniform_share)
 
     def estimate(self, sample: Sample, y: np.ndarray, confidence: float = 0.95, survival: float = 1.0,
                  floor: bool = True) -> Result:

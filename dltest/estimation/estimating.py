@@ -42,6 +42,7 @@ class FigureEstimate:
     labeled: int  # distinct inputs labeled
     draws: int
     lam: float | None = None
+    surrogate: str = "confidence"  # the prediction its estimator used: "confidence" or "confidence x survived <attack>"
 
     @property
     def width(self) -> float:
@@ -111,25 +112,73 @@ MIN_OUTCOMES = 5  # a robust figure's sample with fewer of either outcome falls 
 
 
 def estimate_outcome(design: Any, sample: Any, y: np.ndarray, clean: np.ndarray, is_clean: bool,
-                     confidence: float) -> Any:
+                     confidence: float, surrogate: tuple[np.ndarray, Mapping[str, Any]] | None = None) -> Any:
     """Clean accuracy always keeps the confidence floor (a calibrated model predicts its errors).
     A robust figure uses its sample's variance alone once the sample holds at least
     ``MIN_OUTCOMES`` of both outcomes: the confidence says little about robustness, and a floor
-    drawn from it overstates the variance where non-robust inputs gather among uncertain ones."""
+    drawn from it overstates the variance where non-robust inputs gather among uncertain ones.
+
+    ``surrogate`` (robust figures only): the plan-time ``g = f * survived`` at every draw and its
+    pool sums (:meth:`EstimationPlan.surrogate`). The estimator then predicts with ``g`` instead
+    of the confidence (PPI++'s and active inference's tuned term, the floors), unscaled: ``g``
+    already predicts robust-and-right. It was fixed before any label, so the estimate stays
+    design-unbiased whatever its quality."""
     if is_clean:
         return design.estimate(sample, y, confidence)
     floor = min(float(y.sum()), float(len(y) - y.sum())) < MIN_OUTCOMES
+    if surrogate is not None:
+        values, moments = surrogate
+        return design.estimate(sample.with_prediction(values, dict(moments)), y, confidence, 1.0, floor=floor)
     return design.estimate(sample, y, confidence, survival_share(y, clean), floor=floor)
 
 
-def figure_estimate(name: str, result: Result, labeled: int, draws: int) -> FigureEstimate:
+def check_plan_attacks(plan: EstimationPlan, attacks: Sequence[str], eps: Any = None, steps: int | None = None,
+                       alpha: float | None = None) -> list[Any]:
+    """The attacks to run on the labeled inputs: as named, for a plan without plan-time attacks;
+    for a plan with them, a subset of them, run with the plan's settings (the surrogate must come
+    from the same attack as the outcomes). Other attacks, or ``eps``/``steps``/``alpha`` with
+    such a plan, are one-line errors."""
+    from dltest.attacks import AttackSpec
+
+    if not plan.attacks or not attacks:
+        return list(attacks)
+    planned = plan.attack_names
+    extra = [name for name in attacks if name not in planned]
+    if extra:
+        raise DltestError(f"--attacks {','.join(attacks)}: the plan's surrogate comes from the plan-time attacks "
+                          f"{','.join(planned)}; name those or a subset of them ({', '.join(extra)} is not one), "
+                          "or plan again with --attacks")
+    if eps is not None or steps is not None or alpha is not None:
+        raise DltestError("the labeled inputs are attacked with the plan-time settings "
+                          f"({'; '.join(_label(row) for row in plan.attacks)}): drop --eps, --steps and --alpha")
+    settings = {row["attack"]: row.get("settings") for row in plan.attacks}
+    return [AttackSpec(**settings[name]) if settings[name] else name for name in attacks]
+
+
+def _label(row: Mapping[str, Any]) -> str:
+    from dltest.attacks import AttackSpec
+
+    return AttackSpec(**row["settings"]).label if row.get("settings") else row["attack"]
+
+
+def figure_surrogate(plan: EstimationPlan, figure: str, attacks: Sequence[str]):
+    """The plan's surrogate for a robust ``figure`` (None: the confidence, as without plan-time
+    attacks). The worst case of a proper subset of the plan-time attacks has none."""
+    from dltest.robustness import WORST_CASE
+
+    if figure == WORST_CASE and set(attacks) != set(plan.attack_names):
+        return None
+    return plan.surrogate(figure)
+
+
+def figure_estimate(name: str, result: Result, labeled: int, draws: int, surrogate: str = "confidence") -> FigureEstimate:
     p = min(max(result.estimate, 0.5 / draws), 1 - 0.5 / draws)
     effective = p * (1 - p) / result.standard_error**2 if result.standard_error > 0 else None
     return FigureEstimate(
         figure=name, estimate=result.estimate, low=result.low, high=result.high, confidence=result.confidence,
         standard_error=result.standard_error, effective_sample_size=None if effective is None else round(effective, 1),
         srs_labels=srs_labels_for_width(result.width, result.estimate, result.confidence), labeled=labeled,
-        draws=draws, lam=result.lam,
+        draws=draws, lam=result.lam, surrogate=surrogate,
     )
 
 
@@ -155,6 +204,7 @@ def estimate(
     started = time.perf_counter()
     confidence = check_confidence(confidence)
     design = get_design(plan.design, **plan.options)
+    to_run = check_plan_attacks(plan, attacks, eps, steps, alpha)
     needed = plan.labels_needed
     given = labels_for(plan, labels, labels_name)
     by_position = dict(zip(needed, given.tolist()))
@@ -162,16 +212,19 @@ def estimate(
     outcomes = {ACCURACY: (draw_labels == np.asarray(plan.predicted)).astype(float)}
     attack_rows: list[dict[str, Any]] = []
     if attacks:
-        robust, attack_rows = _robust_outcomes(plan, needed, given, model, data, attacks, batch_size, device,
+        robust, attack_rows = _robust_outcomes(plan, needed, given, model, data, to_run, batch_size, device,
                                                progress, eps, steps, alpha)
         for name, flags in robust.items():
             per_position = dict(zip(needed, flags.tolist()))
             outcomes[name] = np.asarray([per_position[p] for p in plan.positions], dtype=float)
     sample = plan.sample()
     clean = outcomes[ACCURACY]
-    figures = [figure_estimate(name, estimate_outcome(design, sample, y, clean, name == ACCURACY, confidence),
-                               len(needed), len(plan.positions))
-               for name, y in outcomes.items()]
+    figures = []
+    for name, y in outcomes.items():
+        surrogate = None if name == ACCURACY else figure_surrogate(plan, name, attacks)
+        result = estimate_outcome(design, sample, y, clean, name == ACCURACY, confidence, surrogate)
+        figures.append(figure_estimate(name, result, len(needed), len(plan.positions),
+                                       "confidence" if surrogate is None else f"confidence x survived {name}"))
     reason = design.invalid_reason(len(plan.positions))
     return EstimateResult(
         design=plan.design, interval=design.interval, validity=design.validity, valid=reason is None,
@@ -183,7 +236,7 @@ def estimate(
 
 def _robust_outcomes(
     plan: EstimationPlan, needed: list[int], labels: np.ndarray, model: nn.Module | None, data: ImageDataset | None,
-    attacks: Sequence[str], batch_size: int, device: str | None, progress: bool, eps, steps, alpha,
+    attacks: Sequence[Any], batch_size: int, device: str | None, progress: bool, eps, steps, alpha,
 ) -> tuple[dict[str, np.ndarray], list[dict[str, Any]]]:
     """Robust (1) or not (0) per labeled input under each attack, and worst-case with 2+ attacks;
     checks that ``model`` and ``data`` are the plan's (same pool size, same predictions)."""

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import csv
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -22,10 +22,12 @@ from dltest.header import output_header
 from dltest.budget import parse_budget
 from dltest.data import ImageDataset
 from dltest.errors import DltestError
-from dltest.estimation.designs import DESIGNS, PoolScores, Sample, get_design
+from dltest.estimation.designs import DESIGNS, PoolScores, Sample, get_design, robust_surrogate
 from dltest.inference import INFERENCE_BATCH, PoolOutputs, infer
 from dltest.io import atomic_path, read_json, write_json
 from dltest.selectors.uncertainty import entropy, gini, least_confidence, margin
+
+WORST_CASE = "worst-case"  # dltest.robustness.WORST_CASE (not imported: it loads the attacks)
 
 SCORES: dict[str, Callable[[Tensor], Tensor]] = {
     "entropy": entropy,
@@ -70,6 +72,24 @@ class EstimationPlan:
     model_path: str | None = None
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    # plan-time attacks with the predicted labels (none: robust figures use the confidence as before)
+    attacks: list[dict[str, Any]] = field(default_factory=list)  # attack, settings, seconds, survived
+    survived: dict[str, str] = field(default_factory=dict)  # figure -> "0"/"1" per pool input: the prediction survived
+    surrogate_moments: dict[str, dict[str, Any]] = field(default_factory=dict)  # figure -> pool sums of g
+
+    @property
+    def attack_names(self) -> list[str]:
+        """The plan-time attacks, in order (empty: the plan has no robust surrogate)."""
+        return [row["attack"] for row in self.attacks]
+
+    def surrogate(self, figure: str) -> tuple[np.ndarray, dict[str, Any]] | None:
+        """The robust surrogate ``g = f * survived`` of ``figure`` at every draw and its pool sums,
+        or None when the plan has no plan-time flags for it."""
+        flags = self.survived.get(figure)
+        if flags is None or figure not in self.surrogate_moments:
+            return None
+        survived = np.asarray([flags[p] == "1" for p in self.positions], dtype=float)
+        return robust_surrogate(np.asarray(self.confidence, float), survived), self.surrogate_moments[figure]
 
     @property
     def labels_needed(self) -> list[int]:
@@ -130,6 +150,8 @@ def load_plan(path: str | os.PathLike) -> EstimationPlan:
         raise DltestError(f"{path}: the per-draw lists differ in length or are empty; write the plan again")
     if min(plan.positions) < 0 or max(plan.positions) >= plan.pool_size:
         raise DltestError(f"{path}: a drawn position lies outside the pool of {plan.pool_size}")
+    if any(len(flags) != plan.pool_size or set(flags) - {"0", "1"} for flags in plan.survived.values()):
+        raise DltestError(f"{path}: the plan-time attack flags must be one 0/1 per pool input; write the plan again")
     return plan
 
 
@@ -152,6 +174,11 @@ def plan(
     device: str | None = None,
     progress: bool = False,
     model_name: str | None = None,
+    attacks: Sequence[str] = (),
+    eps: float | str | None = None,
+    steps: int | None = None,
+    alpha: float | None = None,
+    survived: Mapping[str, Sequence[bool] | np.ndarray] | None = None,
     **options: Any,
 ) -> EstimationPlan:
     """Draw the inputs to label for estimating ``model``'s accuracy on ``data`` (unlabeled is fine).
@@ -159,6 +186,13 @@ def plan(
     One inference pass (or the given ``outputs``), then ``design``'s seeded draw of ``budget``
     inputs (a count or a share like ``4%``); ``options`` are the design's (``strata``,
     ``uniform_share``, ``proportional_share``); ``score`` ranks uncertainty for ``importance``.
+
+    ``attacks`` (preset names; ``eps``, ``steps``, ``alpha`` override them) run over the WHOLE
+    pool with the model's predicted labels: no labels, one attack pass per attack. Whether each
+    prediction survived (per attack, and the worst case of two or more) makes the robust
+    surrogate ``g = f * survived`` that the robust figures' estimators use, and the draw of
+    ``active``, ``importance`` and ``stratified`` then aims at both figures. ``survived`` gives
+    such flags already computed (attack name -> one bool per pool input) instead of ``attacks``.
     """
     import time
 
@@ -167,6 +201,8 @@ def plan(
     check_score(score)
     if data is None:
         raise DltestError("plan needs the pool (data)")
+    if attacks and survived is not None:
+        raise DltestError("give plan-time attacks or their flags (survived), not both")
     count = parse_budget(budget, len(data))
     if outputs is None:
         if model is None:
@@ -174,12 +210,32 @@ def plan(
         outputs = infer(model, data, batch_size=batch_size, device=device, embeddings=False, progress=progress)
     if len(outputs) != len(data):
         raise DltestError(f"outputs cover {len(outputs)} inputs, the pool has {len(data)}")
-    scores = pool_scores(outputs, score)
-    sample = chosen.draw(scores, count, np.random.default_rng(seed))
-    predicted = outputs.predictions[torch.as_tensor(sample.positions)]
     num_classes = outputs.logits.shape[1]
     classes = list(data.classes) if len(data.classes) == num_classes else [str(i) for i in range(num_classes)]
+    attack_rows: list[dict[str, Any]] = []
+    if attacks:
+        if model is None:
+            raise DltestError("plan-time attacks need the model")
+        survived, attack_rows = predicted_label_survival(model, data, outputs, classes, attacks, seed=seed,
+                                                         batch_size=batch_size, device=device, progress=progress,
+                                                         eps=eps, steps=steps, alpha=alpha)
+    elif survived is not None:
+        survived = _checked_flags(survived, len(data))
+        attack_rows = [{"attack": name, "settings": None, "seconds": None, "survived": int(flags.sum())}
+                       for name, flags in survived.items()]
+    scores = pool_scores(outputs, score)
+    flags_by_figure = with_worst_case(survived or {})
+    if flags_by_figure:  # the draw aims at clean accuracy and the hardest robust figure
+        draw_figure = WORST_CASE if WORST_CASE in flags_by_figure else next(iter(flags_by_figure))
+        scores = replace(scores, robust=robust_surrogate(scores.confidence, flags_by_figure[draw_figure]))
+    sample = chosen.draw(scores, count, np.random.default_rng(seed))
+    predicted = outputs.predictions[torch.as_tensor(sample.positions)]
     notes = []
+    if attack_rows:
+        spent = sum(row["seconds"] or 0 for row in attack_rows)
+        notes.append(f"plan-time attacks {', '.join(r['attack'] for r in attack_rows)} ran over all {len(data)} pool "
+                     f"inputs with the predicted labels ({spent:.1f} s, no labels): robust figures use confidence x "
+                     "survived as their surrogate")
     if sample.with_replacement:
         notes.append(f"{sample.labels_needed} distinct inputs to label for {count} draws (a repeated draw is labeled once)")
     reason = chosen.invalid_reason(count)
@@ -196,5 +252,46 @@ def plan(
         strata_mean_confidence=None if sample.strata_mean_confidence is None
         else sample.strata_mean_confidence.tolist(),
         model={"source": model_name} if model_name else None, seconds=round(time.perf_counter() - started, 3),
-        notes=notes,
+        notes=notes, attacks=attack_rows,
+        survived={figure: "".join("1" if v else "0" for v in flags) for figure, flags in flags_by_figure.items()},
+        surrogate_moments={figure: chosen.prediction_moments(scores, robust_surrogate(scores.confidence, flags), count)
+                           for figure, flags in flags_by_figure.items()},
     )
+
+
+def with_worst_case(survived: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The per-attack flags and, with two attacks or more, the worst case: survived every attack."""
+    flags = {name: np.asarray(v, dtype=bool) for name, v in survived.items()}
+    if len(flags) > 1:
+        flags[WORST_CASE] = np.logical_and.reduce(list(flags.values()))
+    return flags
+
+
+def _checked_flags(survived: Mapping[str, Any], pool_size: int) -> dict[str, np.ndarray]:
+    flags = {}
+    for name, values in survived.items():
+        array = np.asarray(values)
+        if array.shape != (pool_size,) or not np.isin(array, (0, 1)).all():
+            raise DltestError(f"survived[{name!r}] must be one 0/1 per pool input ({pool_size}), got shape {array.shape}")
+        flags[str(name)] = array.astype(bool)
+    return flags
+
+
+def predicted_label_survival(
+    model: nn.Module, data: ImageDataset, outputs: PoolOutputs, classes: list[str], attacks: Sequence[str], *,
+    seed: int, batch_size: int, device: str | None, progress: bool, eps: float | str | None = None,
+    steps: int | None = None, alpha: float | None = None,
+) -> tuple[dict[str, np.ndarray], list[dict[str, Any]]]:
+    """Attack every pool input with the model's predicted label (no ground truth needed): per attack,
+    whether the prediction survived. Where the prediction is right this IS the attack with the true
+    label; an input whose prediction changes between the inference pass and the attack's own
+    clean pass counts as not survived. Returns the flags and one row per attack (settings, seconds)."""
+    from dltest.robustness import evaluate_robustness
+
+    pseudo = replace(data, y=outputs.predictions.clone().long(), labeled=True, classes=list(classes))
+    report = evaluate_robustness(model, pseudo, list(attacks), seed=seed, batch_size=batch_size, device=device,
+                                 progress=progress, eps=eps, steps=steps, alpha=alpha)
+    flags = {o.attack: np.asarray([c == "1" for c in o.robust_inputs], dtype=bool) for o in report.attacks}
+    rows = [{"attack": o.attack, "settings": o.settings, "seconds": o.seconds, "survived": int(flags[o.attack].sum())}
+            for o in report.attacks]
+    return flags, rows
