@@ -52,18 +52,46 @@ def shifted_pool(data: ImageDataset, seed: int = 0) -> ImageDataset:
 
 
 def cache_pool(model, data: ImageDataset, robust: bool, path: Path | None = None) -> dict:
-    """The one inference pass (confidence, entropy, right or wrong) and, for ``robust``, PGD flags;
-    kept in ``path`` (an .npz) when given, so that a rerun skips the attack."""
+    """The one inference pass (confidence, entropy, right or wrong) and, for ``robust``, PGD flags
+    with the true labels (the outcomes) and with the predicted labels (the plan-time surrogate's
+    flags, as ``dltest estimate plan --attacks pgd`` computes them); kept in ``path`` (an .npz)
+    when given, so that a rerun skips the attacks. A cache from before the surrogate gets its
+    predicted-label flags added."""
+    cached = {}
     if path is not None and path.is_file():
         with np.load(path, allow_pickle=False) as f:
             cached = {k: f[k] for k in f.files if k != "pgd_settings"}
             if "pgd_settings" in f.files:
                 cached["pgd_settings"] = json.loads(str(f["pgd_settings"]))
-        return cached
-    cached = _compute_pool(model, data, robust)
-    if path is not None:
+    if not cached:
+        cached = _compute_pool(model, data, robust)
+    missing = robust and "survived" not in cached
+    if missing:
+        cached.update(_plan_time_flags(model, data))
+    if path is not None and (missing or not path.is_file()):
         np.savez(path, **{k: (json.dumps(v) if k == "pgd_settings" else v) for k, v in cached.items()})
     return cached
+
+
+def _plan_time_flags(model, data: ImageDataset) -> dict:
+    """What ``dltest estimate plan --attacks pgd`` computes: the pgd preset over the whole pool with
+    the model's predicted labels (no labels), timed."""
+    from dltest.estimation.planning import predicted_label_survival
+
+    started = time.perf_counter()
+    outputs = infer(model, data, embeddings=False)
+    inferred = time.perf_counter()
+    flags, _ = predicted_label_survival(model, data, outputs, list(data.classes), ["pgd"], seed=0, batch_size=256,
+                                        device=None, progress=False)
+    return {"survived": flags["pgd"].astype(float), "survived_seconds": time.perf_counter() - inferred,
+            "survived_inference_seconds": inferred - started}
+
+
+def inference_seconds(model, data: ImageDataset) -> float:
+    """One plain inference pass over the pool, timed (the cost the plan-time attack adds to)."""
+    started = time.perf_counter()
+    infer(model, data, embeddings=False)
+    return time.perf_counter() - started
 
 
 def _compute_pool(model, data: ImageDataset, robust: bool) -> dict:
@@ -104,32 +132,54 @@ def srs_labels_for_mean_width(width: float, share: float) -> int:
     return high
 
 
-def repeat(design_name: str, cached: dict, figure: str, budget: int, draws: int, seed: int) -> dict:
-    """``draws`` seeded draws of one design at one budget, estimated as dltest estimate does."""
-    from dltest.estimation import PoolScores
+def repeat(design_name: str, cached: dict, figure: str, budget: int, draws: int, seed: int,
+           plan_time: bool = False) -> dict:
+    """``draws`` seeded draws of one design at one budget, estimated as dltest estimate does.
 
-    pool = PoolScores(cached["confidence"], cached["score"])
-    y_pool = cached[figure]
-    truth = float(y_pool.mean())
+    ``plan_time`` (robust figures): the plan holds the predicted-label PGD flags, so the weighted
+    draws aim at both figures and the robust estimator predicts with the calibrated surrogate
+    built on ``g = f * survived``. Robust cells
+    also estimate, from the same draws, the same model's clean accuracy (``clean_*`` keys): what
+    the shared draw gives the clean figure."""
+    from dltest.estimation import PoolScores
+    from dltest.estimation.designs import robust_surrogate
+
+    g = robust_surrogate(cached["confidence"], cached["survived"]) if plan_time else None
+    pool = PoolScores(cached["confidence"], cached["score"], robust=g)
     design = get_design(design_name)
+    surrogate_moments = design.prediction_moments(pool, g, budget) if plan_time else None
     rng = np.random.default_rng(seed)
-    estimates, lows, highs, labels = (np.empty(draws) for _ in range(4))
+    figures = [figure] + (["clean"] if figure == "robust" else [])
+    estimates, lows, highs = ({f: np.empty(draws) for f in figures} for _ in range(3))
+    labels = np.empty(draws)
     for r in range(draws):
         sample = design.draw(pool, budget, rng)
-        y = y_pool[sample.positions]
-        result = estimate_outcome(design, sample, y, cached["clean"][sample.positions], figure == "clean", 0.95)
-        estimates[r], lows[r], highs[r], labels[r] = result.estimate, result.low, result.high, sample.labels_needed
+        clean = cached["clean"][sample.positions]
+        for f in figures:
+            surrogate = (g[sample.positions], surrogate_moments) if plan_time and f == "robust" else None
+            result = estimate_outcome(design, sample, cached[f][sample.positions], clean, f == "clean", 0.95, surrogate)
+            estimates[f][r], lows[f][r], highs[f][r] = result.estimate, result.low, result.high
+        labels[r] = sample.labels_needed
+    row = {"design": design_name, "budget": budget, "draws": draws, "plan_time_attack": plan_time,
+           **summary(estimates[figure], lows[figure], highs[figure], labels, float(cached[figure].mean())),
+           "valid": design.invalid_reason(budget) is None}  # below the design's minimum its output says "not valid"
+    if figure == "robust":
+        clean = summary(estimates["clean"], lows["clean"], highs["clean"], labels, float(cached["clean"].mean()))
+        row.update({f"clean_{k}": clean[k] for k in ("truth", "coverage", "mean_width", "label_ratio_vs_srs")})
+    return row
+
+
+def summary(estimates: np.ndarray, lows: np.ndarray, highs: np.ndarray, labels: np.ndarray, truth: float) -> dict:
+    """Coverage, bias, width and labels vs SRS at the same mean width, of one figure's draws."""
     widths = highs - lows
     covered = (lows <= truth) & (truth <= highs)
     srs_labels = srs_labels_for_mean_width(float(widths.mean()), truth)
     return {
-        "design": design_name, "budget": budget, "draws": draws, "truth": truth,
-        "coverage": float(covered.mean()), "bias": float(estimates.mean() - truth),
+        "truth": truth, "coverage": float(covered.mean()), "bias": float(estimates.mean() - truth),
         "rmse": float(np.sqrt(((estimates - truth) ** 2).mean())), "mean_width": float(widths.mean()),
         "mean_labels": float(labels.mean()), "srs_labels_same_width": srs_labels,
         "label_ratio_vs_srs": float(labels.mean() / srs_labels),
         "misses_low": int((highs < truth).sum()), "misses_high": int((lows > truth).sum()),
-        "valid": design.invalid_reason(budget) is None,  # below the design's minimum its output says "not valid"
     }
 
 
@@ -144,57 +194,110 @@ def run(draws: int, budgets: tuple[int, ...], datasets: tuple[str, ...], cache: 
                 started = time.perf_counter()
                 where = cache / f"{name}-{pool_name}-{figure}.npz" if cache else None
                 cached = cache_pool(model, data, robust=figure == "robust", path=where)
-                pools.append({"dataset": name, "pool": pool_name, "figure": figure, "model": info.source,
-                              "size": len(data), "truth": float(cached[figure].mean()),
-                              "mean_confidence": float(cached["confidence"].mean()),
-                              "cache_seconds": round(time.perf_counter() - started, 1),
-                              "pgd": cached.get("pgd_settings"),
-                              "pgd_seconds": round(float(cached["pgd_seconds"]), 1) if "pgd_seconds" in cached else None})
+                entry = {"dataset": name, "pool": pool_name, "figure": figure, "model": info.source,
+                         "size": len(data), "truth": float(cached[figure].mean()),
+                         "mean_confidence": float(cached["confidence"].mean()),
+                         "cache_seconds": round(time.perf_counter() - started, 1),
+                         "pgd": cached.get("pgd_settings"),
+                         "pgd_seconds": round(float(cached["pgd_seconds"]), 1) if "pgd_seconds" in cached else None}
+                if figure == "robust":
+                    entry.update(plan_time_survived=float(cached["survived"].mean()),
+                                 flags_agree=float(((cached["survived"] > 0) == (cached["robust"] > 0)).mean()),
+                                 clean_truth=float(cached["clean"].mean()),
+                                 plan_time_pgd_seconds=round(float(cached["survived_seconds"]), 1),
+                                 # the inference pass timed just before that attack (same process, same load)
+                                 plan_time_inference_seconds=round(float(cached["survived_inference_seconds"]), 2),
+                                 inference_seconds=round(inference_seconds(model, data), 2))
+                pools.append(entry)
                 print(f"{name}/{pool_name} {figure}: {len(data)} inputs, truth {cached[figure].mean():.4f}, "
                       f"mean confidence {cached['confidence'].mean():.4f}", flush=True)
-                for budget in budgets:
-                    for design in DESIGNS:
-                        started = time.perf_counter()
-                        row = repeat(design, cached, figure, budget, draws, seed=seed_offset + budget)
-                        row.update(dataset=name, pool=pool_name, figure=figure,
-                                   seconds=round(time.perf_counter() - started, 1))
-                        rows.append(row)
-                        print(f"  n={budget:3d} {design:10s} coverage {row['coverage']:.3f} bias {row['bias']:+.4f} "
-                              f"width {row['mean_width']:.4f} labels/SRS {row['label_ratio_vs_srs']:.2f}", flush=True)
+                for plan_time in (False, True) if figure == "robust" else (False,):
+                    for budget in budgets:
+                        for design in DESIGNS:
+                            started = time.perf_counter()
+                            row = repeat(design, cached, figure, budget, draws, seed=seed_offset + budget,
+                                         plan_time=plan_time)
+                            row.update(dataset=name, pool=pool_name, figure=figure,
+                                       seconds=round(time.perf_counter() - started, 1))
+                            rows.append(row)
+                            print(f"  {'g' if plan_time else 'f'} n={budget:3d} {design:10s} coverage "
+                                  f"{row['coverage']:.3f} bias {row['bias']:+.4f} width {row['mean_width']:.4f} "
+                                  f"labels/SRS {row['label_ratio_vs_srs']:.2f}", flush=True)
     return {"pools": pools, "rows": rows}
 
 
 def markdown(result: dict) -> str:
     """One table per pool and figure: per design and budget, coverage / mean width / labels vs SRS;
-    then the goals, checked."""
+    for robust figures a second table with the plan-time surrogate, its cost, and what the shared
+    draw gives the model's clean accuracy; then the goals, checked without and with the option."""
     rows = result["rows"]
-    budgets = sorted({r["budget"] for r in rows})
     lines = []
     for pool in result["pools"]:
-        mine = [r for r in rows if (r["dataset"], r["pool"], r["figure"]) == (pool["dataset"], pool["pool"], pool["figure"])]
+        key = (pool["dataset"], pool["pool"], pool["figure"])
+        mine = [r for r in rows if (r["dataset"], r["pool"], r["figure"]) == key]
         lines += [f"**{pool['dataset']} / {pool['pool']}, {pool['figure']} accuracy** ({pool['size']} inputs, "
                   f"true {100 * pool['truth']:.2f}%, mean confidence {100 * pool['mean_confidence']:.2f}%; "
-                  f"{pool['model']})", "",
-                  "| design | " + " | ".join(f"n={b}" for b in budgets) + " | max abs bias |",
-                  "|---|" + "---|" * (len(budgets) + 1)]
-        for design in DESIGNS:
-            cells = {r["budget"]: r for r in mine if r["design"] == design}
-            text = [f"{100 * cells[b]['coverage']:.1f}% / {cells[b]['mean_width']:.4f} / {cells[b]['label_ratio_vs_srs']:.2f}"
-                    + ("" if cells[b].get("valid", True) else " (not valid)") for b in budgets]
-            bias = max(abs(cells[b]["bias"]) for b in budgets)
-            lines.append(f"| {design} | " + " | ".join(text) + f" | {bias:.4f} |")
-        lines.append("")
-    return "\n".join(lines + goals(rows))
+                  f"{pool['model']})", ""]
+        lines += _table([r for r in mine if not r.get("plan_time_attack")])
+        if pool["figure"] == "robust":
+            lines += [f"*with the plan-time surrogate* (`plan --attacks pgd`): the predicted labels' PGD over the pool "
+                      f"took {pool['plan_time_pgd_seconds']:.0f} s against {pool['plan_time_inference_seconds']:.2f} s "
+                      f"for the inference pass timed just before it; {100 * pool['plan_time_survived']:.1f}% of the "
+                      f"predictions survived; it agrees with the true labels' PGD run on "
+                      f"{100 * pool['flags_agree']:.1f}% of the inputs", ""]
+            lines += _table([r for r in mine if r.get("plan_time_attack")])
+            lines += _clean_table(mine, pool)
+    return "\n".join(lines + ["Without plan-time attacks:"] + goals(rows, plan_time=False)
+                     + ["", "With `plan --attacks pgd` (robust cells: the plan-time surrogate; clean cells unchanged):"]
+                     + goals(rows, plan_time=True))
 
 
-def goals(rows: list[dict]) -> list[str]:
-    """The issue's goals, checked on every cell whose design claims a valid interval at its budget."""
+def _table(mine: list[dict]) -> list[str]:
+    budgets = sorted({r["budget"] for r in mine})
+    lines = ["| design | " + " | ".join(f"n={b}" for b in budgets) + " | max abs bias |", "|---|" + "---|" * (len(budgets) + 1)]
+    for design in DESIGNS:
+        cells = {r["budget"]: r for r in mine if r["design"] == design}
+        text = [f"{100 * cells[b]['coverage']:.1f}% / {cells[b]['mean_width']:.4f} / {cells[b]['label_ratio_vs_srs']:.2f}"
+                + ("" if cells[b].get("valid", True) else " (not valid)") for b in budgets]
+        bias = max(abs(cells[b]["bias"]) for b in budgets)
+        lines.append(f"| {design} | " + " | ".join(text) + f" | {bias:.4f} |")
+    return lines + [""]
+
+
+def _clean_table(mine: list[dict], pool: dict) -> list[str]:
+    """The robust model's clean accuracy estimated from the robust cells' draws: coverage / labels
+    vs SRS with the confidence-only draw, then with the plan-time draw (only the weighted
+    designs' draws differ)."""
+    budgets = sorted({r["budget"] for r in mine})
+    lines = [f"*the same model's clean accuracy (true {100 * pool['clean_truth']:.2f}%) from these draws*: coverage / "
+             "labels vs SRS, without -> with the plan-time attack", "",
+             "| design | " + " | ".join(f"n={b}" for b in budgets) + " |", "|---|" + "---|" * len(budgets)]
+    for design in ("importance", "active"):
+        cells = {(r["budget"], bool(r.get("plan_time_attack"))): r for r in mine if r["design"] == design}
+        text = [" -> ".join(f"{100 * cells[b, t]['clean_coverage']:.1f}% / {cells[b, t]['clean_label_ratio_vs_srs']:.2f}"
+                            for t in (False, True)) for b in budgets]
+        lines.append(f"| {design} | " + " | ".join(text) + " |")
+    return lines + [""]
+
+
+def goals(rows: list[dict], plan_time: bool = False) -> list[str]:
+    """The issue's goals, checked on every cell whose design claims a valid interval at its budget;
+    ``plan_time``: robust cells measured with the plan-time surrogate instead."""
+    rows = [r for r in rows if bool(r.get("plan_time_attack")) == (plan_time and r["figure"] == "robust")]
     valid_rows = [r for r in rows if r.get("valid", True)]
     under = [r for r in valid_rows if r["coverage"] < 0.94]
     lines = [f"- coverage >= 94%: {len(valid_rows) - len(under)} of {len(valid_rows)} cells that claim a valid interval "
              f"({len(rows) - len(valid_rows)} cells below their design's minimum budget say 'not valid'); below: "
              + (", ".join(f"{r['dataset']}/{r['pool']} {r['figure']} {r['design']} n={r['budget']} "
                           f"({100 * r['coverage']:.1f}%)" for r in under) or "none")]
+    if plan_time:
+        clean_under = [r for r in valid_rows if "clean_coverage" in r and r["clean_coverage"] < 0.94]
+        lines.append(f"- the robust models' clean accuracy from the plan-time draws: coverage >= 94% in "
+                     f"{sum('clean_coverage' in r for r in valid_rows) - len(clean_under)} of "
+                     f"{sum('clean_coverage' in r for r in valid_rows)} valid cells"
+                     + ("; below: " + ", ".join(f"{r['dataset']}/{r['pool']} {r['design']} n={r['budget']} "
+                                                 f"({100 * r['clean_coverage']:.1f}%)" for r in clean_under)
+                        if clean_under else ""))
     cells = {}
     for r in rows:
         cells.setdefault((r["dataset"], r["pool"], r["figure"], r["budget"]), {})[r["design"]] = r

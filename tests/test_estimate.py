@@ -421,3 +421,169 @@ def test_a_robust_figure_drops_the_confidence_floor_once_both_outcomes_show():
     floored = estimate_outcome(design, sample, few, clean, False, 0.95)
     assert floored.standard_error == pytest.approx(design.estimate(sample, few, 0.95, 0.9).standard_error)
     assert floored.standard_error > design.estimate(sample, few, 0.95, 0.9, floor=False).standard_error
+
+
+# --- the plan-time robust surrogate (issue 18) --------------------------------------------------
+
+
+def _tiny_plan(design="ppi", budget=4, survived=None, seed=0):
+    """A pool of 6 hand-made inputs (logits give confidences 0.9, 0.6, ...), planned with given flags."""
+    import torch
+
+    from dltest.data import ImageDataset
+    from dltest.estimation import plan
+    from dltest.inference import PoolOutputs
+
+    confidence = torch.tensor([0.9, 0.6, 0.8, 0.7, 0.95, 0.5], dtype=torch.float64)
+    # two classes: logit difference log(c / (1 - c)) gives top probability c for class 0
+    logits = torch.stack([torch.log(confidence / (1 - confidence)), torch.zeros(6, dtype=torch.float64)], 1)
+    data = ImageDataset("toy", "pool", torch.zeros(6, 1, 2, 2, dtype=torch.uint8), torch.full((6,), -1),
+                        ["a", "b"], torch.arange(6), labeled=False)
+    flags = survived if survived is not None else {"pgd": [1, 0, 1, 1, 0, 1]}
+    return plan(None, data, design=design, budget=budget, seed=seed, outputs=PoolOutputs(logits.float()),
+                survived=flags), confidence.numpy()
+
+
+def test_the_robust_surrogate_is_confidence_times_survived():
+    from dltest.estimation.designs import robust_surrogate
+
+    assert robust_surrogate(np.array([0.9, 0.6, 0.8]), np.array([1, 0, 1])).tolist() == pytest.approx([0.9, 0.0, 0.8])
+    drawn, confidence = _tiny_plan(survived={"pgd": [1, 0, 1, 1, 0, 1], "fgsm": [1, 1, 0, 1, 0, 1]})
+    assert drawn.survived == {"pgd": "101101", "fgsm": "110101", "worst-case": "100101"}
+    survived = np.array([1, 0, 0, 1, 0, 1])  # the worst case: survived both
+    g, moments = drawn.surrogate("worst-case")
+    positions = np.asarray(drawn.positions)
+    assert g == pytest.approx(confidence[positions] * survived[positions], abs=1e-6)
+    assert moments["mean_c"] == pytest.approx((confidence * survived).mean(), abs=1e-6)
+    assert moments["mean_c2"] == pytest.approx((confidence**2 * survived).mean(), abs=1e-6)
+    assert [row["attack"] for row in drawn.attacks] == ["pgd", "fgsm"]
+    without, _ = _tiny_plan(survived={})
+    assert without.surrogate("pgd") is None and without.attacks == [] and without.survived == {}
+
+
+def test_plan_time_flags_leave_srs_and_ppi_draws_alone_and_move_active_towards_broken_predictions():
+    _, confidence = _tiny_plan()
+    for design in ("srs", "ppi", "stratified"):
+        with_flags, _ = _tiny_plan(design, budget=4, seed=5)
+        without, _ = _tiny_plan(design, budget=4, seed=5, survived={})
+        assert with_flags.positions == without.positions
+    pool = PoolScores(np.array([0.9, 0.9]), np.array([0.1, 0.1]), robust=np.array([0.9, 0.0]))
+    q = get_design("active").probabilities(pool)
+    # clean rule: equal; robust rule sqrt(r (1 - r)) with r = (f + g) / 2 = 0.9, 0.45: 0.3 vs 0.4975
+    robust = np.array([0.3, math.sqrt(0.45 * 0.55)])
+    expected = 0.5 * (0.5 * np.array([0.5, 0.5]) + 0.5 * robust / robust.sum()) + 0.5 / 2
+    assert q == pytest.approx(expected)
+
+
+def test_ppi_with_the_calibrated_surrogate_by_hand():
+    # 8 draws (SRS from a pool of 100): f, survived, right, robust
+    from dltest.estimation.estimating import estimate_outcome
+
+    f = np.array([0.9, 0.8, 0.95, 0.7, 0.6, 0.9, 0.85, 0.5])
+    survived = np.array([1, 1, 1, 1, 0, 0, 0, 0], float)
+    right = np.array([1, 1, 1, 0, 1, 1, 1, 0], float)
+    robust = np.array([1, 1, 1, 0, 0, 1, 0, 0], float)
+    g = f * survived
+    pool_f = {"mean_c": 0.8, "mean_c2": 0.68}
+    pool_g = {"mean_c": 0.5, "mean_c2": 0.45}
+    sample = _sample("ppi", list(range(8)), [0.08] * 8, f, 100, moments=pool_f)
+    result = estimate_outcome(get_design("ppi"), sample, robust, right, False, 0.95, (g, pool_g))
+    # a: right & survived = draws 0, 1, 2 (all robust) -> 1, kept at 1 - 1/6; b: right & broken = 4, 5, 6 -> 1/3
+    a, b = 1 - 1 / 6, 1 / 3
+    h = a * g + b * (f - g)
+    pool_h = a * 0.5 + b * (0.8 - 0.5)
+    lam = float(np.clip(np.cov(robust, h, ddof=1)[0, 1] / np.var(h, ddof=1), 0, 1))
+    residual = robust - lam * h
+    assert result.lam == pytest.approx(lam)
+    assert result.estimate == pytest.approx(lam * pool_h + residual.mean())
+    # both outcomes show fewer than 5 times: the floor applies, anticipated from h (survival 1)
+    pool_h2 = a * a * 0.45 + b * b * (0.68 - 0.45)
+    anticipated = pool_h - (2 * lam - lam**2) * pool_h2 - ((1 - lam) * pool_h) ** 2
+    variance = (1 - 8 / 100) * max(residual.var(ddof=1), anticipated) / 8
+    assert result.standard_error == pytest.approx(math.sqrt(variance))
+
+
+@pytest.fixture(scope="module")
+def synthetic_robust_pool():
+    """3000 inputs: right with probability f; the prediction survived a plan-time attack for 70%
+    (more often where f is high); robust at estimate time: 96% of the right survivors and 20% of
+    the right broken ones (a rerun spares some), never a wrong one."""
+    rng = np.random.default_rng(11)
+    confidence = 1 - 0.6 * rng.beta(0.7, 2.5, size=3000)
+    right = rng.random(3000) < confidence - 0.02
+    survived = rng.random(3000) < 0.3 + 0.5 * confidence
+    robust = right & np.where(survived, rng.random(3000) < 0.96, rng.random(3000) < 0.2)
+    return confidence, right.astype(float), survived.astype(float), robust.astype(float)
+
+
+@pytest.mark.parametrize("design", list(DESIGNS))
+def test_coverage_with_the_plan_time_surrogate_on_a_pool_of_known_robust_accuracy(synthetic_robust_pool, design):
+    from dltest.estimation.designs import robust_surrogate
+    from dltest.estimation.estimating import estimate_outcome
+
+    confidence, right, survived, robust = synthetic_robust_pool
+    g = robust_surrogate(confidence, survived)
+    pool = PoolScores(confidence, 1 - confidence, robust=g)
+    chosen = get_design(design)
+    budget = max(chosen.min_budget, 100)
+    moments = chosen.prediction_moments(pool, g, budget)
+    truth = robust.mean()
+    rng = np.random.default_rng(2)
+    hits, estimates = [], []
+    for _ in range(1000):
+        sample = chosen.draw(pool, budget, rng)
+        at = sample.positions
+        result = estimate_outcome(chosen, sample, robust[at], right[at], False, 0.95, (g[at], moments))
+        hits.append(result.low <= truth <= result.high)
+        estimates.append(result.estimate)
+    assert np.mean(hits) >= 0.94
+    assert abs(np.mean(estimates) - truth) < 0.005  # unbiased up to the noise of 1000 draws
+
+
+def test_cli_plan_time_attacks_round_trip_on_an_mnist_slice(mnist_slice):
+    import torch
+
+    from dltest import load_dataset, load_model
+    from dltest.checkpoint import pretrained_path
+    from dltest.robustness import evaluate_robustness
+
+    folder, _ = mnist_slice
+    robust_model = str(pretrained_path("mnist", robust=True))
+    plan, out = folder / "plan-attacked.json", folder / "estimate-attacked.json"
+    result = run_cli("estimate", "plan", "--budget", "100", "-d", str(folder / "labeled.npz"), "-m", robust_model,
+                     "--design", "active", "--attacks", "fgsm", "--eps", "0.3", "--out", str(plan))
+    assert result.exit_code == 0, result.output
+    assert "plan-time attacks fgsm ran over all 400 pool inputs with the predicted labels" in " ".join(result.output.split())
+    drawn = json.loads(plan.read_text())
+    assert [row["attack"] for row in drawn["attacks"]] == ["fgsm"] and drawn["attacks"][0]["settings"]["eps"] == 0.3
+    assert len(drawn["survived"]["fgsm"]) == 400 and set(drawn["survived"]["fgsm"]) <= {"0", "1"}
+    assert set(drawn["surrogate_moments"]["fgsm"]) == {"mean_c", "mean_c2", "s0", "s1", "s2"}
+    result = run_cli("estimate", "--plan", str(plan), "--labels", "pool", "-d", str(folder / "labeled.npz"),
+                     "-m", robust_model, "--attacks", "fgsm", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    figures = {f["figure"]: f for f in json.loads(out.read_text())["figures"]}
+    assert figures["fgsm"]["surrogate"] == "confidence x survived fgsm"
+    assert figures["accuracy"]["surrogate"] == "confidence"
+    # the truth, independently: FGSM (no random start) on all 400 inputs with their true labels
+    pool = load_dataset("mnist", "holdout").subset(list(range(400)))
+    model, _ = load_model(robust_model)
+    truth = evaluate_robustness(model, pool, ["fgsm"], seed=0).attacks[0].robust_accuracy
+    assert figures["fgsm"]["low"] <= truth <= figures["fgsm"]["high"]
+    assert 0.5 < truth < 1.0  # something to estimate
+    assert torch.equal(pool.y, torch.as_tensor(np.load(folder / "labeled.npz")["y"]))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--attacks", "pgd"], "the plan's surrogate comes from the plan-time attacks fgsm"),
+    (["--attacks", "fgsm", "--eps", "0.1"], "attacked with the plan-time settings"),
+])
+def test_estimate_refuses_attacks_other_than_the_plans(mnist_slice, args, message):
+    folder, _ = mnist_slice
+    plan = folder / "plan-attacked.json"
+    if not plan.exists():
+        test_cli_plan_time_attacks_round_trip_on_an_mnist_slice(mnist_slice)
+    out = folder / "refused.json"
+    result = run_cli("estimate", "--plan", str(plan), "--labels", "pool", "-d", str(folder / "labeled.npz"), *args,
+                     "--out", str(out))
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1 and not out.exists()

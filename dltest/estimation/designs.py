@@ -110,14 +110,14 @@ class Sample:
         return len(np.unique(self.positions))
 
     def with_prediction(self, values: np.ndarray, moments: dict[str, Any]) -> "Sample":
-        """The same draws with another prediction of the outcome in place of the confidence
-        (e.g. the robust surrogate ``g``): ``values`` per draw, ``moments`` its pool sums from
-        :meth:`Design.prediction_moments`. Estimators read ``confidence`` and the moments only,
-        so they estimate with ``values`` as their prediction; the draws stay the same."""
+        """The same draws with another prediction of the outcome in place of the confidence (the
+        robust surrogate): ``values`` per draw, ``moments`` its pool sums as
+        :meth:`Design.prediction_moments` gives them. The estimators read the prediction from
+        ``confidence`` and the moments only, so they estimate with ``values``; the draws stay."""
         pool_moments = {k: float(v) for k, v in moments.items() if k != "strata_mean"}
         strata_mean = moments.get("strata_mean")
         return replace(self, confidence=np.asarray(values, float), pool_mean_confidence=pool_moments["mean_c"],
-                       moments=pool_moments,
+                       moments={**self.moments, **pool_moments},
                        strata_mean_confidence=self.strata_mean_confidence if strata_mean is None
                        else np.asarray(strata_mean, float))
 
@@ -141,9 +141,8 @@ class Result:
 @dataclass(frozen=True)
 class PoolScores:
     """What a design knows of the pool: per input, the confidence and an uncertainty score, and
-    optionally ``robust``, the label-free surrogate of robust correctness ``g = f * survived``
-    (:func:`robust_surrogate`) from plan-time attacks with the predicted labels: with it the
-    weighted draws and the strata aim at both clean and robust accuracy."""
+    optionally ``robust``, the label-free robust surrogate ``g = f * survived`` of plan-time
+    attacks (:func:`robust_surrogate`): with it the weighted draws aim at both figures."""
 
     confidence: np.ndarray
     score: np.ndarray
@@ -160,7 +159,7 @@ class PoolScores:
         if self.robust is not None:
             g = np.asarray(self.robust, float)
             if g.shape != c.shape or not np.isfinite(g).all():
-                raise DltestError(f"the robust surrogate must be one finite value per pool input ({c.shape}), got {g.shape}")
+                raise DltestError(f"the robust surrogate needs one finite value per pool input ({len(c)}), got {g.shape}")
             object.__setattr__(self, "robust", np.clip(g, 0.0, 1.0))
 
     def __len__(self) -> int:
@@ -203,27 +202,26 @@ def mix_with_uniform(weights: np.ndarray, uniform_share: float) -> np.ndarray:
 
 
 def robust_surrogate(confidence: np.ndarray, survived: np.ndarray) -> np.ndarray:
-    """``g = f * survived``: the predicted probability that an input is right AND robust, label-free.
-    An attack with the model's predicted label is the attack with the true label wherever the
-    prediction is right, and a wrong prediction is never robust; so robust-and-right = right and
-    the prediction survives, and a calibrated ``f`` makes ``g`` calibrated too."""
+    """``g = f * survived``: a label-free prediction that an input is right AND robust. An attack
+    with the model's predicted label is the attack with the true label wherever the prediction is
+    right, and a wrong prediction is never robust: robust-and-right = right and the prediction
+    survives."""
     return np.asarray(confidence, float) * np.asarray(survived, float)
 
 
-def aim_at_both(clean_rule: np.ndarray, robust_rule: np.ndarray | None) -> np.ndarray:
-    """The draw weights for both figures: the mean of the two rules, each normalised to sum 1
-    (a rule that is zero everywhere drops out); ``clean_rule`` itself without a robust one."""
-    if robust_rule is None:
+def aim_at_both(clean_rule: np.ndarray, pool: PoolScores) -> np.ndarray:
+    """Draw weights for clean and robust accuracy: without a robust surrogate, ``clean_rule``
+    itself; with one, the mean of ``clean_rule`` and the robust rule ``sqrt(r (1 - r))``, each
+    normalised to sum 1, where ``r = (f + g) / 2``. ``g`` alone would give the inputs whose
+    prediction the plan-time attack broke (``g = 0``) no weight, yet a random-start attack run
+    again at estimate time spares 15-32% of the right ones (docs/estimate.md): the draw cannot
+    know that share before the labels and takes even odds for them (``r = f / 2``)."""
+    if pool.robust is None:
         return clean_rule
-    rules = [r for r in (clean_rule, robust_rule) if r is not None and float(r.sum()) > 0]
-    if not rules:
-        return np.zeros_like(clean_rule)
-    return sum(r / float(r.sum()) for r in rules) / len(rules)
-
-
-def bernoulli_spread(p: np.ndarray) -> np.ndarray:
-    """``sqrt(p (1 - p))``: the root of the expected ``(y - p)^2`` of an outcome right with probability ``p``."""
-    return np.sqrt(np.clip(p * (1 - p), 0.0, None))
+    r = (pool.confidence + pool.robust) / 2
+    robust_rule = np.sqrt(r * (1 - r))
+    rules = [rule / float(rule.sum()) for rule in (clean_rule, robust_rule) if float(rule.sum()) > 0]
+    return sum(rules) / len(rules) if rules else clean_rule
 
 
 def _check_budget(budget: int, pool_size: int) -> None:
@@ -302,8 +300,9 @@ class Design:
         return {}
 
     def prediction_moments(self, pool: PoolScores, values: np.ndarray, budget: int) -> dict[str, Any]:
-        """The pool sums the estimator's variance floor needs for a prediction ``values`` (one per
-        pool input) in place of the confidence, under this design's draw of ``budget``."""
+        """The pool sums the estimator needs of a prediction ``values`` (one per pool input) used in
+        place of the confidence, under this design's draw of ``budget`` (as :func:`_sample` gives
+        them for the confidence)."""
         v = np.asarray(values, float)
         return {"mean_c": float(v.mean()), "mean_c2": float((v * v).mean())}
 
@@ -343,26 +342,16 @@ class Stratified(Design):
         return {"strata": self.strata, "proportional_share": self.proportional_share}
 
     def allocation(self, pool: PoolScores, budget: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(stratum of every pool input, N_h, n_h): equal-size strata by confidence, Neyman counts.
-        With a robust surrogate, the inputs whose prediction survived the plan-time attacks and
-        those whose prediction did not are stratified by confidence separately, and a stratum's
-        spread is the mean of its clean and robust ones."""
+        """(stratum of every pool input, N_h, n_h): equal-size strata by confidence, Neyman counts."""
         n_pool = len(pool)
         _check_budget(budget, n_pool)
-        groups = [np.arange(n_pool)] if pool.robust is None else [
-            g for g in (np.flatnonzero(pool.robust > 0), np.flatnonzero(pool.robust <= 0)) if len(g)]
-        per_group = max(1, min(self.strata, budget // (MIN_PER_STRATUM * len(groups))))
+        count = max(1, min(self.strata, budget // MIN_PER_STRATUM, n_pool))
+        order = np.argsort(pool.confidence, kind="stable")
         stratum = np.empty(n_pool, dtype=np.int64)
-        first = 0
-        for members in groups:
-            count = min(per_group, len(members))
-            order = members[np.argsort(pool.confidence[members], kind="stable")]
-            stratum[order] = first + np.arange(len(members)) * count // len(members)
-            first += count
-        sizes = np.bincount(stratum, minlength=first)
-        spread = _stratum_spread(np.bincount(stratum, weights=pool.confidence, minlength=first) / sizes)
-        if pool.robust is not None:
-            spread = (spread + _stratum_spread(np.bincount(stratum, weights=pool.robust, minlength=first) / sizes)) / 2
+        stratum[order] = np.arange(n_pool) * count // n_pool
+        sizes = np.bincount(stratum, minlength=count)
+        mean_conf = np.bincount(stratum, weights=pool.confidence, minlength=count) / sizes
+        spread = np.sqrt(np.clip(mean_conf * (1 - mean_conf), 1e-6, None))
         # compromise allocation: a share of the budget proportional to N_h, the rest Neyman (N_h S_h)
         spread = self.proportional_share * spread.dot(sizes) / sizes.sum() + (1 - self.proportional_share) * spread
         return stratum, sizes, neyman_counts(sizes, spread, budget)
@@ -396,11 +385,6 @@ class Stratified(Design):
             raise DltestError("a stratified estimate needs the strata of the plan")
         anticipated = survival * np.asarray(sample.strata_mean_confidence) if floor else None
         return stratified_estimate(y, sample.strata, np.asarray(sample.strata_sizes), anticipated, confidence)
-
-
-def _stratum_spread(p: np.ndarray) -> np.ndarray:
-    """A stratum's ``S_h = sqrt(p_h (1 - p_h))``, at least 0.001 so that no stratum is starved to nothing."""
-    return np.sqrt(np.clip(p * (1 - p), 1e-6, None))
 
 
 def neyman_counts(sizes: np.ndarray, spread: np.ndarray, budget: int) -> np.ndarray:
@@ -492,8 +476,7 @@ class Importance(WeightedDraws):
     min_budget: int = IMPORTANCE_MIN_BUDGET
 
     def probabilities(self, pool: PoolScores) -> np.ndarray:
-        robust = None if pool.robust is None else bernoulli_spread(pool.robust)
-        return mix_with_uniform(aim_at_both(pool.score, robust), self.uniform_share)
+        return mix_with_uniform(aim_at_both(pool.score, pool), self.uniform_share)
 
     def estimate(self, sample: Sample, y: np.ndarray, confidence: float = 0.95, survival: float = 1.0,
                  floor: bool = True) -> Result:
@@ -545,8 +528,8 @@ class ActiveInference(WeightedDraws):
     min_budget: int = ACTIVE_MIN_BUDGET
 
     def probabilities(self, pool: PoolScores) -> np.ndarray:
-        robust = None if pool.robust is None else bernoulli_spread(pool.robust)
-        return mix_with_uniform(aim_at_both(bernoulli_spread(pool.confidence), robust), self.uniform_share)
+        c = pool.confidence
+        return mix_with_uniform(aim_at_both(np.sqrt(c * (1 - c)), pool), self.uniform_share)
 
     def estimate(self, sample: Sample, y: np.ndarray, confidence: float = 0.95, survival: float = 1.0,
                  floor: bool = True) -> Result:

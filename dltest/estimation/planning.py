@@ -225,7 +225,7 @@ def plan(
                        for name, flags in survived.items()]
     scores = pool_scores(outputs, score)
     flags_by_figure = with_worst_case(survived or {})
-    if flags_by_figure:  # the draw aims at clean accuracy and the hardest robust figure
+    if flags_by_figure:  # the weighted draws aim at clean accuracy and the hardest robust figure
         draw_figure = WORST_CASE if WORST_CASE in flags_by_figure else next(iter(flags_by_figure))
         scores = replace(scores, robust=robust_surrogate(scores.confidence, flags_by_figure[draw_figure]))
     sample = chosen.draw(scores, count, np.random.default_rng(seed))
