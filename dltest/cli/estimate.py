@@ -1,7 +1,9 @@
 """``dltest estimate``: a model's accuracy (and robust accuracy) on an unlabeled pool from few labels.
 
 - ``dltest estimate plan --budget 200 -d pool.npz -m model.pt --design active --out plan.json
-  --csv to-label.csv``: one inference pass, a seeded draw, the labeling sheet.
+  --csv to-label.csv``: one inference pass, a seeded draw, the labeling sheet; with
+  ``--attacks pgd``, first an attack over the whole pool with the predicted labels (no labels,
+  one attack pass) whose survival flags make a better robust-accuracy estimate.
 - ``dltest estimate --plan plan.json --labels to-label.csv --out estimate.json [--attacks pgd]``:
   the estimate with its 95% interval, the effective sample size and the labels a simple random
   sample would have needed for the same width.
@@ -44,7 +46,7 @@ def plan_command(
     strata: Annotated[Optional[int], typer.Option("--strata", help="stratified: number of confidence strata (default 5).", show_default=False)] = None,
     uniform_share: Annotated[Optional[float], typer.Option("--uniform-share", help="importance, active: share of the uniform in the draw probability, in (0, 1]; bounds the weights by 1/share (default 0.5).", show_default=False)] = None,
     proportional_share: Annotated[Optional[float], typer.Option("--proportional-share", help="stratified: share of the budget allocated proportionally, the rest Neyman (default 0.5).", show_default=False)] = None,
-    attacks: Annotated[Optional[str], typer.Option("--attacks", help="Plan-time attacks (comma-separated presets) run over the WHOLE pool with the model's predicted labels: no labels, but one attack pass over the pool per attack. Whether each prediction survives makes the robust figures' surrogate (confidence x survived), and the active, importance and stratified draws then aim at robust accuracy too; 'dltest estimate --attacks' then takes these attacks or a subset.", show_default=False)] = None,
+    attacks: Annotated[Optional[str], typer.Option("--attacks", help="Plan-time attacks (comma-separated presets) run over the WHOLE pool with the model's predicted labels: no labels, but one attack pass over the pool per attack. Whether each prediction survives makes the robust figures' surrogate (confidence x survived), and the active and importance draws then aim at robust accuracy too; 'dltest estimate --attacks' then takes these attacks or a subset.", show_default=False)] = None,
     eps: Annotated[Optional[str], typer.Option(help="--attacks: Linf radius (default: the dataset's preset).", show_default=False)] = None,
     steps: Annotated[Optional[int], typer.Option(help="--attacks: attack iterations (default: the preset's).", show_default=False)] = None,
     alpha: Annotated[Optional[float], typer.Option(help="--attacks: PGD step size (default: the preset's).", show_default=False)] = None,

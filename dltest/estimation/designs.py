@@ -55,6 +55,14 @@ docs/estimate.md gives it per pool and budget. Below a design's ``min_budget`` d
 ``importance``, 100 for ``active``) the measured coverage fell under 94%, and the estimate says
 that its interval is not valid (the gate refuses it).
 
+Robust accuracy with plan-time attacks (``dltest estimate plan --attacks``): ``PoolScores.robust``
+holds ``g = f * survived`` (:func:`robust_surrogate`), whether each prediction survived an attack
+with the predicted label, computed before any label. The weighted draws then aim at both figures
+(:func:`aim_at_both`), and the estimators take another prediction of the outcome through
+:meth:`Sample.with_prediction` and :meth:`Design.prediction_moments` (the calibrated surrogate of
+:func:`dltest.estimation.estimating.calibrated_surrogate`). The draw stays fixed before the labels,
+so every estimator stays design-unbiased whatever the surrogate's quality.
+
 Everything here is numpy on arrays, so a benchmark can redraw a design thousands of times.
 """
 

@@ -3,7 +3,10 @@
 Clean accuracy needs only the plan and the labels (the plan holds the model's prediction at
 every drawn input). Robust accuracy attacks the labeled inputs, and only them, with the
 model: each attack gives a robust/not-robust outcome per labeled input, estimated with the same
-design as the clean one (the sampling probabilities do not depend on the outcome).
+design as the clean one (the sampling probabilities do not depend on the outcome). A plan made
+with plan-time attacks gives the robust figures a label-free surrogate (confidence x whether the
+prediction survived the attack with its predicted label), which the estimators use as their
+prediction once calibrated on the labels (:func:`calibrated_surrogate`).
 """
 
 from __future__ import annotations
