@@ -192,14 +192,14 @@ def fixture_run():
     holdout = load_dataset("mnist", "holdout").subset(torch.arange(50))
     config = RobustALConfig(dataset="mnist", metrics=("entropy", "random"), budget=70, initial=40, per_stage=10,
                             epochs=2, initial_epochs=3, at=None, eval_attacks=("fgsm",), eval_n=20, val_n=20,
-                            check_steps=1, seed=0)
+                            check_steps=1, seed=0, final_attacks=("fgsm",))
     return config, dict(train_data=train, val_data=val, holdout=holdout, device="cpu",
                         model_factory=lambda: nn.Sequential(nn.Flatten(), nn.Linear(784, 10)))
 
 
 def copy_fixture_run(to: Path) -> Path:
     shutil.copytree(FIXTURES / "robust_al_state_1", to,
-                    ignore=shutil.ignore_patterns("make_fixture.py", "uninterrupted_log.jsonl"))
+                    ignore=shutil.ignore_patterns("make_fixture.py", "uninterrupted_*"))
     return to
 
 
@@ -207,25 +207,43 @@ def positions(records) -> list[tuple]:
     return [(r.metric, r.stage, r.labeled, r.selected) for r in records]
 
 
-def test_robust_al_resumes_a_run_folder_written_before_issue_19(tmp_path):
-    """State format 1 (main's code): entropy cut after stage 1, random not started. Resumed, the
-    run selects the positions of the uninterrupted run (main's log, and this code's own run)."""
-    from dltest.workflows.robust_al import read_log, robust_active_learning
+def state_format(path: Path) -> str:
+    return torch.load(path, weights_only=True)["format"]
 
+
+def test_robust_al_resumes_a_run_folder_written_before_issue_19(tmp_path, monkeypatch):
+    """State format 1 (main's code): entropy finished, its final attack kept in entropy.final.json;
+    random cut after stage 1. Resumed, the run selects the positions of the uninterrupted run (main's
+    log, and this code's own run) and reuses entropy's final attack instead of attacking again."""
+    import dltest.workflows.robust_al as ral
+
+    attacked = []
+    real = ral.evaluate_robustness
+
+    def counting(model, data, attacks, **kwargs):
+        attacked.append([a.name for a in attacks])
+        return real(model, data, attacks, **kwargs)
+
+    monkeypatch.setattr(ral, "evaluate_robustness", counting)
     config, kwargs = fixture_run()
     folder = copy_fixture_run(tmp_path / "run")
-    assert torch.load(folder / "state" / "entropy.pt", weights_only=True)["format"] == "dltest robust-al state 1"
-    result = robust_active_learning(config, run_dir=folder, resume=True, **kwargs)
-    expected = positions(read_log(FIXTURES / "robust_al_state_1" / "uninterrupted_log.jsonl"))
-    assert positions(read_log(folder)) == expected
-    assert [len(r.selected) for r in result.records["entropy"]] == [0, 10, 10, 10]
-    assert torch.load(folder / "state" / "entropy.pt", weights_only=True)["format"] == "dltest robust-al state 2"
-    assert torch.load(folder / "state" / "initial.pt", weights_only=True)["format"] == "dltest robust-al state 1"
+    assert {state_format(p) for p in (folder / "state").glob("*.pt")} == {"dltest robust-al state 1"}
+    result = ral.robust_active_learning(config, run_dir=folder, resume=True, **kwargs)
+    assert len(attacked) == 3  # random's stages 2 and 3 and its final attack; entropy's final one was kept
+    kept = json.loads((FIXTURES / "robust_al_state_1" / "state" / "entropy.final.json").read_text())
+    assert result.final_attacks["entropy"] == kept["robust_accuracy"]
+    expected = positions(ral.read_log(FIXTURES / "robust_al_state_1" / "uninterrupted_log.jsonl"))
+    assert positions(ral.read_log(folder)) == expected
+    assert [len(r.selected) for r in result.records["random"]] == [0, 10, 10, 10]
+    assert state_format(folder / "state" / "random.pt") == "dltest robust-al state 2"
+    assert state_format(folder / "state" / "entropy.pt") == "dltest robust-al state 1"  # finished: not rewritten
 
-    again = robust_active_learning(config, run_dir=folder, resume=True, **kwargs)  # finished, mixed formats
+    attacked.clear()
+    again = ral.robust_active_learning(config, run_dir=folder, resume=True, **kwargs)  # finished, mixed formats
+    assert attacked == [] and again.final_attacks == result.final_attacks
     assert positions(r for rs in again.records.values() for r in rs) == expected
-    whole = robust_active_learning(config, run_dir=tmp_path / "whole", **kwargs)
-    assert positions(read_log(tmp_path / "whole")) == expected
+    ral.robust_active_learning(config, run_dir=tmp_path / "whole", **kwargs)
+    assert positions(ral.read_log(tmp_path / "whole")) == expected
 
 
 def test_robust_al_state_files_hold_the_labeled_pool(tmp_path):
@@ -248,11 +266,11 @@ def test_robust_al_refuses_an_edited_format_1_state(tmp_path):
 
     config, kwargs = fixture_run()
     folder = copy_fixture_run(tmp_path / "run")
-    path = folder / "state" / "entropy.pt"
+    path = folder / "state" / "random.pt"
     raw = torch.load(path, weights_only=True)
     raw["labeled"][0] = 199
     torch.save(raw, path)
-    with pytest.raises(DltestError, match=r"entropy.pt: its contents do not match their digest \(edited or damaged\); "
+    with pytest.raises(DltestError, match=r"random.pt: its contents do not match their digest \(edited or damaged\); "
                                           "remove the run folder to start afresh"):
         robust_active_learning(config, run_dir=folder, resume=True, **kwargs)
     with pytest.raises(DltestError, match="initial.pt: it comes from another run or other settings;"):
