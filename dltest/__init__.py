@@ -14,7 +14,7 @@ from dltest._version import __version__
 # command line's --help and --version) must not pay for torch until something needs it.
 _EXPORTS = {
     "load_model": "dltest.checkpoint", "save_checkpoint": "dltest.checkpoint",
-    "ImageDataset": "dltest.data", "load_dataset": "dltest.data",
+    "ImageDataset": "dltest.data", "LabeledPool": "dltest.data", "load_dataset": "dltest.data",
     "DltestError": "dltest.errors",
     "PoolOutputs": "dltest.inference", "infer": "dltest.inference",
     "SelectionResult": "dltest.selection", "load_selection": "dltest.selection", "select": "dltest.selection",

@@ -18,7 +18,6 @@ import math
 import os
 import time
 from dataclasses import asdict, dataclass, field, is_dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -30,8 +29,8 @@ from dltest.attacks import pgd_check
 from dltest.data import ImageDataset, fingerprint
 from dltest.errors import DltestError
 from dltest.adapter import PROBE_SIZE, adapt
-from dltest.io import atomic_path
 from dltest.progress import progress_bar
+from dltest.resume import ResumeState
 from dltest.runtime import MAX_TORCH_SEED, check_seed, data_parallel, stream_seed, gather, rank, resolve_device, seeded, shard_positions, world_size
 
 # An adversary maps (model, images in [0, 1], labels) to perturbed images, model in eval mode.
@@ -147,14 +146,12 @@ def _train(model, train_data, val_data, config, adversary, method, val_adversary
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=config.lr, epochs=config.epochs, steps_per_epoch=steps_per_epoch, pct_start=0.15
     )
-    settings = _settings(config, adversary, train_data, val_data, val_adversary)
+    partial = _partial(state_path, _settings(config, adversary, train_data, val_data, val_adversary))
     start_epoch, history, stopped = 0, [], None
     best_state, best_epoch, best_score = copy.deepcopy(model.state_dict()), -1, -1.0
-    if resume and state_path and Path(state_path).is_file():
-        state = _load_partial(state_path, device)
-        if state.get("config") != settings:
-            raise DltestError(f"{state_path} was written by a run with other settings or data (dataset, training "
-                              "size, selection, attack or hyper-parameters differ); remove it or rerun those settings")
+    state = partial.load() if resume and partial is not None else None
+    if state is not None:
+        _check_partial(state, partial)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -235,9 +232,11 @@ def _train(model, train_data, val_data, config, adversary, method, val_adversary
         elif not degenerate and (score > best_score or (adversary is not None and not warmed_up)):
             # during the eps warm-up the latest epoch is the best: earlier ones saw a smaller eps
             best_state, best_epoch, best_score = copy.deepcopy(model.state_dict()), epoch, score
-        if state_path:
-            _save_state(state_path, model, optimizer, scheduler, epoch, history, best_state, best_epoch, best_score,
-                        settings, stopped)
+        if partial is not None:
+            partial.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                          "scheduler": scheduler.state_dict(), "epoch": epoch, "history": history,
+                          "best_model": best_state, "best_epoch": best_epoch, "best_score": best_score,
+                          "stopped": stopped})
     if best_epoch < 0 and any(r.get("degenerate") for r in history) and not stopped:
         stopped = "every epoch's predictions were near-constant on the validation data; kept the starting weights"
     model.load_state_dict(best_state)
@@ -262,21 +261,35 @@ def _settings(config: TrainConfig, adversary, train_data: ImageDataset, val_data
         return None if adv is None else repr(adv) if is_dataclass(adv) else getattr(adv, "__qualname__", type(adv).__name__)
 
     return {**asdict(config), "adversarial": describe(adversary), "val_adversary": describe(val_adversary),
-            "train": fingerprint(train_data), "val": fingerprint(val_data) if val_data is not None else None}
+            "train_data": fingerprint(train_data),
+            "val_data": fingerprint(val_data) if val_data is not None else None}
 
 
-def _load_partial(path, device) -> dict[str, Any]:
-    """A resumable state, or a one-line error when it is empty, truncated or not one."""
-    try:
-        state = torch.load(path, map_location=device, weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - empty, truncated or foreign file
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DltestError(f"cannot resume from {path}: it is empty, truncated or not a dltest partial ({reason}); "
-                          "remove it to start over") from None
-    keys = {"model", "optimizer", "scheduler", "epoch", "history", "best_model", "best_epoch", "best_score"}
-    if not isinstance(state, dict) or not keys <= set(state):
-        raise DltestError(f"cannot resume from {path}: not a dltest partial training state; remove it to start over")
-    return state
+PARTIAL_KEYS = ("model", "optimizer", "scheduler", "epoch", "history", "best_model", "best_epoch", "best_score")
+
+
+def _partial(state_path: str | os.PathLike | None, settings: dict[str, Any]) -> ResumeState | None:
+    """The per-epoch state file of a run with ``settings`` (None: none kept)."""
+    if not state_path:
+        return None
+    return ResumeState(state_path, "dltest train partial", 2, settings, legacy=_partial_format_1)
+
+
+def _partial_format_1(raw: dict[str, Any], partial: ResumeState) -> dict[str, Any] | None:
+    """A partial of dltest before issue 19: no format, the settings under ``config``, no digest."""
+    if "format" in raw or "config" not in raw:
+        return None
+    settings = dict(raw["config"]) if isinstance(raw["config"], dict) else raw["config"]
+    if isinstance(settings, dict):  # its data fingerprints were named train and val
+        settings.update(train_data=settings.pop("train", None), val_data=settings.pop("val", None))
+    partial.check_settings(settings)
+    return {k: v for k, v in raw.items() if k != "config"}
+
+
+def _check_partial(state: dict[str, Any], partial: ResumeState) -> None:
+    missing = [k for k in PARTIAL_KEYS if k not in state]
+    if missing:
+        raise partial.refuse(f"not a dltest partial training state (it lacks {', '.join(missing)})")
 
 
 def predictions(model: nn.Module, data: ImageDataset, *, device: str | torch.device | None = None,
@@ -385,21 +398,3 @@ def augment(x: Tensor, kind: str) -> Tensor:
         flip = torch.rand(n, device=x.device) < 0.5
         out = torch.where(flip.view(n, 1, 1, 1), out.flip(3), out)
     return out
-
-
-def _save_state(path, model, optimizer, scheduler, epoch, history, best_state, best_epoch, best_score, settings,
-                stopped) -> None:
-    state = {
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "epoch": epoch,
-        "history": history,
-        "best_model": best_state,
-        "best_epoch": best_epoch,
-        "best_score": best_score,
-        "config": settings,
-        "stopped": stopped,
-    }
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)

@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 import torch
 
+from dltest.data import LabeledPool
 from dltest.errors import DltestError
 from dltest.workflows import robust_al as ral
 from tests.test_bad_inputs import Case, check_refused, run
@@ -119,7 +120,8 @@ def state_of_another_seed(run_dir: Path) -> None:
     records = [ral.StageRecord(**{**json.loads(r), "seed": 1}) for r in state["records"]]
     model = torch.nn.Module()
     model.state_dict = lambda: state["model"]  # _write_state only asks for the weights
-    ral._write_state(run_dir / "state" / "random.pt", other, model, state["labeled"], records)
+    pool = LabeledPool.from_state_dict({k: state[k] for k in ("size", "labeled", "labels")})
+    ral._write_state(run_dir / "state" / "random.pt", other, ral.MetricState("random", model, pool, records))
 
 
 def write(name: str, text: str):

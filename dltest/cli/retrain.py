@@ -59,6 +59,7 @@ def retrain_command(
     """Retrain a model on the training data plus adversarial examples of selected inputs."""
     from dltest.attacks import attack_preset, check_attack_name, load_adversarial, parse_attack_list, parse_eps, takes
     from dltest.io import check_outputs, write_json
+    from dltest.resume import discard, partial_path
     from dltest.runtime import resolve_device
     from dltest.selection import load_selection
     from dltest.selectors import get_selector
@@ -80,7 +81,7 @@ def retrain_command(
     eval_names = parse_attack_list(eval_attacks)
     eval_eps_value = parse_eps(eval_eps)
     report = report or out.with_suffix(".json")
-    check_outputs({"--out": out, "--report": report, "the partial state": Path(f"{out}.partial")},
+    check_outputs({"--out": out, "--report": report, "the partial state": partial_path(out)},
                   {"--model": model, "--dataset": dataset, "--selection": selection, "--examples": examples})
 
     pool, net, info = load_data_and_model(dataset, pool_split, model, data_root, download, trust_model,
@@ -105,14 +106,14 @@ def retrain_command(
         result = retrain(
             net, train_data=train_data, pool=pool, holdout=holdout, metric=metric, budget=budget, attack=spec,
             eval_attacks=eval_specs, config=config, seed=seed, eval_n=eval_n, val_n=val_n, selection=chosen,
-            examples=ready, device=device, batch_size=batch_size, progress=True, state_path=f"{out}.partial",
+            examples=ready, device=device, batch_size=batch_size, progress=True, state_path=partial_path(out),
             resume=resume,
         )
     result.settings.update({"model": info.source, "model_info": info.describe(),
                             "selection_file": str(selection) if selection else None,
                             "examples_file": str(examples) if examples else None})
     result.save(out, info)
-    Path(f"{out}.partial").unlink(missing_ok=True)
+    discard(partial_path(out))
     data = result.to_dict()
     write_json(report, {"checkpoint": str(out), **data})
     _print(data, result)

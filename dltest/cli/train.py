@@ -43,6 +43,7 @@ def train_command(
     """Train a model (standard, or adversarial with --at); the best epoch on the val half is kept."""
     from dltest.attacks import parse_eps
     from dltest.io import check_outputs, write_json
+    from dltest.resume import partial_path
     from dltest.workflows.pretrain import pretrain
     from rich.console import Console
     from rich.table import Table
@@ -55,7 +56,7 @@ def train_command(
     if at is None and at_options:
         raise DltestError("--eps, --steps, --alpha, --warmup-epochs and --beta set adversarial training: add --at METHOD")
     report_path = report or out.with_suffix(".json")
-    check_outputs({"--out": out, "--report": report_path, "the partial state": Path(f"{out}.partial")},
+    check_outputs({"--out": out, "--report": report_path, "the partial state": partial_path(out)},
                   {"--dataset": dataset, "--init": init})
     result = pretrain(dataset, epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr, augment=augment,
                       seed=seed, at=at, at_options=at_options, arch=arch, init=init, train_size=train_size, eval_n=eval_n,

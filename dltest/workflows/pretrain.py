@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,6 +23,7 @@ from dltest.checkpoint import load_model, save_checkpoint
 from dltest.data import load_dataset
 from dltest.errors import DltestError
 from dltest.profiles import dataset_profile
+from dltest.resume import discard, partial_path
 from dltest.robustness import evaluate_robustness
 from dltest.runtime import check_seed, seeded
 from dltest.training import TrainConfig, TrainResult, accuracy, train
@@ -119,7 +119,7 @@ def pretrain(
             model = model_for_dataset(train_data.name, arch_name, train_data.num_classes, train_data.input_shape)
     if adversarial is not None:
         val_data = val_data.sample(val_n, seed)
-    partial = f"{out}.partial" if out is not None else None
+    partial = partial_path(out) if out is not None else None
     result = train(model, train_data, val_data, config, adversary=adversarial, device=device, state_path=partial,
                    resume=resume, progress=progress)
     holdout_accuracy = accuracy(result.model, holdout, device=device)
@@ -142,7 +142,7 @@ def pretrain(
         meta = {k: v for k, v in report.items() if k not in ("history",)}
         save_checkpoint(result.model.cpu(), out, arch=arch_name, dataset=train_data.name,
                         input_shape=train_data.input_shape, num_classes=train_data.num_classes, meta=meta)
-        Path(f"{out}.partial").unlink(missing_ok=True)
+        discard(partial)
         report["checkpoint"] = str(out)
     return PretrainResult(result.model, arch_name, result, holdout_accuracy, robust, report)
 

@@ -10,7 +10,9 @@ Everything lives in a run folder, rewritten atomically after every stage::
     config.json    the settings (a resumed run must match them)
     log.jsonl      one record per (metric, stage): labeled size, selected indices, accuracy,
                    robust accuracy per attack, the selection's bias (SPEC §6), seconds spent
-    state/         the initial model, and per metric the latest stage's model and labeled pool;
+    state/         the initial model, and per metric the latest stage's model, labeled pool (a
+                   LabeledPool: positions and their labels) and records, written and read with
+                   dltest.resume (format 2; the format-1 files of dltest before issue 19 still resume);
                    <metric>.final.json  the final attacks on its last model, run as soon as the
                    metric's last stage is done (a resume reuses them while the state matches)
     summary.json   the last stage of every metric;  <metric>.pt  its final model
@@ -45,16 +47,17 @@ from dltest.analysis.bias import selection_bias
 from dltest.analysis.plots import accuracy_by_stage
 from dltest.attacks import attack_preset, parse_attack_list, pgd_check
 from dltest.checkpoint import save_checkpoint, state_digest
-from dltest.data import ImageDataset
+from dltest.data import ImageDataset, LabeledPool
 from dltest.errors import DltestError
 from dltest.inference import infer
 from dltest.io import atomic_path, parse_json_text, read_json, write_json
+from dltest.resume import EDITED, ResumeState, Wording
 from dltest.profiles import PROFILES, dataset_profile
 from dltest.robustness import evaluate_robustness
 from dltest.runtime import check_seed, resolve_device, seeded
 from dltest.selection import select
 from dltest.selectors import get_selector
-from dltest.training import TrainConfig, train
+from dltest.training import Adversary, TrainConfig, train
 from dltest.zoo import ARCHITECTURES, default_arch, model_for_dataset, resolve_arch
 
 CONFIG_FILE, LOG_FILE, SUMMARY_FILE, FIGURE_FILE = "config.json", "log.jsonl", "summary.json", "figure.png"
@@ -262,10 +265,10 @@ def robust_active_learning(
     folder = Path(run_dir) if run_dir is not None else None
     factory = model_factory or _zoo_or_user_model(config, train_data)
     _check_model_fits(factory, train_data)
-    saved: dict[str, SavedState] = {}
+    saved: dict[str, MetricState] = {}
     if folder is not None:
         _prepare_folder(folder, config, resume)
-        saved = _load_saved_states(folder, config, factory, len(train_data))  # all checked before any work
+        saved = _load_saved_states(folder, config, factory, train_data.y)  # all checked before any work
     profile = dataset_profile(train_data.name, train_data.input_shape[0])
     method = _method(config, profile.attack.name)
     val = val_data.sample(config.val_n, config.seed)
@@ -281,34 +284,29 @@ def robust_active_learning(
 
     final_specs = [attack_preset(a, train_data.name, "eval", channels=train_data.input_shape[0], eps=config.eps,
                                  seed=config.seed) for a in config.final_attacks]
-    augment = profile.augment
+    data = StageData(train_data, val)
+    runtime = StageRuntime(method, check, evaluate, profile.augment, device, progress)
     if on_start:
         on_start()
-    initial_model, initial_labeled, initial_record = _initial(config, factory, train_data, val, folder, device,
-                                                              evaluate, augment, progress, saved.get(""))
+    initial = _on_device(saved[""], device) if "" in saved else _initial(config, factory, data, runtime, folder)
     records: dict[str, list[StageRecord]] = {}
     models: dict[str, nn.Module] = {}
     final_attacks: dict[str, dict[str, float]] = {}
     for metric in config.metrics:
-        name = config.label(metric)
-        model, labeled, history = _resume_metric(saved.get(name), initial_model, initial_labeled, device)
-        if not history:
-            history = [replace(initial_record, metric=name)]
-            if on_stage:
-                on_stage(history[0])
-        for stage in range(history[-1].stage + 1, config.stages + 1):
-            record, model, labeled = _stage(config, metric, stage, model, labeled, train_data, val, method, check,
-                                            evaluate, augment, device, progress)
-            history.append(record)
+        name = _name(config, metric)
+        state = _on_device(saved[metric], device) if metric in saved else _start(initial, config, metric)
+        if metric not in saved and on_stage:
+            on_stage(state.records[0])
+        while state.stage < config.stages:
+            state = _stage(config, state, data, runtime)
             if folder is not None:
-                _write_state(_state_path(folder, name), config, model, labeled, history)
-                _write_log(folder, config, records | {name: history})
+                _write_state(_state_path(folder, name), config, state)
+                _write_log(folder, config, records | {name: state.records})
             if on_stage:
-                on_stage(record)
-        records[name], models[name] = history, model
+                on_stage(state.records[-1])
+        records[name], models[name] = state.records, state.model
         if final_specs:  # per metric, as soon as it is done, kept in the run folder: a resume never repeats it
-            final_attacks[name] = _final_attacks(folder, config, name, model, labeled, history,
-                                                 lambda m: evaluate(m, final_specs)[1])
+            final_attacks[name] = _final_attacks(folder, config, state, lambda m: evaluate(m, final_specs)[1])
     result = RobustALResult(config, records, models, folder, final_attacks)
     if folder is not None:
         _finish(folder, result, train_data)
@@ -330,79 +328,132 @@ def _train_config(config: RobustALConfig, stage: int, augment: str, epochs: int 
                        optimizer=config.optimizer, seed=_seed(config.seed, "train", stage), augment=augment)
 
 
-def _initial(config, factory, train_data, val, folder, device, evaluate, augment, progress, saved=None):
+@dataclass
+class MetricState:
+    """Where a metric stands after its last finished stage: that stage's model, its labeled pool
+    (positions in the training pool, with the data's labels) and its records from stage 0 on.
+    ``metric`` is one of ``config.metrics`` (its records, files and seeds use its name in the run,
+    :func:`_name`); the initial model's state has the metric "" and one record."""
+
+    metric: str
+    model: nn.Module
+    pool: LabeledPool
+    records: list[StageRecord]
+
+    @property
+    def stage(self) -> int:
+        """The last finished stage (0: the initial model)."""
+        return self.records[-1].stage
+
+
+@dataclass(frozen=True)
+class StageData:
+    """The data every stage reads: the training pool (its labels play the oracle) and the
+    validation inputs that pick each stage's best epoch."""
+
+    train: ImageDataset
+    val: ImageDataset
+
+
+@dataclass(frozen=True)
+class StageRuntime:
+    """What every stage runs with: the adversarial-training method (None: standard training) and
+    its per-epoch robustness check, the holdout evaluation, augmentation, device, progress bars."""
+
+    method: AdversarialTraining | None
+    check: Adversary | None
+    evaluate: Callable[[nn.Module], tuple[float, dict[str, float], list[str]]]
+    augment: str
+    device: torch.device
+    progress: bool
+
+
+def _initial(config: RobustALConfig, factory: Callable[[], nn.Module], data: StageData, runtime: StageRuntime,
+             folder: Path | None) -> MetricState:
     """The initial model: standard training on a seeded random pool; stored once per run."""
-    if saved is not None:
-        return saved.model.to(device).eval(), saved.labeled, saved.records[0]
     started = time.perf_counter()
     generator = torch.Generator().manual_seed(_seed(config.seed, "initial", 0))
-    labeled = torch.randperm(len(train_data), generator=generator)[: config.initial].sort().values
+    positions = torch.randperm(len(data.train), generator=generator)[: config.initial]
+    pool = LabeledPool(len(data.train))
+    pool.label(positions, data.train.y[positions])
     with seeded(_seed(config.seed, "init", 0)):
         model = factory()
-    result = train(model, train_data.subset(labeled), val, _train_config(config, 0, augment, config.initial_epochs),
-                   device=device, progress=progress)
+    result = train(model, data.train.subset(pool.labeled()), data.val,
+                   _train_config(config, 0, runtime.augment, config.initial_epochs), device=runtime.device,
+                   progress=runtime.progress)
     trained = time.perf_counter()
-    clean, robust, attacks = evaluate(result.model)
-    record = StageRecord(metric="", seed=config.seed, stage=0, labeled=len(labeled), selected=[],
+    clean, robust, attacks = runtime.evaluate(result.model)
+    record = StageRecord(metric="", seed=config.seed, stage=0, labeled=len(pool), selected=[],
                          clean_accuracy=clean, robust_accuracy=robust, bias=None, attacks=attacks,
                          seconds={"select": 0.0, "train": round(trained - started, 3),
                                   "evaluate": round(time.perf_counter() - trained, 3)},
                          best_epoch=result.best_epoch, stopped_early=result.stopped_early)
+    state = MetricState("", result.model, pool, [record])
     if folder is not None:
-        _write_state(_state_path(folder, ""), config, result.model, labeled, [record])
-    return result.model, labeled, record
+        _write_state(_state_path(folder, ""), config, state)
+    return state
 
 
-def _stage(config, metric, stage, model, labeled, train_data, val, method, check, evaluate, augment, device,
-           progress):
-    """Select ``stage_size`` inputs, label them, train on the labeled pool, evaluate."""
+def _name(config: RobustALConfig, metric: str) -> str:
+    """``metric``'s name in the run's records and files (``entropy+power`` with sampling; "" initial)."""
+    return config.label(metric) if metric else ""
+
+
+def _start(initial: MetricState, config: RobustALConfig, metric: str) -> MetricState:
+    """A metric's stage 0: a copy of the initial model and pool, the initial record under its name."""
+    return MetricState(metric, copy.deepcopy(initial.model), copy.deepcopy(initial.pool),
+                       [replace(initial.records[0], metric=_name(config, metric))])
+
+
+def _stage(config: RobustALConfig, state: MetricState, data: StageData, runtime: StageRuntime) -> MetricState:
+    """The metric's next stage: select ``stage_size`` unlabeled inputs with it, label them, train on
+    the labeled pool (warm-started from the last stage's model), evaluate. ``state`` is left as it was."""
+    metric, stage, model, pool = state.metric, state.stage + 1, state.model, copy.deepcopy(state.pool)
+    device, progress = runtime.device, runtime.progress
     started = time.perf_counter()
-    name = config.label(metric)
-    outputs = infer(model, train_data, device=device)
-    selection = select(metric, config.stage_size(stage), model=model, data=train_data, outputs=outputs,
-                       labeled=labeled, seed=_seed(config.seed, name, stage), device=device,
+    name = _name(config, metric)
+    outputs = infer(model, data.train, device=device)
+    selection = select(metric, config.stage_size(stage), model=model, data=data.train, outputs=outputs,
+                       labeled=pool.labeled(), seed=_seed(config.seed, name, stage), device=device,
                        **config.options_for(metric))
     chosen = torch.tensor(selection.indices, dtype=torch.long)
-    candidates = _complement(labeled, len(train_data))
-    bias = selection_bias(outputs.probs[candidates], train_data.y[candidates],
+    candidates = pool.unlabeled()
+    bias = selection_bias(outputs.probs[candidates], data.train.y[candidates],
                           torch.searchsorted(candidates, chosen))
-    labeled = torch.cat([labeled, chosen]).sort().values
+    pool.label(chosen, data.train.y[chosen])  # the dataset's labels play the oracle
+    labeled = data.train.subset(pool.labeled())
     selected_at = time.perf_counter()
 
+    method = runtime.method
     stage_method = method
     if method is not None and stage > 1:
         stage_method = replace(method, warmup_epochs=0.0)  # warm-started from a robust model: no ramp
-    result = train(copy.deepcopy(model), train_data.subset(labeled), val, _train_config(config, stage, augment),
-                   adversary=stage_method, val_adversary=check, device=device, progress=progress)
+    train_config = _train_config(config, stage, runtime.augment)
+    result = train(copy.deepcopy(model), labeled, data.val, train_config, adversary=stage_method,
+                   val_adversary=runtime.check, device=device, progress=progress)
     if result.best_epoch < 0 and stage_method is not method:
         # every epoch collapsed to near-constant predictions at full eps: train the stage again from the same
         # weights with the first stage's eps ramp; without it the kept weights collapse again at every stage
-        result = train(copy.deepcopy(model), train_data.subset(labeled), val, _train_config(config, stage, augment),
-                       adversary=method, val_adversary=check, device=device, progress=progress)
+        result = train(copy.deepcopy(model), labeled, data.val, train_config, adversary=method,
+                       val_adversary=runtime.check, device=device, progress=progress)
         result.stopped_early = "every epoch collapsed at full eps; trained again with the eps warm-up" + (
             f" ({result.stopped_early})" if result.stopped_early else "")
     trained_at = time.perf_counter()
-    clean, robust, attacks = evaluate(result.model)
+    clean, robust, attacks = runtime.evaluate(result.model)
     record = StageRecord(
-        metric=name, seed=config.seed, stage=stage, labeled=len(labeled),
-        selected=train_data.source_index[chosen].tolist(),
+        metric=name, seed=config.seed, stage=stage, labeled=len(pool),
+        selected=data.train.source_index[chosen].tolist(),
         clean_accuracy=clean, robust_accuracy=robust, bias=bias, attacks=attacks,
         seconds={"select": round(selected_at - started, 3), "train": round(trained_at - selected_at, 3),
                  "evaluate": round(time.perf_counter() - trained_at, 3)},
         best_epoch=result.best_epoch, stopped_early=result.stopped_early,
     )
-    return record, result.model, labeled
+    return MetricState(metric, result.model, pool, [*state.records, record])
 
 
 def _seed(seed: int, purpose: str, stage: int) -> int:
     """A seed per (run seed, purpose or metric, stage), the same whatever ran before."""
     return (seed * 1_000_003 + zlib.crc32(purpose.encode()) * 1009 + stage) % (2**63 - 1)
-
-
-def _complement(labeled: Tensor, n: int) -> Tensor:
-    keep = torch.ones(n, dtype=torch.bool)
-    keep[labeled] = False
-    return torch.nonzero(keep).flatten()
 
 
 def _zoo_or_user_model(config: RobustALConfig, data: ImageDataset) -> Callable[[], nn.Module]:
@@ -473,17 +524,11 @@ def _prepare_folder(folder: Path, config: RobustALConfig, resume: bool) -> None:
         raise
 
 
-STATE_FORMAT = "dltest robust-al state 1"
-
-
-@dataclass
-class SavedState:
-    """What a state file holds, checked: the model of the last finished stage, the labeled pool
-    (positions in the training pool) and the records up to that stage."""
-
-    model: nn.Module
-    labeled: Tensor
-    records: list[StageRecord]
+STATE_KIND, STATE_VERSION = "dltest robust-al state", 2
+STATE_FORMAT_1 = "dltest robust-al state 1"  # before issue 19: the labeled positions alone, the settings hashed
+STATE_WORDING = Wording(unreadable="unreadable, truncated or not a state file",
+                        other_settings="it comes from another run or other settings",
+                        remedy="remove the run folder to start afresh")
 
 
 def _state_path(folder: Path, metric: str) -> Path:
@@ -491,41 +536,37 @@ def _state_path(folder: Path, metric: str) -> Path:
     return folder / "state" / f"{metric or 'initial'}.pt"
 
 
-def _run_id(config: RobustALConfig) -> str:
-    """A fingerprint of the settings: a state file of another run or other settings has another."""
-    return hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True, default=str).encode()).hexdigest()
+def _state_file(path: Path, config: RobustALConfig, labels: Tensor | None = None) -> ResumeState:
+    """The state file at ``path`` of a run with ``config``; ``labels`` (the training pool's) let it
+    read the state files of format 1 too."""
+    legacy = (lambda raw, file: _read_format_1(raw, file, config, labels)) if labels is not None else None
+    return ResumeState(path, STATE_KIND, STATE_VERSION, config.to_dict(), wording=STATE_WORDING, legacy=legacy)
 
 
-def _state_digest(run_id: str, weights: dict[str, Tensor], labeled: Tensor, records: list[str]) -> str:
-    return state_digest({**{f"model.{k}": v for k, v in weights.items()}, "labeled": labeled},
-                        {"format": STATE_FORMAT, "run": run_id, "records": records})
-
-
-def _write_state(path: Path, config: RobustALConfig, model: nn.Module, labeled: Tensor,
-                 records: list[StageRecord]) -> None:
-    weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    lines = [json.dumps(asdict(r)) for r in records]
-    run_id = _run_id(config)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        torch.save({"format": STATE_FORMAT, "run": run_id, "model": weights, "labeled": labeled, "records": lines,
-                    "digest": _state_digest(run_id, weights, labeled, lines)}, tmp)
+def _write_state(path: Path, config: RobustALConfig, state: MetricState) -> None:
+    """Save ``state`` (its model's weights, its records as JSON lines and its labeled pool's
+    ``size``, ``labeled`` and ``labels``) atomically, with the settings and a digest."""
+    weights = {k: v.detach().cpu() for k, v in state.model.state_dict().items()}
+    lines = [json.dumps(asdict(r)) for r in state.records]
+    _state_file(path, config).save({"model": weights, "records": lines, **state.pool.state_dict()})
 
 
 def _final_path(folder: Path, metric: str) -> Path:
     return folder / "state" / f"{metric}.final.json"
 
 
-def _final_attacks(folder: Path | None, config: RobustALConfig, metric: str, model: nn.Module, labeled: Tensor,
-                   records: list[StageRecord], attack: Callable[[nn.Module], dict[str, float]]) -> dict[str, float]:
-    """The final attacks' robust accuracy of ``metric``'s last model, computed once per run folder:
-    the result is kept beside the metric's state with that state's digest and reused only while the
-    digest matches (the same settings, weights, labeled pool and records)."""
+def _final_attacks(folder: Path | None, config: RobustALConfig, state: MetricState,
+                   attack: Callable[[nn.Module], dict[str, float]]) -> dict[str, float]:
+    """The final attacks' robust accuracy of a metric's last model, computed once per run folder:
+    the result is kept beside the metric's state with a digest of that state and reused only while
+    the digest matches (the same settings, weights, labeled pool and records). The digest is the
+    one of state format 1, so the results kept by runs of earlier dltest are reused too."""
+    metric, model = _name(config, state.metric), state.model
     if folder is None:
         return attack(model)
     weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    lines = [json.dumps(asdict(r)) for r in records]
-    digest = hashlib.sha256(json.dumps([_state_digest(_run_id(config), weights, labeled, lines),
+    lines = [json.dumps(asdict(r)) for r in state.records]
+    digest = hashlib.sha256(json.dumps([_format_1_digest(_run_id(config), weights, state.pool.labeled(), lines),
                                         list(config.final_attacks)]).encode()).hexdigest()
     path = _final_path(folder, metric)
     if path.is_file():
@@ -543,14 +584,16 @@ def _final_attacks(folder: Path | None, config: RobustALConfig, metric: str, mod
 
 
 def _load_saved_states(folder: Path, config: RobustALConfig, factory: Callable[[], nn.Module],
-                       pool_size: int) -> dict[str, SavedState]:
-    """Every state file of the run, checked (the initial model under the key ""); a state file that
-    is unreadable, edited, or from another run or other settings is refused, never used."""
+                       labels: Tensor) -> dict[str, MetricState]:
+    """Every state file of the run, checked, under its metric in ``config.metrics`` (the initial model
+    under ""); a state file that is unreadable, edited, or from another run or other settings is
+    refused, never used.
+    ``labels`` are the training pool's (the oracle)."""
     saved = {}
-    for metric in ("", *map(config.label, config.metrics)):
-        path = _state_path(folder, metric)
+    for metric in ("", *config.metrics):
+        path = _state_path(folder, _name(config, metric))
         if os.path.lexists(path):
-            saved[metric] = _read_state(path, config, metric, factory, pool_size)
+            saved[metric] = _read_state(path, config, metric, factory, labels)
     if saved and "" not in saved:
         raise DltestError(f"cannot resume {folder}: {_state_path(folder, '')} is missing; remove the run folder "
                           "to start afresh")
@@ -558,37 +601,63 @@ def _load_saved_states(folder: Path, config: RobustALConfig, factory: Callable[[
 
 
 def _read_state(path: Path, config: RobustALConfig, metric: str, factory: Callable[[], nn.Module],
-                pool_size: int) -> SavedState:
-    def refuse(why: str) -> DltestError:
-        return DltestError(f"cannot resume from {path}: {why}; remove the run folder to start afresh")
-
-    if not path.is_file():
-        raise refuse("not a regular file")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise refuse(f"unreadable, truncated or not a state file ({type(exc).__name__})") from None
-    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-        raise refuse("not a dltest robust-al state file")
-    weights, labeled, lines = state.get("model"), state.get("labeled"), state.get("records")
+                labels: Tensor) -> MetricState:
+    file = _state_file(path, config, labels)
+    state = file.load()
+    weights, lines = state.get("model"), state.get("records")
     if (not isinstance(weights, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in weights.items())
-            or not isinstance(labeled, Tensor) or not isinstance(lines, list)
-            or not all(isinstance(line, str) for line in lines)):
-        raise refuse("it lacks the model, labeled pool or records")
-    if state.get("run") != _run_id(config):
-        raise refuse("it comes from another run or other settings")
-    if state.get("digest") != _state_digest(state["run"], weights, labeled, lines):
-        raise refuse("its contents do not match their digest (edited or damaged)")
-    records = _check_records(lines, config, metric, labeled, pool_size, refuse)
+            or not isinstance(lines, list) or not all(isinstance(line, str) for line in lines)):
+        raise file.refuse("it lacks the model, labeled pool or records")
+    try:
+        pool = LabeledPool.from_state_dict({k: state.get(k) for k in ("size", "labeled", "labels")})
+    except DltestError as exc:
+        raise file.refuse(f"its labeled pool is malformed ({str(exc)[:120]})") from None
+    if pool.size != len(labels):
+        raise file.refuse(f"its labeled pool covers {pool.size} inputs, not the training pool of {len(labels)}")
+    if not torch.equal(pool.labels(), labels[pool.labeled()].long()):
+        raise file.refuse("its labels are not the training data's (the data changed since)")
+    records = _check_records(lines, config, _name(config, metric), pool, file.refuse)
     model = factory()
     try:
         model.load_state_dict(weights)
     except (RuntimeError, KeyError, TypeError, ValueError) as exc:
-        raise refuse(f"its weights do not fit the model ({str(exc).splitlines()[0][:120]})") from None
-    return SavedState(model.eval(), labeled, records)
+        raise file.refuse(f"its weights do not fit the model ({str(exc).splitlines()[0][:120]})") from None
+    return MetricState(metric, model.eval(), pool, records)
 
 
-def _check_records(lines: list[str], config: RobustALConfig, metric: str, labeled: Tensor, pool_size: int,
+def _read_format_1(raw: dict[str, Any], file: ResumeState, config: RobustALConfig,
+                   labels: Tensor) -> dict[str, Any] | None:
+    """The contents of a state file of format 1 (dltest before issue 19), checked as that format
+    was, with its labeled positions' labels taken from the data; None for any other format."""
+    if raw.get("format") != STATE_FORMAT_1:
+        return None
+    weights, labeled, lines = raw.get("model"), raw.get("labeled"), raw.get("records")
+    if (not isinstance(weights, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in weights.items())
+            or not isinstance(labeled, Tensor) or not isinstance(lines, list)
+            or not all(isinstance(line, str) for line in lines)):
+        raise file.refuse("it lacks the model, labeled pool or records")
+    if raw.get("run") != _run_id(config):
+        raise file.refuse(STATE_WORDING.other_settings)
+    if raw.get("digest") != _format_1_digest(raw["run"], weights, labeled, lines):
+        raise file.refuse(EDITED)
+    n = len(labels)
+    if labeled.dtype != torch.long or labeled.ndim != 1 or (len(labeled) and not 0 <= int(labeled.min()) <= int(labeled.max()) < n):
+        raise file.refuse(f"its labeled pool is not positions in the pool of {n}")
+    return {"model": weights, "records": lines, "size": n, "labeled": labeled, "labels": labels[labeled].long()}
+
+
+def _run_id(config: RobustALConfig) -> str:
+    """Format 1's fingerprint of the settings: a hash of them."""
+    return hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _format_1_digest(run_id: str, weights: dict[str, Tensor], labeled: Tensor, records: list[str]) -> str:
+    """Format 1's digest of a state: settings (``run_id``), weights, labeled positions and records."""
+    return state_digest({**{f"model.{k}": v for k, v in weights.items()}, "labeled": labeled},
+                        {"format": STATE_FORMAT_1, "run": run_id, "records": records})
+
+
+def _check_records(lines: list[str], config: RobustALConfig, metric: str, pool: LabeledPool,
                    refuse: Callable[[str], DltestError]) -> list[StageRecord]:
     """The records of a state file, consistent with the settings and the labeled pool."""
     records = []
@@ -603,18 +672,15 @@ def _check_records(lines: list[str], config: RobustALConfig, metric: str, labele
     if any(r.metric != metric or r.seed != config.seed for r in records) or (not metric and len(records) > 1):
         raise refuse(f"its records are not those of metric {metric or 'initial'!r}, seed {config.seed}")
     expected = config.initial + sum(config.stage_size(k) for k in range(1, stages[-1] + 1))
-    if (labeled.dtype != torch.long or labeled.ndim != 1 or len(labeled) != expected
-            or records[-1].labeled != expected or len(labeled.unique()) != expected
-            or (expected and not (0 <= int(labeled.min()) and int(labeled.max()) < pool_size))):
-        raise refuse(f"its labeled pool is not {expected} distinct positions in the pool of {pool_size}")
+    if len(pool) != expected or records[-1].labeled != expected:
+        raise refuse(f"its labeled pool is not {expected} distinct positions in the pool of {pool.size}")
     return records
 
 
-def _resume_metric(saved: SavedState | None, initial_model, initial_labeled, device):
-    """The model, labeled pool and records of a metric's last finished stage (none: the initial model)."""
-    if saved is None:
-        return copy.deepcopy(initial_model), initial_labeled.clone(), []
-    return saved.model.to(device).eval(), saved.labeled, saved.records
+def _on_device(state: MetricState, device: torch.device) -> MetricState:
+    """A saved state, its model moved to ``device`` in eval mode."""
+    state.model.to(device).eval()
+    return state
 
 
 def _write_log(folder: Path, config: RobustALConfig, records: dict[str, list[StageRecord]]) -> None:
