@@ -4,10 +4,16 @@
 normalised inputs) so that it maps images in [0, 1] to logit-like scores and, where it can be
 found, penultimate embeddings; :func:`adapt` wraps and inspects a model once, and
 :func:`check_fits` fails with one line when a model cannot classify a dataset.
+
+:func:`prepared` is the one way a dltest function gets a model ready to run on a dataset: device
+resolved, outside model adapted, fit checked, moved, eval mode, and the caller's model put back
+as it was on exit. (It is also :func:`dltest.runtime.prepared`, where the other context
+managers live; it is defined here, on the model floor, because it needs the adapter.)
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
@@ -16,7 +22,7 @@ from torch import Tensor, nn
 
 from dltest.data import BUILTINS, ImageDataset
 from dltest.errors import DltestError, first_line
-from dltest.runtime import eval_mode
+from dltest.runtime import eval_mode, on_device, resolve_device
 from dltest.zoo import Classifier
 
 if TYPE_CHECKING:
@@ -220,22 +226,7 @@ class ModelAdapter(nn.Module):
         return self
 
     def _candidates(self) -> Iterator[tuple[str, str | None, str | None]]:
-        """(embedding kind, hooked layer, final linear layer) to try, best first."""
-        m = self.model
-        names = {id(mod): name for name, mod in m.named_modules()}
-        if callable(getattr(m, "embed", None)) and not isinstance(m.embed, nn.Embedding):
-            yield "embed", None, "head" if _is_linear(getattr(m, "head", None)) else None
-        classifier = m.get_classifier() if callable(getattr(m, "get_classifier", None)) else None
-        classifier_name = names.get(id(classifier)) if isinstance(classifier, nn.Module) else None
-        if callable(getattr(m, "forward_features", None)) and callable(getattr(m, "forward_head", None)):
-            yield "timm", None, classifier_name if _is_linear(classifier) else None
-        if isinstance(m, torch.jit.ScriptModule):
-            return  # forward hooks cannot be registered on TorchScript modules
-        if classifier_name and not isinstance(classifier, nn.Identity):
-            yield "hook", classifier_name, classifier_name if _is_linear(classifier) else None
-        linears = [name for name, mod in m.named_modules() if isinstance(mod, nn.Linear)]
-        if linears:
-            yield "hook", linears[-1], linears[-1]
+        return embedding_candidates(self.model)
 
     def embed(self, x: Tensor) -> Tensor:
         """Penultimate embeddings (batch, d) of images in [0, 1]."""
@@ -270,6 +261,34 @@ class ModelAdapter(nn.Module):
         if head is not None:
             return head(z), z
         return (scores if scores is not None else self.to_logits(self.raw_scores(x))), z
+
+
+def embedding_candidates(m: nn.Module) -> Iterator[tuple[str, str | None, str | None]]:
+    """(embedding kind, hooked layer, final linear layer) to try on ``m``, best first; found
+    without running it."""
+    names = {id(mod): name for name, mod in m.named_modules()}
+    if callable(getattr(m, "embed", None)) and not isinstance(m.embed, nn.Embedding):
+        yield "embed", None, "head" if _is_linear(getattr(m, "head", None)) else None
+    classifier = m.get_classifier() if callable(getattr(m, "get_classifier", None)) else None
+    classifier_name = names.get(id(classifier)) if isinstance(classifier, nn.Module) else None
+    if callable(getattr(m, "forward_features", None)) and callable(getattr(m, "forward_head", None)):
+        yield "timm", None, classifier_name if _is_linear(classifier) else None
+    if isinstance(m, torch.jit.ScriptModule):
+        return  # forward hooks cannot be registered on TorchScript modules
+    if classifier_name and not isinstance(classifier, nn.Identity):
+        yield "hook", classifier_name, classifier_name if _is_linear(classifier) else None
+    linears = [name for name, mod in m.named_modules() if isinstance(mod, nn.Linear)]
+    if linears:
+        yield "hook", linears[-1], linears[-1]
+
+
+def may_give_embeddings(model: nn.Module) -> bool:
+    """Whether ``model`` can give penultimate embeddings, decided without running it: a zoo model
+    (embed/head), an inspected adapter that found them, or any model with a place to find them
+    (``embed``, timm's forward_features/forward_head, a classifier or an ``nn.Linear``)."""
+    if isinstance(model, ModelAdapter):
+        return model.embedding_kind is not None if model.inspected else any(embedding_candidates(model.model))
+    return embedding_head(model) is not None or any(embedding_candidates(model))
 
 
 def _submodule(model: nn.Module, name: str) -> nn.Module:
@@ -357,8 +376,8 @@ def check_fits(model: nn.Module, data: ImageDataset, info: ModelInfo | None = No
     try:
         device = next(iter(model.parameters()), probe).device
         model = adapt(model, probe.to(device))
-        with torch.inference_mode():
-            out = model.eval()(probe.to(device))
+        with eval_mode(model), torch.inference_mode():  # every module's mode restored after
+            out = model(probe.to(device))
     except DltestError:
         raise
     except Exception as exc:
@@ -381,3 +400,47 @@ def check_fits(model: nn.Module, data: ImageDataset, info: ModelInfo | None = No
     if info is not None and info.input_shape is None:
         info.input_shape = tuple(data.input_shape)
     return model
+
+
+_PREPARED: dict[int, int] = {}  # id of a model inside a prepared() block -> how many blocks hold it
+
+
+@contextlib.contextmanager
+def prepared(model: nn.Module, data: ImageDataset, device: str | torch.device | None = None, *,
+             info: ModelInfo | None = None, check: bool = True) -> Iterator[nn.Module]:
+    """``model`` ready to run on ``data`` inside the block; the caller's model as it was after.
+
+    The one way dltest prepares a model: the device resolved (:func:`~dltest.runtime.resolve_device`),
+    an outside model adapted (tuple/dict/``.logits`` outputs, probabilities, TorchScript, ONNX:
+    :func:`adapt`, probed on ``data``), checked to fit ``data`` (:func:`check_fits`, one line when
+    it does not; ``check=False`` only adapts, for the per-epoch passes of a training loop), moved
+    to the device and put in eval mode. On exit, also on an exception, the model is back on its
+    device and every module in its mode. Yields the model to run (an adapter for outside models).
+
+    Blocks nest: a model already inside a block (a workflow that prepared it and then calls
+    :func:`~dltest.inference.infer`) is not checked again.
+    """
+    device = resolve_device(device)
+    inside = id(model) in _PREPARED
+    with eval_mode(model):  # the caller's modes, saved before the fit check runs its probe
+        if check and not inside:
+            ready = check_fits(model, data, info)
+        else:
+            ready = adapt(model, data.images(slice(0, PROBE_SIZE))) if len(data) else model
+        with on_device(ready, device), eval_mode(ready):
+            _PREPARED[id(ready)] = _PREPARED.get(id(ready), 0) + 1
+            try:
+                yield ready
+            finally:
+                _PREPARED[id(ready)] -= 1
+                if not _PREPARED[id(ready)]:
+                    del _PREPARED[id(ready)]
+
+
+def trainable(model: nn.Module, data: ImageDataset, device: str | torch.device | None = None) -> nn.Module:
+    """``model`` moved to the resolved device and read as :func:`prepared` reads it (adapted, probed
+    on ``data``), for a training loop that keeps the model there and sets train mode itself.
+    Returns the scorer to call (the adapter of an outside model; the model itself otherwise)."""
+    device = resolve_device(device)
+    model.to(device)
+    return adapt(model, data.images(slice(0, PROBE_SIZE), device)) if len(data) else model

@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dltest.adapter import PROBE_SIZE, ModelAdapter, adapt, embedding_head
+from dltest.adapter import ModelAdapter, embedding_head, prepared
 from dltest.adapter import (  # noqa: F401 - re-exported: the adapter's names lived here before (issue 19)
-    NORMALIZE_PRESETS, OUTPUT_KINDS, class_scores, detect_output_kind, embedding_help, output_kind,
+    NORMALIZE_PRESETS, OUTPUT_KINDS, PROBE_SIZE, adapt, class_scores, detect_output_kind, embedding_help, output_kind,
     parse_normalize, unwrap,
 )
 from dltest.data import ImageDataset
@@ -77,19 +77,19 @@ def infer(
     Under torchrun each rank runs its contiguous share of whole batches
     (:func:`dltest.runtime.shard_positions`) and every rank gets all outputs back in pool order
     (:func:`dltest.runtime.gather`): the same tensors, bit for bit, as one process computes.
-    An outside model goes through :func:`adapt` (tuple/dict/``.logits`` outputs, probabilities).
-    Non-finite outputs are a one-line error naming the first such input. The caller's model is
-    left on its device and in its mode."""
+    Non-finite outputs are a one-line error naming the first such input. The model is prepared
+    by :func:`dltest.adapter.prepared` (checked to fit ``data``); the caller's model is left on
+    its device and in its mode."""
     device = resolve_device(device)
     if len(data) == 0:
         raise DltestError("cannot run inference on an empty pool")
-    model = adapt(model, data.images(slice(0, PROBE_SIZE)))
-    split = embedding_head(model) if embeddings and not isinstance(model, ModelAdapter) else None
     n = len(data)
     mine = shard_positions(n, block=batch_size)
     logits: Tensor | None = None
     feats: Tensor | None = None
-    with on_device(model, device), eval_mode(model), progress_bar("inference", total=len(mine), enabled=progress) as advance:
+    with prepared(model, data, device) as model, \
+            progress_bar("inference", total=len(mine), enabled=progress) as advance:
+        split = embedding_head(model) if embeddings and not isinstance(model, ModelAdapter) else None
         for start in range(mine.start, mine.stop, batch_size):
             x = data.images(slice(start, min(start + batch_size, mine.stop)), device)
             rows = slice(start - mine.start, start - mine.start + len(x))

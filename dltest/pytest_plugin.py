@@ -25,9 +25,10 @@ The plugin loads in every pytest run where dltest is installed, so it imports no
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import pytest
 
@@ -112,17 +113,22 @@ def dltest_data(pytestconfig: pytest.Config) -> "ImageDataset":
 
 
 @pytest.fixture(scope="session")
-def dltest_model(pytestconfig: pytest.Config, dltest_data: "ImageDataset") -> "nn.Module":
-    """The model under test, in eval mode, checked to fit ``dltest_data``."""
-    from dltest.adapter import check_fits
+def dltest_model(pytestconfig: pytest.Config, dltest_data: "ImageDataset") -> Iterator["nn.Module"]:
+    """The model under test, prepared as every dltest command prepares it
+    (:func:`dltest.adapter.prepared`): checked to fit ``dltest_data``, an outside model adapted
+    (logits), in eval mode, on the CPU (where a test's own tensors are); restored after the session."""
+    from dltest.adapter import prepared
     from dltest.checkpoint import load_model
     from dltest.errors import DltestError
 
     source = _setting(pytestconfig, "model") or None
-    try:  # a checkpoint naming a module:Class is refused: override this fixture with load_model(..., arch=...)
-        model, info = load_model(source, dataset=None if source else dltest_data.name)
-        check_fits(model, dltest_data, info)
-        return model
-    except DltestError as exc:
-        problem = str(exc)
+    with contextlib.ExitStack() as session:
+        try:  # a checkpoint naming a module:Class is refused: override this fixture with load_model(..., arch=...)
+            model, info = load_model(source, dataset=None if source else dltest_data.name)
+            ready = session.enter_context(prepared(model, dltest_data, "cpu", info=info))
+        except DltestError as exc:
+            problem = str(exc)
+        else:
+            yield ready
+            return
     pytest.fail(f"dltest_model: {problem}", pytrace=False)

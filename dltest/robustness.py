@@ -33,9 +33,9 @@ from dltest.attacks import AttackSpec, attack_preset, takes
 from dltest.data import ImageDataset
 from dltest.analysis.intervals import mcnemar_exact
 from dltest.errors import DltestError
-from dltest.adapter import PROBE_SIZE, adapt
+from dltest.adapter import prepared
 from dltest.progress import progress_bar
-from dltest.runtime import MAX_TORCH_SEED, check_seed, eval_mode, on_device, resolve_device, seeded
+from dltest.runtime import MAX_TORCH_SEED, check_seed, eval_mode, resolve_device, seeded
 
 
 WORST_CASE = "worst-case"
@@ -132,10 +132,11 @@ def outputs_vary(model: nn.Module, probe: Tensor) -> bool:
     return not torch.allclose(first, second, rtol=1e-4, atol=1e-5)
 
 
-def check_model(model: nn.Module, probe: Tensor) -> list[str]:
-    """Warnings about ``model``: it is in train mode, it is randomised (its mode is left as it is)."""
+def check_model(model: nn.Module, probe: Tensor, training: bool | None = None) -> list[str]:
+    """Warnings about ``model``: it is (``training``: it was, before it was prepared) in train mode,
+    it is randomised (its mode is left as it is)."""
     found = []
-    if model.training:
+    if model.training if training is None else training:
         found.append("the model was in train mode; it is evaluated in eval mode (RobustBench's rule)")
     with eval_mode(model):
         varies = outputs_vary(model, probe)
@@ -233,9 +234,9 @@ def evaluate_robustness(
     if len(subset) == 0:
         raise DltestError(f"{data.name}/{data.split} is empty: nothing to evaluate")
     num_classes = data.num_classes
-    model = adapt(model, subset.images(slice(0, PROBE_SIZE)))  # outside models: logits for every attack
-    with on_device(model, device):
-        notes = check_model(model, subset.images(slice(0, min(len(subset), 16)), device))
+    was_training = model.training
+    with prepared(model, subset, device) as model:  # outside models: logits for every attack
+        notes = check_model(model, subset.images(slice(0, min(len(subset), 16)), device), training=was_training)
         if refuse_randomised and RANDOMISED in notes:
             raise DltestError(
                 "the model's outputs change between two calls on the same inputs in eval mode (randomised at "
@@ -243,10 +244,9 @@ def evaluate_robustness(
             )
         for note in notes:
             warnings.warn(note, RobustnessWarning, stacklevel=2)
-        with eval_mode(model):
-            correct_mask = _clean_correct(model, subset, batch_size, device)
-            outcomes = [_robust(model, subset, correct_mask, spec, num_classes, batch_size, device, seed, progress)
-                        for spec in specs]
+        correct_mask = _clean_correct(model, subset, batch_size, device)
+        outcomes = [_robust(model, subset, correct_mask, spec, num_classes, batch_size, device, seed, progress)
+                    for spec in specs]
     masking = masking_warnings(outcomes)
     for note in masking:
         warnings.warn(note, RobustnessWarning, stacklevel=2)

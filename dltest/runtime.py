@@ -2,6 +2,7 @@
 
 Everything that changes global or caller-owned state is a context manager that restores it on
 exit, also on an exception: :func:`eval_mode` and :func:`mc_dropout_mode` (module modes),
+``prepared`` (a model ready to run on a dataset: :func:`dltest.adapter.prepared`),
 :func:`on_device` (where the caller's model lives), :func:`seeded` (torch's global RNG),
 :func:`autocast` (CUDA mixed precision) and :func:`native_cpu_backward` (oneDNN on/off).
 
@@ -86,6 +87,17 @@ def on_device(model: nn.Module, device: torch.device | str) -> Iterator[nn.Modul
         yield model
     finally:
         model.to(before)
+
+
+def __getattr__(name: str) -> Any:
+    """``prepared`` (device, adapter, fit check, eval mode, all restored on exit) is defined in
+    :mod:`dltest.adapter`, on the model floor, because it needs the adapter; it is found here
+    too, imported on first use so that this module imports nothing above it."""
+    if name == "prepared":
+        from dltest.adapter import prepared
+
+        return prepared
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # --- model modes -------------------------------------------------------------------------------

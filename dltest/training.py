@@ -28,7 +28,7 @@ from dltest.adversarial_training import AdversarialTraining
 from dltest.attacks import pgd_check
 from dltest.data import ImageDataset, fingerprint
 from dltest.errors import DltestError
-from dltest.adapter import PROBE_SIZE, adapt
+from dltest.adapter import prepared, trainable
 from dltest.progress import progress_bar
 from dltest.resume import ResumeState
 from dltest.runtime import MAX_TORCH_SEED, check_seed, data_parallel, stream_seed, gather, rank, resolve_device, seeded, shard_positions, world_size
@@ -135,12 +135,12 @@ def train(
 
 def _train(model, train_data, val_data, config, adversary, method, val_adversary, device, state_path, resume,
            progress) -> TrainResult:
-    model = model.to(device)
+    # the user's module trains (on the device, where it stays) and is saved; its scores are read as
+    # every dltest function reads them (tuple, dict, .logits or probability outputs -> logits); a
+    # zoo model is its own scorer
+    scorer = trainable(model, train_data, device)
     fast = _CudaSpeedups(config, device)
     model = fast.prepare_model(model)
-    # the user's module trains and is saved; its scores are read as inference reads them (tuple,
-    # dict, .logits or probability outputs -> logits); a zoo model is its own scorer
-    scorer = _scorer(model, train_data, device)
     optimizer = _optimizer(model, config)
     steps_per_epoch = math.ceil(len(train_data) / config.batch_size)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
@@ -294,20 +294,16 @@ def _check_partial(state: dict[str, Any], partial: ResumeState) -> None:
 
 def predictions(model: nn.Module, data: ImageDataset, *, device: str | torch.device | None = None,
                 batch_size: int = 256) -> Tensor:
-    """The model's predicted class of every input of ``data`` (on the CPU), model in eval mode."""
+    """The model's predicted class of every input of ``data`` (on the CPU), model in eval mode.
+
+    Prepared by :func:`dltest.adapter.prepared` without the fit check: the training loop calls it
+    every epoch, and an epoch whose weights went bad is recorded, not refused."""
     device = resolve_device(device)
-    model = _scorer(model, data, device)
-    model.eval()
     parts = [torch.empty(0, dtype=torch.long)]
-    with torch.inference_mode():
+    with prepared(model, data, device, check=False) as model, torch.inference_mode():
         for x, _ in data.batches(batch_size, device):
             parts.append(model(x).argmax(1).cpu())
     return torch.cat(parts)
-
-
-def _scorer(model: nn.Module, data: ImageDataset, device: torch.device) -> nn.Module:
-    """``model`` read as inference reads it (:func:`~dltest.adapter.adapt`), probed on ``data``."""
-    return adapt(model, data.images(slice(0, PROBE_SIZE), device)) if len(data) else model
 
 
 def top_class_share(predicted: Tensor) -> float:
@@ -335,16 +331,17 @@ def accuracy(
     batch_size: int = 256,
     adversary: Adversary | None = None,
 ) -> float:
-    """Share of ``data`` classified correctly, model in eval mode; under ``adversary`` if given."""
+    """Share of ``data`` classified correctly, model in eval mode; under ``adversary`` if given.
+
+    Prepared as :func:`predictions` prepares it (no fit check: the training loop's per-epoch figure)."""
     device = resolve_device(device)
-    model = _scorer(model, data, device)
-    model.eval()
     correct = 0
-    for x, y in data.batches(batch_size, device):
-        if adversary is not None:
-            x = adversary(model, x, y).detach()
-        with torch.inference_mode():
-            correct += int((model(x).argmax(1) == y).sum())
+    with prepared(model, data, device, check=False) as model:
+        for x, y in data.batches(batch_size, device):
+            if adversary is not None:
+                x = adversary(model, x, y).detach()
+            with torch.inference_mode():
+                correct += int((model(x).argmax(1) == y).sum())
     return correct / max(len(data), 1)
 
 

@@ -24,10 +24,10 @@ from dltest.data import ImageDataset, check_examples, check_npz_sizes, to_float_
 
 EXAMPLE_ARRAYS = ("x", "y", "indices", "meta")  # what every adversarial-examples file holds
 from dltest.errors import DltestError
-from dltest.adapter import PROBE_SIZE, adapt
+from dltest.adapter import prepared
 from dltest.io import atomic_path, parse_json_text
 from dltest.progress import progress_bar
-from dltest.runtime import MAX_TORCH_SEED, check_seed, eval_mode, on_device, resolve_device, seeded
+from dltest.runtime import MAX_TORCH_SEED, check_seed, resolve_device, seeded
 
 
 @dataclass
@@ -176,8 +176,10 @@ def generate_adversarial(
 
     Every selected input gets its adversarial version, also where the attack fails (as in
     adversarial training). Seeded: torch's generator is set to ``seed`` and restored after.
-    The caller's model is left on its device and in its mode.
+    The model is prepared by :func:`dltest.adapter.prepared`; the caller's model is left on its
+    device and in its mode.
     """
+    check_seed(seed, maximum=MAX_TORCH_SEED)
     device = resolve_device(device)
     positions = torch.arange(len(data)) if indices is None else torch.as_tensor(indices, dtype=torch.long)
     if len(positions) == 0:
@@ -185,9 +187,8 @@ def generate_adversarial(
     if positions.min() < 0 or positions.max() >= len(data):
         raise DltestError(f"indices outside the pool of {len(data)}")
     xs, clean, advp = [], [], []
-    with on_device(model, device), eval_mode(model), seeded(seed, device), \
+    with prepared(model, data, device) as model, seeded(seed, device), \
             progress_bar(f"attack {attack.label}", len(positions), progress) as advance:
-        model = adapt(model, data.images(positions[:PROBE_SIZE], device))  # outside models: logits for the attack
         atk = attack.build(model, data.num_classes)
         for chunk in positions.split(batch_size):
             x = data.images(chunk, device)
