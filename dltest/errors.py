@@ -7,12 +7,14 @@ class DltestError(Exception):
     The CLI prints its message on one line and exits with code 2; it is never a bug report.
     The message names Python parameters (``variant='last-layer'``); where the way out differs on
     the command line, ``cli`` holds the same message in its words (``--egl-variant last-layer``),
-    and the CLI prints that instead.
+    and the CLI prints that instead. ``param`` names the Python parameter the message is about
+    (``budget``): the CLI writes that word as its flag (``--budget``) where no ``cli`` text is given.
     """
 
-    def __init__(self, message: str, *, cli: str | None = None):
+    def __init__(self, message: str, *, cli: str | None = None, param: str | None = None):
         super().__init__(message)
         self.cli = cli
+        self.param = param
 
     @property
     def cli_message(self) -> str:

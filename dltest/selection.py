@@ -17,15 +17,15 @@ import torch
 from torch import Tensor, nn
 
 from dltest._version import __version__
-from dltest.adapter import PROBE_SIZE, adapt, embedding_help
-from dltest.budget import parse_budget
+from dltest.adapter import embedding_help, may_give_embeddings, prepared
+from dltest.budget import check_budget, parse_budget
 from dltest.data import ImageDataset
 from dltest.errors import DltestError
 from dltest.inference import INFERENCE_BATCH, PoolOutputs, infer
 from dltest.io import read_json, write_json
-from dltest.selectors import REGISTRY, Candidates, get_selector
+from dltest.selectors import REGISTRY, Candidates, Selector, get_selector
 from dltest.selectors.base import ProbabilityOutputs
-from dltest.runtime import MAX_TORCH_SEED, broadcast_object, check_seed, is_main, on_device, resolve_device, single_process, world_size
+from dltest.runtime import MAX_TORCH_SEED, broadcast_object, check_seed, is_main, resolve_device, single_process, world_size
 
 
 @dataclass
@@ -95,53 +95,45 @@ def select(
     the selectors that compare with it (``dsa``, ``lsa``, ``mdsa``). ``options`` go to the selector
     (e.g. ``samples=10`` for ``bald``; ``sampling="power"`` for any score-based one).
     """
-    selector = get_selector(metric, **options)
     started = time.perf_counter()
-    check_seed(seed, maximum=MAX_TORCH_SEED)
+    selector = check_request(metric, budget, seed=seed, device=device, reference=reference is not None, **options)
     device = resolve_device(device)
     if outputs is None and (model is None or data is None):
         raise DltestError("select needs either model and data, or precomputed outputs")
     if selector.needs_model and (model is None or data is None):
         raise DltestError(f"metric {metric!r} runs the model again: pass model and data")
-    if selector.needs_reference and reference is None:
-        raise DltestError(f"metric {metric!r} compares with the training data: pass reference= "
-                          "(dltest select --reference-split train, or --reference FILE)")
+    if model is not None:
+        check_model_fits_metric(selector, model, outputs)
     if data is not None:  # a bad budget or labeled set fails before the pool is run through the model
         parse_budget(budget, len(_complement(_labeled_positions(labeled, len(data)), len(data))))
-    if model is not None and data is not None and len(data):
-        model = adapt(model, data.images(slice(0, PROBE_SIZE)))  # outside models: one adapter for every selector
-    if outputs is None:
-        outputs = infer(model, data, batch_size=batch_size, device=device, progress=progress)
-    elif isinstance(outputs, Tensor):
-        outputs = ProbabilityOutputs.of(outputs)  # scored from the given values, exactly
-    n = len(outputs)
-    if data is not None and len(data) != n:
-        raise DltestError(f"outputs cover {n} inputs but the pool has {len(data)}")
-    if selector.needs_embeddings and outputs.embeddings is None:
-        raise DltestError(f"{metric}: " + (embedding_help(model) if model is not None else
-                                            "pass the model, or outputs with embeddings"))
-    if selector.needs_model and not getattr(model, "has_gradients", True):
-        usable = ", ".join(name for name, cls in REGISTRY.items() if not cls.needs_model and not cls.needs_embeddings)
-        raise DltestError(f"metric {metric!r} runs the model again (gradients or dropout), which an ONNX model "
-                          f"does not allow; metrics that work on ONNX models: {usable}")
-
-    labeled_t = _labeled_positions(labeled, n)
-    unlabeled = _complement(labeled_t, n)
-    budget_int = parse_budget(budget, len(unlabeled))
-    candidates = Candidates(
-        outputs=_subset_outputs(outputs, unlabeled),
-        model=model,
-        data=(data if len(unlabeled) == n else data.subset(unlabeled)) if data is not None else None,
-        labeled_embeddings=(
-            outputs.embeddings[labeled_t] if outputs.embeddings is not None and len(labeled_t) else None
-        ),
-        device=device,
-        progress=progress,
-        reference=reference,
-    )
-    generator = torch.Generator().manual_seed(seed)
-    # the selectors that run the model again find it on ``device``; the caller's model stays put
-    with on_device(model, device) if model is not None else contextlib.nullcontext():
+    # the selectors that run the model again find it prepared on ``device``; the caller's model stays as it was
+    ready = prepared(model, data, device) if model is not None and data is not None else contextlib.nullcontext(model)
+    with ready as model:
+        if outputs is None:
+            outputs = infer(model, data, batch_size=batch_size, device=device, progress=progress)
+        elif isinstance(outputs, Tensor):
+            outputs = ProbabilityOutputs.of(outputs)  # scored from the given values, exactly
+        n = len(outputs)
+        if data is not None and len(data) != n:
+            raise DltestError(f"outputs cover {n} inputs but the pool has {len(data)}")
+        if selector.needs_embeddings and outputs.embeddings is None:
+            raise DltestError(f"{metric}: " + (embedding_help(model) if model is not None else
+                                                "pass the model, or outputs with embeddings"))
+        labeled_t = _labeled_positions(labeled, n)
+        unlabeled = _complement(labeled_t, n)
+        budget_int = parse_budget(budget, len(unlabeled))
+        candidates = Candidates(
+            outputs=_subset_outputs(outputs, unlabeled),
+            model=model,
+            data=(data if len(unlabeled) == n else data.subset(unlabeled)) if data is not None else None,
+            labeled_embeddings=(
+                outputs.embeddings[labeled_t] if outputs.embeddings is not None and len(labeled_t) else None
+            ),
+            device=device,
+            progress=progress,
+            reference=reference,
+        )
+        generator = torch.Generator().manual_seed(seed)
         if selector.needs_mc_samples or world_size() == 1:
             # MC-dropout sampling is sharded across ranks: every rank takes part, with the same
             # gathered samples and seed, so every rank computes the same selection
@@ -174,6 +166,40 @@ def select(
         label_counts=_counts(data.y[indices], classes) if data is not None and data.labeled else {},
         seconds=round(time.perf_counter() - started, 4),
     )
+
+
+def check_request(metric: str, budget: int | str, *, seed: int = 0, device: str | torch.device | None = None,
+                  reference: bool | None = None, **options: Any) -> Selector:
+    """The arguments of :func:`select` that need neither the pool nor the model, checked before
+    any loading or model pass (``dltest select`` calls it before it loads anything): the metric
+    and its options, the budget's syntax, the seed, the device, and whether the metric takes
+    ``reference`` (given or not; None: not known yet). Returns the selector."""
+    selector = get_selector(metric, **options)
+    check_budget(budget)
+    check_seed(seed, maximum=MAX_TORCH_SEED)
+    resolve_device(device)
+    if reference is True and not selector.needs_reference:
+        why = "apply to the metrics that compare with the training data (dsa, lsa, mdsa), not to " + repr(metric)
+        raise DltestError(f"reference= and its options {why}", cli=f"--reference-split and --reference {why}")
+    if reference is False and selector.needs_reference:
+        raise DltestError(f"metric {metric!r} compares with the training data: pass reference= "
+                          "(dltest select --reference-split train, or --reference FILE)",
+                          cli=f"metric {metric!r} compares with the data the model was trained on: pass "
+                          "--reference-split train (or --reference FILE)")
+    return selector
+
+
+def check_model_fits_metric(selector: Selector, model: nn.Module, outputs: PoolOutputs | Tensor | None = None) -> None:
+    """What a metric needs of the model, decided without running it: gradients (not an ONNX
+    model) for the metrics that run it again, a place to find embeddings for those that use them."""
+    metric = selector.name
+    if selector.needs_model and not getattr(model, "has_gradients", True):
+        usable = ", ".join(name for name, cls in REGISTRY.items() if not cls.needs_model and not cls.needs_embeddings)
+        raise DltestError(f"metric {metric!r} runs the model again (gradients or dropout), which an ONNX model "
+                          f"does not allow; metrics that work on ONNX models: {usable}")
+    given = getattr(outputs, "embeddings", None) is not None
+    if selector.needs_embeddings and not given and not may_give_embeddings(model):
+        raise DltestError(f"{metric}: " + embedding_help(model))
 
 
 MAX_POOL = 2**40  # no pool is larger; a position beyond is a malformed file (and overflows int64 at 2**63)

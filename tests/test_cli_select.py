@@ -166,7 +166,7 @@ def test_console_script_as_a_user_runs_it(tmp_path, lenet_checkpoint):
     assert done.returncode == 0, done.stderr
     assert json.loads(out.read_text())["budget"] == 100
     done = subprocess.run([str(script), "select", "--budget", "abc"], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 2 and done.stderr.strip().startswith("error: budget 'abc'") and done.stdout == ""
+    assert done.returncode == 2 and done.stderr.strip().startswith("error: --budget 'abc'") and done.stdout == ""
 
 
 def test_infinite_scores_are_written_as_null_and_minimal_selection_files_load(tmp_path):

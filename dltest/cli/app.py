@@ -2,17 +2,20 @@
 
 A :class:`DltestError` from the library and a usage error from the parser (an unknown option, a
 missing value) are both printed as one ``error: ...`` line, without boxed panels, exit code 2.
+Library messages name Python parameters; :func:`flag_message` writes them as flags (``budget`` ->
+``--budget``; :func:`flags` renames the few that differ).
 Every command's JSON starts with :func:`dltest.header.output_header`: ``command``, ``dltest_version``, ``seed``.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sys
 import warnings
 from contextlib import contextmanager, redirect_stdout
-from typing import Annotated, Any, Iterator, Optional
+from typing import Annotated, Any, Iterator, Mapping, Optional
 
 from typer._click.core import Context  # typer's vendored click
 from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError
@@ -21,6 +24,33 @@ from typer.core import TyperGroup
 
 from dltest._version import __version__
 from dltest.errors import DltestError
+
+
+def flag(param: str, renamed: Mapping[str, str] | None = None) -> str:
+    """The command-line flag of a library parameter: ``renamed[param]`` (``path`` -> ``--onnx``),
+    else ``--`` and the name with dashes (``val_n`` -> ``--val-n``)."""
+    return (renamed or {}).get(param) or "--" + param.replace("_", "-")
+
+
+def flag_message(exc: DltestError, renamed: Mapping[str, str] | None = None) -> str:
+    """``exc`` as the command line shows it: its ``cli`` text, else its message with the parameter
+    it names (``exc.param``) written as the flag, the first time the word stands alone."""
+    if exc.cli is not None or not exc.param:
+        return exc.cli_message
+    word = re.compile(rf"(?<![\w-]){re.escape(exc.param)}(?![\w-])")
+    return word.sub(lambda _m: flag(exc.param, renamed), str(exc), count=1)
+
+
+@contextmanager
+def flags(**renamed: str) -> Iterator[None]:
+    """Library errors raised inside the block name the command's flags where a parameter's flag is
+    not ``--`` + its name (``with flags(path="--onnx", n_check="--n"): export_onnx(...)``)."""
+    try:
+        yield
+    except DltestError as exc:
+        if exc.cli is None and exc.param:
+            exc.cli = flag_message(exc, renamed)
+        raise
 
 
 class _Group(TyperGroup):
@@ -33,7 +63,7 @@ class _Group(TyperGroup):
                 return super().invoke(ctx)
         except DltestError as exc:
             if _is_main() or "failed or left the run" in str(exc):  # other ranks' errors repeat rank 0's
-                typer.echo(f"error: {exc.cli_message}", err=True)
+                typer.echo(f"error: {flag_message(exc)}", err=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             typer.echo("interrupted", err=True)

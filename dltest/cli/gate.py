@@ -93,12 +93,7 @@ def gate_command(
                   {"--model": settings.get("model"), "--baseline": settings.get("baseline"),
                    "--dataset": settings.get("dataset"), "--config": source})
     check_step_summary()
-    if policy.is_empty():
-        raise DltestError("the gate has no bars: give --min-accuracy, --min-robust, or --baseline with --max-drop "
-                          "(or a [tool.dltest.gate] table in pyproject.toml)")
-    if policy.needs_baseline and not settings.get("baseline"):
-        flag = "--max-drop" if settings.get("max-drop") is not None else "--max-relative-drop"
-        raise DltestError(f"{flag} needs a baseline report: pass --baseline REPORT.json")
+    policy.check(has_baseline=bool(settings.get("baseline")))  # the library's check, before loading anything
     base = load_baseline(settings["baseline"]) if settings.get("baseline") else None
     data, net, info = load_data_and_model(
         str(settings.get("dataset", "mnist")), str(settings.get("split", "holdout")),

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from dltest.budget import parse_budget
 from dltest.cli.app import app, robustness_warnings_as_lines
 from dltest.cli.options import (
     Arch, ArchKwargs, Normalize,
@@ -60,9 +58,7 @@ def retrain_command(
     from dltest.attacks import attack_preset, check_attack_name, load_adversarial, parse_attack_list, parse_eps, takes
     from dltest.io import check_outputs, write_json
     from dltest.resume import discard, partial_path
-    from dltest.runtime import resolve_device
     from dltest.selection import load_selection
-    from dltest.selectors import get_selector
     from dltest.workflows.retrain import check_retrain_settings, retrain, retrain_config, retrain_data
     from rich.console import Console
 
@@ -71,13 +67,10 @@ def retrain_command(
         raise DltestError(f"--pool-split must be one of {', '.join(POOL_SPLITS)} (disjoint from the holdout half), got {pool_split!r}")
     if selection and examples:
         raise DltestError("give --selection or --examples, not both")
-    if not (selection or examples):
-        get_selector(metric)
-        parse_budget(budget, pool_size=sys.maxsize)
-    check_retrain_settings(seed=seed, eval_n=eval_n, val_n=val_n, batch_size=batch_size)
+    selecting = {} if selection or examples else {"metric": metric, "budget": budget}
+    check_retrain_settings(seed=seed, eval_n=eval_n, val_n=val_n, batch_size=batch_size, device=device, **selecting)
     check_attack_name(attack)
     eps_value = parse_eps(eps)
-    resolve_device(device)
     eval_names = parse_attack_list(eval_attacks)
     eval_eps_value = parse_eps(eval_eps)
     report = report or out.with_suffix(".json")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
 
@@ -14,7 +13,6 @@ from dltest.cli.options import (
     Arch, ArchKwargs, Normalize,
     BatchSize, DataRoot, Dataset, Device, Download, ModelPath, Seed, Split, TrustModel, load_data_and_model,
 )
-from dltest.budget import parse_budget
 from dltest.cli.defaults import INFERENCE_BATCH
 from dltest.errors import DltestError
 
@@ -64,9 +62,7 @@ def select_command(
     """Select the inputs most worth labeling or testing."""
     from dltest.data import load_dataset
     from dltest.io import check_outputs
-    from dltest.runtime import resolve_device
-    from dltest.selection import load_selection, select
-    from dltest.selectors import get_selector
+    from dltest.selection import check_request, load_selection, select
 
     options = metric_options(
         metric,
@@ -90,17 +86,11 @@ def select_command(
     )
     if sampling is not None or temperature is not None:
         options.update(sampling=sampling, temperature=temperature)
-    selector = get_selector(metric, **options)  # unknown metric, bad option or malformed budget: fail before loading anything
-    parse_budget(budget, pool_size=sys.maxsize)
-    if (reference_split is not None or reference is not None) and not selector.needs_reference:
-        raise DltestError(f"--reference-split and --reference apply to the metrics that compare with the training data "
-                          f"(dsa, lsa, mdsa), not to {metric!r}")
     if reference_split is not None and reference is not None:
         raise DltestError("give either --reference-split or --reference, not both")
-    if selector.needs_reference and reference_split is None and reference is None:
-        raise DltestError(f"metric {metric!r} compares with the data the model was trained on: pass --reference-split "
-                          "train (or --reference FILE)")
-    resolve_device(device)  # a bogus device fails before anything is loaded
+    # the library's own checks (metric, options, budget, seed, device, reference), before loading anything
+    check_request(metric, budget, seed=seed, device=device,
+                  reference=reference_split is not None or reference is not None, **options)
     out = out or Path(f"selection-{metric}-{budget.strip().replace('%', 'pct')}.json")
     check_outputs({"--out": out, "--csv": csv_path}, {"--model": model, "--dataset": dataset, "--labeled": labeled,
                                                         "--reference": reference})

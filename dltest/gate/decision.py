@@ -286,13 +286,10 @@ def run_gate(
     baseline's (so that the comparison is paired); ``n`` or ``seed`` that contradict it fail.
     A model whose outputs change between calls in eval mode is refused unless ``allow_randomised``.
     """
-    if policy.is_empty():
-        raise DltestError("the gate has no bars: give --min-accuracy, --min-robust, or --baseline with --max-drop")
+    policy.check(has_baseline=baseline is not None)
     baseline_path = None
     if baseline is not None and not isinstance(baseline, RobustnessReport):
         baseline_path, baseline = str(baseline), load_baseline(baseline)
-    if policy.needs_baseline and baseline is None:
-        raise DltestError("max drop needs a baseline report: pass --baseline REPORT.json")
     names: list[str | AttackSpec] = list(dict.fromkeys([*policy.attacks, *attacks]))
     indices = None
     if baseline is not None:

@@ -99,3 +99,17 @@ class GatePolicy:
 
     def is_empty(self) -> bool:
         return self.min_accuracy is None and not self.min_robust and not self.needs_baseline
+
+    def check(self, has_baseline: bool) -> None:
+        """Bars to decide, and the baseline report the drop bars compare with: checked before any
+        loading or evaluation (by :func:`~dltest.gate.decision.run_gate`, and by ``dltest gate``
+        before it loads anything)."""
+        if self.is_empty():
+            why = "the gate has no bars: give "
+            raise DltestError(why + "min_accuracy, min_robust, or a baseline with max_drop",
+                              cli=why + "--min-accuracy, --min-robust, or --baseline with --max-drop "
+                              "(or a [tool.dltest.gate] table in pyproject.toml)")
+        if self.needs_baseline and not has_baseline:
+            bar = "max_drop" if self.max_drop else "max_relative_drop"
+            raise DltestError(f"{bar} needs a baseline report: pass baseline=REPORT.json",
+                              cli=f"--{bar.replace('_', '-')} needs a baseline report: pass --baseline REPORT.json")

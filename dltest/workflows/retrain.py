@@ -24,12 +24,12 @@ from dltest.header import output_header
 from dltest.attacks import AdversarialExamples, AttackSpec, attack_preset, generate_adversarial, with_examples
 from dltest.checkpoint import ModelInfo, copy_model, save_model
 from dltest.data import ImageDataset, load_dataset
-from dltest.adapter import PROBE_SIZE, adapt
+from dltest.adapter import prepared
 from dltest.errors import DltestError
 from dltest.profiles import dataset_profile
 from dltest.robustness import RobustnessReport, evaluate_robustness
-from dltest.budget import parse_budget
-from dltest.runtime import MAX_TORCH_SEED, check_seed, eval_mode, on_device, resolve_device, seeded
+from dltest.budget import check_budget, parse_budget
+from dltest.runtime import MAX_TORCH_SEED, check_seed, resolve_device, seeded
 from dltest.selection import SelectionResult, select
 from dltest.selectors import get_selector
 from dltest.training import TrainConfig, TrainResult, train
@@ -116,10 +116,17 @@ def retrain_data(dataset: str, train_size: int | None = None, seed: int = 0, *,
 
 
 def check_retrain_settings(*, seed: int = 0, eval_n: int | None = None, val_n: int | None = 1000,
-                           batch_size: int = 256) -> None:
-    """The counts and the seed of :func:`retrain`, checked before any model pass (the CLI calls it
-    before it loads anything)."""
+                           batch_size: int = 256, device: str | torch.device | None = None,
+                           metric: str | None = None, budget: int | str | None = None,
+                           metric_options: dict[str, Any] | None = None) -> None:
+    """The settings of :func:`retrain` that need no data, checked before any model pass (the CLI
+    calls it before it loads anything): the counts, the seed, the device and, where ``retrain``
+    selects (``metric`` given), the metric with its options and the budget's syntax."""
     check_seed(seed, maximum=MAX_TORCH_SEED)
+    resolve_device(device)
+    if metric is not None:
+        get_selector(metric, **(metric_options or {}))
+        check_budget(budget)
     for name, value in (("eval_n", eval_n), ("val_n", val_n), ("batch_size", batch_size)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             flag = "--" + name.replace("_", "-")
@@ -160,10 +167,11 @@ def retrain(
     seeded subset of ``eval_n``) before and after.
     """
     started = time.perf_counter()
-    check_retrain_settings(seed=seed, eval_n=eval_n, val_n=val_n, batch_size=batch_size)
+    selecting = examples is None and selection is None  # a bad metric or budget fails before the first evaluation
+    check_retrain_settings(seed=seed, eval_n=eval_n, val_n=val_n, batch_size=batch_size, device=device,
+                           **(dict(metric=metric, budget=budget, metric_options=metric_options) if selecting else {}))
     device = resolve_device(device)
-    if examples is None and selection is None:  # a bad metric or budget fails before the first evaluation
-        get_selector(metric, **(metric_options or {}))
+    if selecting:
         parse_budget(budget, len(pool))
     if pool.name != holdout.name or pool.name != train_data.name:
         raise DltestError(f"train, pool and holdout must be one dataset, got {train_data.name}, {pool.name}, {holdout.name}")
@@ -173,8 +181,7 @@ def retrain(
     attack = attack or attack_preset("pgd", pool.name, "train", channels=pool.input_shape[0], seed=seed)
     config = config or retrain_config(pool.name, pool.input_shape[0], seed=seed)
     evaluate = dict(n=eval_n, seed=seed, batch_size=batch_size, device=device, progress=progress)
-    model = adapt(model, pool.images(slice(0, PROBE_SIZE)))  # outside models: one adapter for every step
-    with on_device(model, device), eval_mode(model):
+    with prepared(model, pool, device) as model:  # outside models: one adapter for every step
         before = evaluate_robustness(model, holdout, eval_attacks, **evaluate)
         if examples is None:
             if selection is None:
