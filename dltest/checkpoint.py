@@ -31,7 +31,7 @@ from torch import nn
 from dltest.adapter import ModelAdapter, adapt, parse_normalize, unwrap
 from dltest.adapter import check_fits  # noqa: F401 - re-exported: it lived here before (issue 19)
 from dltest.errors import DltestError, first_line
-from dltest.export import load_onnx
+from dltest.onnx_model import load_onnx
 from dltest.io import atomic_path
 from dltest.profiles import PROFILES
 from dltest.zoo import (
@@ -213,7 +213,7 @@ def load_model(
     """Load a model in eval mode on the CPU.
 
     ``source`` is a dltest checkpoint, a TorchScript file, an ``.onnx`` file (run by onnxruntime,
-    see :mod:`dltest.export`), a state_dict (with ``arch``: a zoo name or ``module:Class``, built
+    see :mod:`dltest.onnx_model`), a state_dict (with ``arch``: a zoo name or ``module:Class``, built
     with ``arch_kwargs``; a zoo model also needs ``input_shape``), or ``None`` for the bundled
     model of ``dataset`` (``robust=True``: its adversarially trained one). ``trust=True`` also accepts a pickled ``nn.Module``: that runs code from
     the file, so only use it for files you made. A ``module:Class`` / ``file.py:Class`` in ``arch``
@@ -332,7 +332,7 @@ def _from_checkpoint(state: dict[str, Any], path: Path, normalization,
 
 
 def _load_onnx(path: Path) -> tuple[nn.Module, ModelInfo]:
-    """An ONNX file runs through onnxruntime (dltest.export): inference only, no gradients."""
+    """An ONNX file runs through onnxruntime (dltest.onnx_model): inference only, no gradients."""
     model, meta = load_onnx(path)
     shape = meta.get("input_shape") or model.input_shape
     return model, ModelInfo(

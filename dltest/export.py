@@ -1,14 +1,11 @@
-"""ONNX: export a model with a parity check, and run an ONNX file as a classifier.
+"""ONNX: export a model with a parity check (running an ONNX file is :mod:`dltest.onnx_model`'s).
 
 :func:`export_onnx` writes a model with ``torch.onnx.export`` (the torch.export-based exporter,
 which needs ``onnxscript``) with a dynamic batch dimension and dltest's metadata (dataset,
 input shape, classes), then runs the file in onnxruntime on real inputs and reports the largest
 absolute difference of the logits against torch.
 
-:class:`OnnxClassifier` runs an ``.onnx`` file through onnxruntime and quacks like an
-``nn.Module`` for inference: ``model(images)`` gives logits, so output-based selectors and the
-black-box Square attack run on it. It has no gradients (``has_gradients = False``): gradient
-attacks and model-dependent selectors refuse it with a one-line error. Both need the optional
+The parity check runs the file as :class:`~dltest.onnx_model.OnnxClassifier`. Needs the optional
 extra ``pip install 'dltest[onnx]'`` (onnxruntime, onnxscript).
 """
 
@@ -29,102 +26,13 @@ from torch import Tensor, nn
 
 from dltest.data import ImageDataset
 from dltest.errors import DltestError, first_line
-from dltest.io import atomic_path
+from dltest.adapter import prepared
+from dltest.io import atomic_path, check_writable
+from dltest.onnx_model import METADATA_KEY, OnnxClassifier, _onnxruntime
+from dltest.onnx_model import load_onnx  # noqa: F401 - re-exported: ONNX loading lived here before (issue 19)
 
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
 PARITY_TOLERANCE = 1e-4  # largest absolute logit difference accepted by the export check
-METADATA_KEY = "dltest"  # metadata_props entry holding a JSON dict (dataset, input_shape, classes, ...)
-
-
-def _onnxruntime():
-    try:
-        import onnxruntime
-    except ImportError:
-        raise DltestError("ONNX models need onnxruntime: pip install 'dltest[onnx]'") from None
-    return onnxruntime
-
-
-def _session(path: str | os.PathLike, threads: int | None = None):
-    ort = _onnxruntime()
-    options = ort.SessionOptions()
-    options.log_severity_level = 3  # errors only
-    if threads is None:
-        threads = int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
-    options.intra_op_num_threads = threads  # 0: onnxruntime's default (all cores)
-    options.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
-
-
-class OnnxClassifier(nn.Module):
-    """An ONNX classifier run by onnxruntime on the CPU: images (N, C, H, W) in [0, 1] -> logits.
-
-    Outputs come back on the device of the inputs. ``has_gradients`` is False: nothing can
-    differentiate through it, so only output-based metrics and black-box attacks apply.
-    """
-
-    has_gradients = False
-
-    def __init__(self, path: str | os.PathLike, *, threads: int | None = None):
-        super().__init__()
-        self.path = str(path)
-        try:
-            self.session = _session(path, threads)
-        except DltestError:
-            raise
-        except Exception as exc:  # onnxruntime raises its own types for corrupt or invalid files
-            raise DltestError(f"cannot read ONNX file {path} ({first_line(exc)})") from None
-        inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
-        if len(inputs) != 1:
-            raise DltestError(f"{path}: an ONNX classifier must take one input (images), this one takes {len(inputs)}")
-        self.input_name, self.output_name = inputs[0].name, outputs[0].name
-        self.metadata: dict[str, Any] = _read_metadata(self.session)
-        # A zero-size parameter tells torch-based tools (torchattacks, .to(), next(model.parameters()))
-        # which device the outputs belong on; it holds no weights.
-        self.device_anchor = nn.Parameter(torch.empty(0), requires_grad=False)
-
-    @property
-    def input_shape(self) -> tuple[int, ...] | None:
-        """(C, H, W) when the file fixes them, else None."""
-        shape = self.session.get_inputs()[0].shape[1:]
-        return tuple(shape) if shape and all(isinstance(d, int) for d in shape) else None
-
-    @property
-    def fixed_batch(self) -> int | None:
-        """The batch size the file fixes (e.g. 1 for many exported files), else None (dynamic)."""
-        first = self.session.get_inputs()[0].shape[:1]
-        return first[0] if first and isinstance(first[0], int) and first[0] > 0 else None
-
-    def forward(self, images: Tensor) -> Tensor:
-        if images.requires_grad and torch.is_grad_enabled():
-            raise DltestError("an ONNX model gives no gradients: use output-based metrics and black-box attacks "
-                              "(square), or the torch model for gradient-based ones")
-        x = images.detach().to("cpu", torch.float32).contiguous()
-        size = self.fixed_batch
-        chunks = [x] if size is None or len(x) == size else list(x.split(size))
-        outputs = [self._run(chunk, size) for chunk in chunks]
-        return torch.cat(outputs).to(images.device) if len(outputs) > 1 else outputs[0].to(images.device)
-
-    def _run(self, x: Tensor, size: int | None) -> Tensor:
-        rows = len(x)
-        if size is not None and rows < size:  # the last chunk of a fixed-batch file: pad, then drop the padding
-            x = torch.cat([x, x.new_zeros((size - rows, *x.shape[1:]))])
-        try:
-            out = self.session.run([self.output_name], {self.input_name: x.numpy()})[0]
-        except Exception as exc:
-            raise DltestError(f"{self.path} cannot take inputs of shape {tuple(x.shape)} ({first_line(exc)})") from None
-        return torch.from_numpy(out[:rows])
-
-    def extra_repr(self) -> str:
-        return f"path={self.path!r}"
-
-
-def load_onnx(path: str | os.PathLike) -> tuple[OnnxClassifier, dict[str, Any]]:
-    """An :class:`OnnxClassifier` and the dltest metadata stored in the file (empty for foreign files)."""
-    path = Path(path)
-    if not path.is_file():
-        raise DltestError(f"model file not found: {path}")
-    model = OnnxClassifier(path)
-    return model.eval(), model.metadata
 
 
 @dataclass
@@ -158,17 +66,45 @@ def export_onnx(
 ) -> ExportResult:
     """Export ``model`` to ``path`` (written atomically) and compare onnxruntime with torch on the
     first ``n_check`` inputs of ``check_data``; a difference above ``tolerance`` is an error and
-    nothing is written."""
+    nothing is written. Every argument is checked before the export; the model is prepared by
+    :func:`dltest.adapter.prepared` on the CPU (outside models exported as dltest reads them:
+    logits), and left on its device and in its mode."""
+    check_export(model, path, check_data, n_check=n_check, tolerance=tolerance, opset=opset)
+    started = time.perf_counter()
+    with prepared(model, check_data, "cpu") as model:
+        return _export_checked(model, path, check_data, n_check, tolerance, opset, metadata, batch_size, started)
+
+
+def check_export(model: nn.Module | None, path: str | os.PathLike, check_data: ImageDataset | None, *,
+                 n_check: int = 512,
+                 tolerance: float = PARITY_TOLERANCE, opset: int | None = None) -> None:
+    """The arguments of :func:`export_onnx`, checked before any work (``dltest export`` calls it
+    before it loads anything, with ``model`` and ``check_data`` None): the packages, the file
+    name and its folder, the counts, the tolerance, the opset, and a model that is not ONNX already."""
     _onnxruntime()
     try:
         import onnxscript  # noqa: F401  (the torch.export-based exporter needs it)
     except ImportError:
         raise DltestError("exporting to ONNX needs onnxscript: pip install 'dltest[onnx]'") from None
+    if Path(path).suffix.lower() != ".onnx":
+        raise DltestError(f"path must name an .onnx file, got {path}", param="path")
+    if isinstance(n_check, bool) or not isinstance(n_check, int) or n_check < 1:
+        raise DltestError(f"n_check must be an integer >= 1, got {n_check!r}", param="n_check")
+    if not tolerance > 0:
+        raise DltestError(f"tolerance must be > 0, got {tolerance}", param="tolerance")
     check_opset(opset)
-    started = time.perf_counter()
-    model = model.eval().cpu()
-    if len(check_data) == 0:
+    check_writable(path)
+    if model is not None and not getattr(model, "has_gradients", True):
+        raise DltestError(f"the model is already an ONNX model ({getattr(model, 'path', 'onnxruntime')}): "
+                          "export the torch model it came from")
+    if check_data is not None and len(check_data) == 0:
         raise DltestError("the parity check needs at least one input")
+
+
+def _export_checked(model: nn.Module, path, check_data: ImageDataset, n_check: int, tolerance: float,
+                    opset: int | None, metadata: dict[str, Any] | None, batch_size: int,
+                    started: float) -> ExportResult:
+    """The export itself, on a prepared model whose arguments are checked."""
     example = check_data.images(slice(0, 2))
     meta = {"dataset": check_data.name, "input_shape": list(check_data.input_shape),
             "num_classes": check_data.num_classes, "classes": list(check_data.classes), **(metadata or {})}
@@ -270,15 +206,3 @@ def _write_metadata(path: Path, meta: dict[str, Any]) -> None:
     entry = next((p for p in proto.metadata_props if p.key == METADATA_KEY), None) or proto.metadata_props.add()
     entry.key, entry.value = METADATA_KEY, json.dumps(meta)
     onnx.save(proto, str(path))
-
-
-def _read_metadata(session) -> dict[str, Any]:
-    raw = session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
-    if not raw:
-        return {}
-    try:
-        meta = json.loads(raw)
-    except json.JSONDecodeError:
-        return {}
-    return meta if isinstance(meta, dict) else {}
-

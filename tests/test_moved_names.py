@@ -10,6 +10,7 @@ MOVED = [
      ["ModelAdapter", "adapt", "class_scores", "detect_output_kind", "parse_normalize", "embedding_head",
       "embedding_help", "unwrap", "output_kind", "PROBE_SIZE", "OUTPUT_KINDS", "NORMALIZE_PRESETS"]),
     ("dltest.checkpoint", "dltest.adapter", ["check_fits"]),
+    ("dltest.export", "dltest.onnx_model", ["OnnxClassifier", "load_onnx"]),
     ("dltest.checkpoint", "dltest.zoo", ["check_file_arch", "parse_arch_kwargs", "resolve_arch", "build_architecture"]),
 ]
 

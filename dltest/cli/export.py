@@ -8,12 +8,11 @@ from typing import Annotated, Optional
 import typer
 
 from dltest._version import __version__
-from dltest.cli.app import app
+from dltest.cli.app import app, flags
 from dltest.header import output_header
 from dltest.cli.options import (
     Arch, ArchKwargs, DataRoot, Dataset, Download, ModelPath, Normalize, Split, TrustModel, load_data_and_model,
 )
-from dltest.errors import DltestError
 from dltest.cli.defaults import PARITY_TOLERANCE
 
 
@@ -35,22 +34,17 @@ def export_command(
     normalize: Normalize = None,
 ) -> None:
     """Export a model to ONNX; the file is kept only if onnxruntime matches torch on real inputs."""
-    from dltest.export import check_opset, export_onnx
+    from dltest.export import check_export, export_onnx
     from dltest.io import check_outputs, write_json
     from rich.console import Console
 
-    if onnx.suffix.lower() != ".onnx":
-        raise DltestError(f"--onnx must name an .onnx file, got {onnx}")
-    if not tolerance > 0:
-        raise DltestError(f"--tolerance must be > 0, got {tolerance}")
-    check_opset(opset)
-    check_outputs({"--onnx": onnx, "--out": out}, {"--model": model, "--dataset": dataset})
-    data, net, info = load_data_and_model(dataset, split, model, data_root, download, trust_model,
-                                          arch, arch_kwargs, normalize)
-    if not getattr(net, "has_gradients", True):
-        raise DltestError(f"{info.source} is already an ONNX model")
-    result = export_onnx(net, onnx, data, n_check=n, tolerance=tolerance, opset=opset,
-                         metadata={"source": info.source, "arch": info.arch, "dltest_version": __version__})
+    with flags(path="--onnx", n_check="--n"):
+        check_export(None, onnx, None, n_check=n, tolerance=tolerance, opset=opset)  # before loading anything
+        check_outputs({"--onnx": onnx, "--out": out}, {"--model": model, "--dataset": dataset})
+        data, net, info = load_data_and_model(dataset, split, model, data_root, download, trust_model,
+                                              arch, arch_kwargs, normalize)
+        result = export_onnx(net, onnx, data, n_check=n, tolerance=tolerance, opset=opset,
+                             metadata={"source": info.source, "arch": info.arch, "dltest_version": __version__})
     if out:
         write_json(out, {**output_header("export", None), "model": info.source, "onnx": result.path, "dataset": data.name, "split": data.split,
                          "n_checked": result.n_checked, "max_abs_diff": result.max_abs_diff,
