@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from dltest._version import __version__
-from dltest.attacks import AttackSpec, attack_preset, takes
+from dltest.attacks import AttackSpec, attack_preset, check_attack_name, parse_eps, takes
 from dltest.data import ImageDataset
 from dltest.analysis.intervals import mcnemar_exact
 from dltest.errors import DltestError
@@ -220,8 +220,9 @@ def evaluate_robustness(
     model whose outputs change between calls into an error.
     """
     started = time.perf_counter()
-    check_seed(seed, maximum=MAX_TORCH_SEED)
+    check_evaluation(attacks, n=n, seed=seed, device=device, eps=eps, steps=steps, alpha=alpha, queries=queries)
     device = resolve_device(device)
+    data.require_labels("evaluate_robustness (clean and robust accuracy)")
     specs = attack_specs(attacks, dataset or data.name, data.input_shape[0], eps=eps, steps=steps, alpha=alpha,
                          queries=queries, seed=seed)
     check_attacks_fit(model, [spec.name for spec in specs])
@@ -266,6 +267,7 @@ def attack_specs(
 ) -> list[AttackSpec]:
     """The evaluation presets of the named attacks for ``dataset`` with the overrides that apply
     to each (ready :class:`AttackSpec` s pass unchanged); an override that applies to none fails."""
+    check_overrides(attacks, steps=steps, alpha=alpha, queries=queries)
     specs = [
         a if isinstance(a, AttackSpec) else attack_preset(
             a, dataset, "eval", channels=channels, eps=eps,
@@ -275,11 +277,33 @@ def attack_specs(
         )
         for a in attacks
     ]
+    return specs
+
+
+def check_overrides(attacks: Sequence[str | AttackSpec], *, steps: int | None = None, alpha: float | None = None,
+                    queries: int | None = None) -> None:
+    """Every attack name known, and every override taken by at least one of the named attacks."""
+    for a in attacks:
+        if isinstance(a, str):
+            check_attack_name(a)
     for option, value in (("steps", steps), ("alpha", alpha), ("queries", queries)):
         if value is not None and not any(isinstance(a, str) and takes(a, option) for a in attacks):
             names = ", ".join(a if isinstance(a, str) else a.name for a in attacks) or "(no attack named)"
-            raise DltestError(f"{option} applies to none of the attacks {names}")
-    return specs
+            raise DltestError(f"{option} applies to none of the attacks {names}", param=option)
+
+
+def check_evaluation(attacks: Sequence[str | AttackSpec], *, n: int | None = None, seed: int = 0,
+                     device: str | torch.device | None = None, eps: float | str | None = None,
+                     steps: int | None = None, alpha: float | None = None, queries: int | None = None) -> None:
+    """The arguments of :func:`evaluate_robustness` that need no data, checked before anything is
+    loaded or run (``dltest evaluate`` calls it first): attack names and overrides, eps, the
+    count, the seed and the device."""
+    check_seed(seed, maximum=MAX_TORCH_SEED)
+    resolve_device(device)
+    check_overrides(attacks, steps=steps, alpha=alpha, queries=queries)
+    parse_eps(eps)
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise DltestError(f"n must be an integer >= 1, got {n!r}", param="n")
 
 
 def given_subset(data: ImageDataset, indices: Sequence[int]) -> ImageDataset:

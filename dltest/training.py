@@ -124,6 +124,9 @@ def train(
     final global batches smaller than the rank count (skipped). See docs/distributed.md.
     """
     config = config or TrainConfig()
+    for data in (train_data, val_data):
+        if data is not None:
+            data.require_labels("train")
     method = adversary if isinstance(adversary, AdversarialTraining) else None
     if adversary is not None and val_adversary is None:
         val_adversary = pgd_check(method.eps if method else getattr(adversary, "eps", None))

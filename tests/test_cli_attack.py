@@ -59,7 +59,7 @@ def test_evaluate_json_matches_the_api(lenet_checkpoint, tmp_path):
         (["--eps", "1.5"], "error: eps must be in (0, 1] (inputs are in [0, 1]), got 1.5"),
         (["--steps", "0"], "error: steps must be an integer >= 1, got 0"),
         (["--attacks", "pgd,cw"], "error: unknown attack 'cw'; choose one of pgd, fgsm, square, autoattack, autoattack-fast, deepfool, apgd-square"),
-        (["--attacks", "autoattack", "--steps", "5"], "error: steps applies to none of the attacks autoattack"),
+        (["--attacks", "autoattack", "--steps", "5"], "error: --steps applies to none of the attacks autoattack"),
     ],
 )
 def test_evaluate_bad_input(lenet_checkpoint, tmp_path, args, message):

@@ -181,6 +181,7 @@ def generate_adversarial(
     """
     check_seed(seed, maximum=MAX_TORCH_SEED)
     device = resolve_device(device)
+    data.require_labels("generate_adversarial (the attack's targets)")
     positions = torch.arange(len(data)) if indices is None else torch.as_tensor(indices, dtype=torch.long)
     if len(positions) == 0:
         raise DltestError("no inputs to attack (empty selection)")

@@ -43,22 +43,21 @@ def evaluate_command(
     normalize: Normalize = None,
 ) -> None:
     """Clean accuracy and robust accuracy under attacks (model in eval mode, RobustBench's rules)."""
-    from dltest.attacks import parse_attack_list, parse_eps
+    from dltest.attacks import parse_attack_list
     from dltest.io import check_outputs, write_json
-    from dltest.robustness import evaluate_robustness
-    from dltest.runtime import resolve_device
+    from dltest.robustness import check_evaluation, evaluate_robustness
     from rich.console import Console
 
-    names = parse_attack_list(attacks)  # bad names and eps fail before any loading
-    eps_value = parse_eps(eps)
-    resolve_device(device)
+    names = parse_attack_list(attacks)
+    # the library's own checks (attacks, overrides, eps, n, seed, device), before loading anything
+    check_evaluation(names, n=n, seed=seed, device=device, eps=eps, steps=steps, alpha=alpha, queries=queries)
     check_outputs({"--out": out}, {"--model": model, "--dataset": dataset})
     data, net, info = load_data_and_model(dataset, split, model, data_root, download, trust_model,
                                           arch, arch_kwargs, normalize)
     with robustness_warnings_as_lines():
         report = evaluate_robustness(
             net, data, names, n=n, seed=seed, batch_size=batch_size, device=device, progress=True,
-            eps=eps_value, steps=steps, alpha=alpha, queries=queries,
+            eps=eps, steps=steps, alpha=alpha, queries=queries,
         )
     write_json(out, evaluation_json(report, info))
     print_report(report, title=f"{info.source} on {report.dataset}/{report.split}")

@@ -22,6 +22,7 @@ from dltest.adapter import check_fits
 from dltest.checkpoint import load_model, save_checkpoint
 from dltest.data import load_dataset
 from dltest.errors import DltestError
+from dltest.io import check_writable
 from dltest.profiles import dataset_profile
 from dltest.resume import discard, partial_path
 from dltest.robustness import evaluate_robustness
@@ -94,6 +95,8 @@ def pretrain(
     if eval_n is not None and eval_n < 1:  # before the training, not after it
         raise DltestError(f"eval_n must be >= 1, got {eval_n}", cli=f"--eval-n must be >= 1, got {eval_n}")
     check_seed(seed)
+    if out is not None:
+        check_writable(out)  # a checkpoint that cannot be written fails before the training, not after it
     if at is None and at_options:
         raise DltestError(f"{', '.join(sorted(at_options))} set adversarial training: give a method with at=")
     load = dict(root=data_root, download=download)

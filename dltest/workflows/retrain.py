@@ -171,6 +171,8 @@ def retrain(
     check_retrain_settings(seed=seed, eval_n=eval_n, val_n=val_n, batch_size=batch_size, device=device,
                            **(dict(metric=metric, budget=budget, metric_options=metric_options) if selecting else {}))
     device = resolve_device(device)
+    for data in (train_data, pool, holdout):
+        data.require_labels("retrain")
     if selecting:
         parse_budget(budget, len(pool))
     if pool.name != holdout.name or pool.name != train_data.name:
