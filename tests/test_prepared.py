@@ -205,6 +205,15 @@ def test_other_entry_points_refuse_bad_arguments_before_any_forward_pass(pool, c
     model, forwards = counted
     with pytest.raises(DltestError, match="unknown attack"):
         evaluate_robustness(model, pool, ["nope"], device="cpu")
+    with pytest.raises(DltestError, match="steps applies to none of the attacks fgsm") as err:
+        evaluate_robustness(model, pool, ["fgsm"], steps=5, device="cpu")
+    assert err.value.param == "steps"
+    unlabeled = pool.subset(torch.arange(10))
+    unlabeled.labeled = False
+    with pytest.raises(DltestError, match="has no labels .*evaluate_robustness"):
+        evaluate_robustness(model, unlabeled, ["fgsm"], device="cpu")
+    with pytest.raises(DltestError, match="has no labels .*generate_adversarial"):
+        generate_adversarial(model, unlabeled, [0, 1], attack_preset("fgsm", "mnist", "eval"), device="cpu")
     with pytest.raises(DltestError, match="indices outside the pool of 40"):
         generate_adversarial(model, pool, [0, 40], attack_preset("fgsm", "mnist", "eval"), device="cpu")
     with pytest.raises(DltestError, match="budget '0' must select") as err:
