@@ -323,6 +323,24 @@ def check_attack_name(name: str) -> str:
     return name
 
 
+def check_attack_request(name: str, purpose: str = "eval", *, eps: float | str | None = None,
+                         alpha: float | None = None, steps: int | None = None, queries: int | None = None) -> str:
+    """What :func:`attack_preset` checks without a dataset, before anything is loaded (``dltest
+    attack`` calls it first): the name, the purpose, eps, and overrides the attack takes."""
+    preset = PRESETS[check_attack_name(name)]
+    if purpose not in PURPOSES:
+        raise DltestError(f"unknown attack purpose {purpose!r}; choose train or eval")
+    if eps is not None:
+        parse_eps(eps)
+    given = {k for k, v in {"alpha": alpha, "steps": steps, "queries": queries}.items() if v is not None}
+    extra = given - set(preset.options)
+    if extra:
+        raise DltestError(f"attack {name} does not take {', '.join(sorted(extra))}{preset.hint}")
+    if eps is not None and not preset.takes_eps:
+        raise DltestError(f"attack {name} finds a minimal L2 perturbation and takes no eps")
+    return name
+
+
 def attack_preset(
     name: str,
     dataset: str | None = "mnist",
@@ -344,17 +362,10 @@ def attack_preset(
     takes only ``eps`` (its other settings are the original's); ``autoattack-fast`` also takes
     ``steps`` and ``queries``.
     """
-    preset = PRESETS[check_attack_name(name)]
-    if purpose not in PURPOSES:
-        raise DltestError(f"unknown attack purpose {purpose!r}; choose train or eval")
+    preset = PRESETS[check_attack_request(name, purpose, eps=eps, alpha=alpha, steps=steps, queries=queries)]
     family = dataset_profile(dataset, channels).attack
     eps_value = parse_eps(eps) if eps is not None else family.eps
     given = {k: v for k, v in {"alpha": alpha, "steps": steps, "queries": queries}.items() if v is not None}
-    extra = set(given) - set(preset.options)
-    if extra:
-        raise DltestError(f"attack {name} does not take {', '.join(sorted(extra))}{preset.hint}")
-    if eps is not None and not preset.takes_eps:
-        raise DltestError(f"attack {name} finds a minimal L2 perturbation and takes no eps")
     base = {"purpose": purpose, "family": family.name, "seed": seed}
     return preset.spec(family, purpose, eps_value, base, given_eps=eps is not None, **given)
 

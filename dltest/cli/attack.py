@@ -42,18 +42,17 @@ def attack_command(
     normalize: Normalize = None,
 ) -> None:
     """Generate adversarial examples from selected inputs, for `dltest retrain` or your own use."""
-    from dltest.attacks import PURPOSES, attack_preset, check_attack_name, generate_adversarial, parse_eps
+    from dltest.attacks import attack_preset, check_attack_request, generate_adversarial
     from dltest.io import check_outputs, read_json, write_json
-    from dltest.runtime import resolve_device
+    from dltest.runtime import check_seed, resolve_device
     from dltest.selection import load_selection
     from rich.console import Console
     from rich.table import Table
 
-    check_attack_name(attack)
-    if purpose not in PURPOSES:
-        raise DltestError(f"unknown purpose {purpose!r}; choose train or eval")
-    eps_value = parse_eps(eps)
-    resolve_device(device)  # a bogus device fails before anything is loaded
+    # the library's own checks (attack, purpose, eps, overrides, seed, device), before loading anything
+    check_attack_request(attack, purpose, eps=eps, alpha=alpha, steps=steps, queries=queries)
+    check_seed(seed)
+    resolve_device(device)
     if out.suffix != ".npz":
         raise DltestError(f"--out must end in .npz, got {out}")
     report = report or out.with_suffix(".json")
@@ -63,7 +62,7 @@ def attack_command(
         split = raw.get("split") if isinstance(raw, dict) and raw.get("split") else "val"
     data, net, info = load_data_and_model(dataset, split, model, data_root, download, trust_model,
                                           arch, arch_kwargs, normalize)
-    spec = attack_preset(attack, data.name, purpose, channels=data.input_shape[0], eps=eps_value, steps=steps,
+    spec = attack_preset(attack, data.name, purpose, channels=data.input_shape[0], eps=eps, steps=steps,
                          alpha=alpha, queries=queries, seed=seed)
     chosen = load_selection(str(selection), data) if selection else None
     examples = generate_adversarial(net, data, chosen.indices if chosen else None, spec, seed=seed,
