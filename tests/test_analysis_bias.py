@@ -151,8 +151,8 @@ def test_selection_bias_report_leaves_the_labeled_inputs_out_of_the_pool():
 
 @pytest.mark.parametrize("indices, labeled, pool_size, message", [
     ([3, 40], None, 0, "holds indices outside the pool of 40"),
-    ([3, 4], [4], 0, "selects inputs that `labeled` lists"),
-    ([3], [41], 0, "`labeled` holds indices outside the pool of 40"),
+    ([3, 4], [4], 0, "selects inputs that labeled lists"),
+    ([3], [41], 0, "labeled holds indices outside the pool of 40"),
     ([3], None, 50, "selects from a pool of 50 inputs"),
 ])
 def test_a_selection_that_does_not_fit_the_pool_is_refused_before_any_forward_pass(indices, labeled, pool_size, message):

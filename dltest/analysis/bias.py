@@ -126,29 +126,29 @@ def selection_bias_report(
     where = source or "the selection"
     if selection.pool_size and selection.pool_size != n:
         raise DltestError(f"{where} selects from a pool of {selection.pool_size} inputs, but {data.name}/{data.split} "
-                          f"holds {n}: pass the pool as `data`")
+                          f"holds {n}: pass the pool it was made from as data", param="data")
     chosen = _positions(selection, n, where)
     pool = torch.arange(n)
     if labeled is not None:
-        done = _positions(labeled, n, "`labeled`")
+        done = _positions(labeled, n, "labeled", param="labeled")
         keep = torch.ones(n, dtype=torch.bool)
         keep[done] = False
         if not keep[chosen].all():
-            raise DltestError(f"{where} selects inputs that `labeled` lists: not the pool it was made from")
+            raise DltestError(f"{where} selects inputs that labeled lists: not the pool it was made from", param="labeled")
         pool = torch.nonzero(keep).flatten()
     outputs = infer(model, data, batch_size=batch_size, device=device, embeddings=False, progress=progress)
     bias = selection_bias(outputs.probs[pool], data.y[pool], torch.searchsorted(pool, chosen), bins=bins)
     note = None
     if selection.labeled and labeled is None:
         note = (f"the selection left {selection.labeled} labeled inputs out of its pool; they count in the pool "
-                "here (pass `labeled` to leave them out)")
+                "here (pass labeled to leave them out)")
     return {**output_header("analyze bias", selection.seed), "source": source, "kind": "selection",
             "metric": selection.metric, "dataset": data.name, "split": data.split, "model": model_name,
             "pool_size": len(pool), "selected": len(chosen), "bins": bins, "bias": bias, "note": note}
 
 
-def _positions(selection: "SelectionResult", n: int, where: str) -> Tensor:
+def _positions(selection: "SelectionResult", n: int, where: str, param: str | None = None) -> Tensor:
     chosen = torch.tensor(selection.indices, dtype=torch.long)
     if len(chosen) and (chosen.min() < 0 or chosen.max() >= n):
-        raise DltestError(f"{where} holds indices outside the pool of {n}")
+        raise DltestError(f"{where} holds indices outside the pool of {n}", param=param)
     return chosen

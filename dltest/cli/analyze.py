@@ -17,7 +17,7 @@ import typer
 
 from dltest.header import output_header
 from dltest.cli.defaults import BINS, INFERENCE_BATCH
-from dltest.cli.app import app
+from dltest.cli.app import app, flag, flags
 from dltest.cli.options import BatchSize, DataRoot, Device, Download, TrustModel, load_data_and_model
 from dltest.errors import DltestError
 
@@ -177,11 +177,11 @@ def _refuse_writing_into_runs(outputs: dict[str, Path], runs: list[Path]) -> Non
     """An analysis never writes inside a run folder it reads: it would overwrite (or shadow) the
     run's own files (log.jsonl, summary.json, figure.png, its models)."""
     folders = {os.path.realpath(run): run for run in runs if run.is_dir()}
-    for flag, path in outputs.items():
+    for option, path in outputs.items():
         where = Path(os.path.realpath(path)).parent
         for real, run in folders.items():
             if where == Path(real) or Path(real) in where.parents:
-                raise DltestError(f"{flag} {path} lies inside the input run folder {run}; write it elsewhere "
+                raise DltestError(f"{option} {path} lies inside the input run folder {run}; write it elsewhere "
                                   "(an analysis never changes the runs it reads)")
 
 
@@ -205,20 +205,12 @@ def _selection_bias(path: Path, model, dataset, split, labeled, bins, data_root,
             raise DltestError(f"the model {model} named by {path} is not there: pass --model")
     done = load_selection(str(labeled)) if labeled is not None else None
     data, net, info = load_data_and_model(dataset, split, model, data_root, download, trust)
-    flags = {"`data`": "--dataset/--split", "`labeled`": f"--labeled {labeled}" if labeled else "--labeled"}
-    try:
+    with flags(data="--dataset/--split"):  # the library names its parameters, the user knows the flags
         report = selection_bias_report(net, data, selection, labeled=done, bins=bins, batch_size=batch_size,
                                        device=device, progress=True, source=str(path), model_name=info.source)
-    except DltestError as exc:  # the library names its parameters, the user knows the flags
-        raise DltestError(_as_flags(str(exc), flags)) from None
-    report["note"] = _as_flags(report["note"], flags) if report["note"] else None
+    if report["note"]:
+        report["note"] = report["note"].replace("pass labeled", f"pass {flag('labeled')}")
     return report
-
-
-def _as_flags(text: str, flags: dict[str, str]) -> str:
-    for parameter, flag in flags.items():
-        text = text.replace(parameter, flag)
-    return text
 
 
 def _print_selection_bias(report: dict[str, Any]) -> None:

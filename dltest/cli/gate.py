@@ -9,7 +9,7 @@ wins. Writes the JSON report (``--out``), JUnit XML (``--junit``), a Markdown ta
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
@@ -17,7 +17,6 @@ from dltest.cli.app import app
 from dltest.cli.options import (
     Arch, ArchKwargs, AttackBatch, DataRoot, Device, Download, Normalize, TrustModel, load_data_and_model,
 )
-from dltest.errors import DltestError
 
 if TYPE_CHECKING:  # for type hints only: the commands import these when they run
     from dltest.gate import GateResult
@@ -59,13 +58,11 @@ def gate_command(
     estimate: Annotated[Optional[Path], typer.Option("--estimate", help="Decide the minimums on an estimate from 'dltest estimate' (its interval's lower end) instead of evaluating.", show_default=False)] = None,
 ) -> None:
     """Fail the build (exit 1) when accuracy or robustness misses a bar; exact statistics decide."""
-    from dltest.attacks import parse_eps
-    from dltest.gate import GatePolicy, append_step_summary, check_step_summary, load_baseline, read_config, run_gate, write_text
+    from dltest.gate import append_step_summary, check_step_summary, gate_settings, load_baseline, run_gate, write_text
     from dltest.io import check_outputs, write_json
-    from dltest.runtime import check_seed, resolve_device
+    from dltest.runtime import resolve_device
     from rich.console import Console
 
-    settings, source = read_config(config)
     given = {
         "min-accuracy": min_accuracy, "min-robust": min_robust, "max-drop": max_drop,
         "max-relative-drop": max_relative_drop, "confidence": confidence, "attacks": attacks,
@@ -73,42 +70,27 @@ def gate_command(
         "eps": eps, "steps": steps, "alpha": alpha, "queries": queries,
         "allow-randomised": allow_randomised or None,
     }
-    settings.update({key: value for key, value in given.items() if value is not None})
-    policy = GatePolicy(
-        min_accuracy=settings.get("min-accuracy"), min_robust=settings.get("min-robust"),
-        max_drop=settings.get("max-drop"), max_relative_drop=settings.get("max-relative-drop"),
-        confidence=_number(settings.get("confidence", 0.95), "confidence"),
-    )
+    settings = gate_settings(given, config)
     if estimate is not None:
         from dltest.cli.estimate import gate_on_estimate
 
-        return gate_on_estimate(estimate, policy, out)
-    names = _attack_names(settings.get("attacks"))
-    eps_value = parse_eps(settings.get("eps"))
-    numbers = {"n": _integer(settings.get("n"), "n"), "seed": check_seed(_integer(settings.get("seed"), "seed")),
-               "steps": _integer(settings.get("steps"), "steps"), "queries": _integer(settings.get("queries"), "queries"),
-               "alpha": _number(settings["alpha"], "alpha") if settings.get("alpha") is not None else None}
+        return gate_on_estimate(estimate, settings.policy, out)
     resolve_device(device)  # a bogus --device fails before anything is loaded
     check_outputs({"--out": out, "--junit": junit, "--markdown": markdown},
-                  {"--model": settings.get("model"), "--baseline": settings.get("baseline"),
-                   "--dataset": settings.get("dataset"), "--config": source})
+                  {"--model": settings.model, "--baseline": settings.baseline, "--dataset": settings.dataset,
+                   "--config": settings.source})
     check_step_summary()
-    policy.check(has_baseline=bool(settings.get("baseline")))  # the library's check, before loading anything
-    base = load_baseline(settings["baseline"]) if settings.get("baseline") else None
-    data, net, info = load_data_and_model(
-        str(settings.get("dataset", "mnist")), str(settings.get("split", "holdout")),
-        Path(settings["model"]) if settings.get("model") else None, data_root, download, trust_model,
-        arch, arch_kwargs, normalize,
-    )
-    result = run_gate(
-        net, data, policy, attacks=names, baseline=base, eps=eps_value, **numbers, batch_size=batch_size,
-        device=device, allow_randomised=bool(settings.get("allow-randomised", False)), progress=True,
-        model_name=info.source,
-    )
+    settings.policy.check(has_baseline=settings.baseline is not None)  # before loading anything
+    base = load_baseline(settings.baseline) if settings.baseline else None
+    data, net, info = load_data_and_model(settings.dataset, settings.split,
+                                          Path(settings.model) if settings.model else None, data_root, download,
+                                          trust_model, arch, arch_kwargs, normalize)
+    result = run_gate(net, data, settings.policy, baseline=base, **settings.evaluation(), batch_size=batch_size,
+                      device=device, progress=True, model_name=info.source)
     if base is not None:
-        result.baseline = str(settings["baseline"])
+        result.baseline = settings.baseline
     report = result.to_dict()
-    report["config"] = source
+    report["config"] = settings.source
     write_json(out, report)
     table = result.markdown()
     if junit:
@@ -123,31 +105,6 @@ def gate_command(
     Console().print(f"wrote {written} in {result.report.seconds:.1f} s")
     if not result.passed:
         raise typer.Exit(1)
-
-
-def _attack_names(value: Any) -> list[str]:
-    from dltest.attacks import parse_attack_list
-
-    if value is None:
-        return []
-    if isinstance(value, (list, tuple)):
-        value = ",".join(str(v) for v in value)
-    return parse_attack_list(str(value))
-
-
-def _number(value: Any, what: str) -> float:
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise DltestError(f"{what} must be a number, got {value!r}") from None
-
-
-def _integer(value: Any, what: str) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise DltestError(f"{what} must be an integer, got {value!r}")
-    return value
 
 
 def print_gate(result: GateResult) -> None:

@@ -32,11 +32,11 @@ from dltest.gate.decision import (
     BarResult, GateResult, RobustnessAssertionError, assert_robust, baseline_specs, check_same_inputs, decide_bars,
     load_baseline, report_from_dict, run_gate,
 )
-from dltest.gate.config import CONFIG_KEYS, MAX_TOML_BYTES, read_config
+from dltest.gate.config import CONFIG_KEYS, MAX_TOML_BYTES, GateSettings, gate_settings, read_config
 
 __all__ = [
-    "ACCURACY", "ALL_FIGURES", "BarResult", "CONFIG_KEYS", "GatePolicy", "GateResult", "MAX_TOML_BYTES",
+    "ACCURACY", "ALL_FIGURES", "BarResult", "CONFIG_KEYS", "GatePolicy", "GateResult", "GateSettings", "MAX_TOML_BYTES",
     "RobustnessAssertionError", "append_step_summary", "assert_robust", "baseline_specs", "check_figure",
     "check_same_inputs", "check_share", "check_step_summary", "decide_bars", "figure_names", "junit_xml",
-    "load_baseline", "markdown_table", "parse_bars", "read_config", "report_from_dict", "run_gate", "write_text",
+    "gate_settings", "load_baseline", "markdown_table", "parse_bars", "read_config", "report_from_dict", "run_gate", "write_text",
 ]

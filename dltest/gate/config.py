@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Mapping
 
 from dltest.errors import DltestError
+
+if TYPE_CHECKING:
+    from dltest.gate.policy import GatePolicy
 
 CONFIG_KEYS = (
     "min-accuracy", "min-robust", "max-drop", "max-relative-drop", "confidence", "attacks", "baseline",
@@ -86,3 +90,91 @@ def _tomllib():
     else:  # pragma: no cover - Python 3.10
         import tomli as tomllib
     return tomllib
+
+
+@dataclass(frozen=True)
+class GateSettings:
+    """One gate run's settings, merged and checked: the bars (``policy``), the attacks and their
+    overrides, the subset and seed, the files to load, and the config file they came from."""
+
+    policy: "GatePolicy"
+    attacks: list[str]
+    eps: float | None
+    n: int | None
+    seed: int | None
+    steps: int | None
+    queries: int | None
+    alpha: float | None
+    baseline: str | None
+    dataset: str
+    split: str
+    model: str | None
+    allow_randomised: bool
+    source: str | None
+
+    def evaluation(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`dltest.gate.run_gate` that these settings fix."""
+        return {"attacks": self.attacks, "eps": self.eps, "n": self.n, "seed": self.seed, "steps": self.steps,
+                "queries": self.queries, "alpha": self.alpha, "allow_randomised": self.allow_randomised}
+
+
+def gate_settings(given: Mapping[str, Any], config: str | os.PathLike | None = None,
+                  folder: str | os.PathLike = ".") -> GateSettings:
+    """The settings of a gate run: ``given`` (keys of :data:`CONFIG_KEYS`; ``None`` = not given)
+    over those of the configuration file (:func:`read_config`), each checked, before anything is
+    loaded. Bars are not checked against a baseline here (:meth:`GatePolicy.check` does that)."""
+    from dltest.attacks import parse_attack_list, parse_eps
+    from dltest.gate.policy import GatePolicy
+    from dltest.runtime import check_seed
+
+    unknown = sorted(set(given) - set(CONFIG_KEYS))
+    if unknown:
+        raise DltestError(f"unknown gate setting {unknown[0]!r}; allowed: {', '.join(CONFIG_KEYS)}")
+    settings, source = read_config(config, folder)
+    settings.update({key: value for key, value in given.items() if value is not None})
+    policy = GatePolicy(min_accuracy=settings.get("min-accuracy"), min_robust=settings.get("min-robust"),
+                        max_drop=settings.get("max-drop"), max_relative_drop=settings.get("max-relative-drop"),
+                        confidence=_number(settings.get("confidence", 0.95), "confidence"))
+    attacks = settings.get("attacks")
+    if isinstance(attacks, (list, tuple)):
+        attacks = ",".join(str(a) for a in attacks)
+    flag = settings.get("allow-randomised", False)
+    if not isinstance(flag, bool):
+        raise DltestError(f"allow-randomised must be true or false, got {flag!r}")
+    return GateSettings(
+        policy=policy, attacks=parse_attack_list(str(attacks)) if attacks is not None else [],
+        eps=parse_eps(settings.get("eps")), n=_integer(settings.get("n"), "n"),
+        seed=check_seed(_integer(settings.get("seed"), "seed")), steps=_integer(settings.get("steps"), "steps"),
+        queries=_integer(settings.get("queries"), "queries"),
+        alpha=_number(settings["alpha"], "alpha") if settings.get("alpha") is not None else None,
+        baseline=_text(settings.get("baseline"), "baseline"), dataset=_text(settings.get("dataset", "mnist"), "dataset"),
+        split=_text(settings.get("split", "holdout"), "split"), model=_text(settings.get("model"), "model"),
+        allow_randomised=flag, source=source)
+
+
+def _number(value: Any, what: str) -> float:
+    if isinstance(value, bool):
+        raise DltestError(f"{what} must be a number, got {value!r}")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise DltestError(f"{what} must be a number, got {value!r}") from None
+
+
+def _integer(value: Any, what: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise DltestError(f"{what} must be an integer, got {value!r}")
+    return value
+
+
+def _text(value: Any, what: str) -> str | None:
+    """A file or name setting: a string (a path from the command line counts), or absent."""
+    if value is None:
+        return None
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if not isinstance(value, str):
+        raise DltestError(f"{what} must be a string, got {value!r:.40}")
+    return value
