@@ -118,13 +118,13 @@ def dltest_model(pytestconfig: pytest.Config, dltest_data: "ImageDataset") -> It
     (:func:`dltest.adapter.prepared`): checked to fit ``dltest_data``, an outside model adapted
     (logits), in eval mode, on the CPU (where a test's own tensors are); restored after the session."""
     from dltest.adapter import prepared
-    from dltest.checkpoint import load_model
     from dltest.errors import DltestError
+    from dltest.loading import load_model_for
 
     source = _setting(pytestconfig, "model") or None
     with contextlib.ExitStack() as session:
         try:  # a checkpoint naming a module:Class is refused: override this fixture with load_model(..., arch=...)
-            model, info = load_model(source, dataset=None if source else dltest_data.name)
+            _, model, info = load_model_for(dltest_data, source, fit_user_channels=False)  # the tests see dltest_data
             ready = session.enter_context(prepared(model, dltest_data, "cpu", info=info))
         except DltestError as exc:
             problem = str(exc)

@@ -9,7 +9,6 @@ import typer
 from typer._click.globals import get_current_context
 
 from dltest.cli.defaults import MAX_SEED
-from dltest.errors import DltestError
 
 if TYPE_CHECKING:  # the modules below import torch: each command imports them when it runs
     from torch import nn
@@ -49,31 +48,18 @@ def load_data_and_model(
     ``need_labels=False``: an unlabeled pool is fine (``dltest select``).
     Grey images stored as RGB (or grey images for a colour model) get the model's channel count.
     """
-    from dltest.adapter import check_fits, parse_normalize
-    from dltest.checkpoint import load_model
-    from dltest.data import BUILTINS, fit_channels, load_dataset
-    from dltest.zoo import parse_arch_kwargs
+    from dltest.cli.app import flags
+    from dltest.data import load_dataset
+    from dltest.loading import check_model_request, load_model_for
 
-    if (arch or arch_kwargs) and model is None:
-        raise DltestError("--arch and --arch-kwargs describe a state_dict given with --model FILE")
-    parse_arch_kwargs(arch_kwargs, "--arch-kwargs")  # malformed JSON fails before any loading
-    parse_normalize(normalize)
-    data = load_dataset(dataset, split, root=data_root, download=download or None)
-    if need_labels:
-        ctx = get_current_context(silent=True)
-        data.require_labels(f"'{ctx.command_path}'" if ctx else "this command")
-    net, info = load_model(model, dataset=None if model else data.name, trust=trust, arch=arch,
-                           arch_kwargs=arch_kwargs, normalize=normalize, input_shape=data.input_shape)
-    user_file = data.name not in BUILTINS
-    if user_file and info.input_shape and tuple(info.input_shape[1:]) == data.input_shape[1:]:
-        data = fit_channels(data, info.input_shape[0])
-    try:
-        net = check_fits(net, data, info)
-    except DltestError:
-        other = fit_channels(data, 4 - data.input_shape[0]) if user_file else data  # 1 <-> 3 channels, losing nothing
-        if other is data or info.input_shape:
-            raise
-        net, data = check_fits(net, other, info), other
+    with flags():
+        check_model_request(model, arch, arch_kwargs, normalize)
+        data = load_dataset(dataset, split, root=data_root, download=download or None)
+        if need_labels:
+            ctx = get_current_context(silent=True)
+            data.require_labels(f"'{ctx.command_path}'" if ctx else "this command")
+        data, net, info = load_model_for(data, model, trust=trust, arch=arch, arch_kwargs=arch_kwargs,
+                                         normalize=normalize)
     if info.outputs != "logits":
         notice(f"{info.source} outputs {info.outputs}: dltest reads them as such (softmax is not applied again)")
     return data, net, info
