@@ -41,14 +41,14 @@ from torch import Tensor, nn
 
 from dltest._version import __version__
 from dltest.header import output_header
-from dltest.adapter import class_scores
+from dltest.adapter import check_fits
 from dltest.adversarial_training import AT_METHODS, AdversarialTraining, adversarial_training
 from dltest.analysis.bias import selection_bias
 from dltest.analysis.plots import accuracy_by_stage
 from dltest.attacks import attack_preset, parse_attack_list, pgd_check
 from dltest.checkpoint import save_checkpoint, state_digest
 from dltest.data import ImageDataset, LabeledPool
-from dltest.errors import DltestError
+from dltest.errors import DltestError, first_line
 from dltest.inference import infer
 from dltest.io import atomic_path, parse_json_text, read_json, write_json
 from dltest.resume import EDITED, ResumeState, Wording
@@ -467,16 +467,16 @@ def _zoo_or_user_model(config: RobustALConfig, data: ImageDataset) -> Callable[[
 
 
 def _check_model_fits(factory: Callable[[], nn.Module], data: ImageDataset) -> None:
-    try:
-        with seeded(0), torch.no_grad():
-            out = class_scores(factory().eval()(data.images(slice(0, 2))))  # tuple, dict, .logits: as inference reads them
-    except DltestError:
-        raise
-    except Exception as exc:
-        raise DltestError(f"the model cannot take {data.name} inputs of shape {tuple(data.input_shape)} "
-                          f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
-    if out.ndim != 2 or out.shape[1] != data.num_classes:
-        raise DltestError(f"the model outputs shape {tuple(out.shape)}, but {data.name} has {data.num_classes} classes")
+    """The untrained model takes the data and scores its classes, checked as every command checks a model."""
+    with seeded(0):
+        try:
+            model = factory()  # a zoo model probes its input size while it is built
+        except DltestError:
+            raise
+        except Exception as exc:
+            raise DltestError(f"the model cannot take {data.name} inputs of shape {tuple(data.input_shape)} "
+                              f"({first_line(exc)})") from None
+        check_fits(model, data)
 
 
 def _check_data(config: RobustALConfig, train_data, val_data, holdout) -> None:
