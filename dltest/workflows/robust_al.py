@@ -39,7 +39,6 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from dltest._version import __version__
 from dltest.header import output_header
 from dltest.adapter import check_fits
 from dltest.adversarial_training import AT_METHODS, AdversarialTraining, adversarial_training
@@ -492,7 +491,7 @@ def _check_data(config: RobustALConfig, train_data, val_data, holdout) -> None:
 
 def _prepare_folder(folder: Path, config: RobustALConfig, resume: bool) -> None:
     config_path = folder / CONFIG_FILE
-    wanted = {"command": "dltest robust-al", "dltest_version": __version__, **config.to_dict()}
+    wanted = {**output_header("robust-al", config.seed), **config.to_dict()}  # a resume compares keys, not order
     if folder.exists() and not folder.is_dir():
         raise DltestError(f"run folder {folder} is a file")
     if config_path.is_file():
