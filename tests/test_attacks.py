@@ -199,6 +199,7 @@ def test_the_preset_registry_says_once_which_attack_takes_which_option():
         takes("cw", "steps")
 
 
+@pytest.mark.slow
 def test_deepfool_preset_is_the_batched_kernel_and_flips_every_correct_input(mnist_test):
     # the preset used to be torchattacks' DeepFool (overshoot per step): on 200 random MNIST test
     # inputs it left 93 on a tied boundary, still classified correctly, a "robust accuracy" of

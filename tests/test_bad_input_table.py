@@ -256,6 +256,7 @@ def test_bad_input(case, files, tmp_path, monkeypatch):
 # --- what the table cannot show -----------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_resumed_run_after_a_full_disk_finishes_like_an_uninterrupted_one(files, tmp_path):
     """The disk-full refusal kept the last good state: once there is space, --resume finishes."""
     whole, cut = tmp_path / "whole", tmp_path / "cut"

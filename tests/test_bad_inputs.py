@@ -462,6 +462,7 @@ def test_image_folder_with_train_and_test_subfolders(tmp_path, files):
     assert len(load_dataset(str(tmp_path), "val")) + len(load_dataset(str(tmp_path), "holdout")) == 4
 
 
+@pytest.mark.slow
 def test_interrupted_writes_leave_no_temporary_file(tmp_path):
     """A SIGTERM in the middle of a write unwinds like Ctrl-C: no output, no stray temporary file."""
     script = (

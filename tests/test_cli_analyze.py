@@ -63,6 +63,7 @@ def test_bias_of_a_run_prints_the_logged_bias(tmp_path, runs):
     assert png == out.with_suffix(".png") and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_correlation_is_minus_one_for_a_perfect_relation(tmp_path, runs):
     out = tmp_path / "corr.json"
     result = run("analyze", "correlation", *runs, "--out", out)
@@ -158,6 +159,7 @@ def test_malformed_run_folders_are_named(tmp_path):
     assert result.exit_code == 2 and "different datasets" in result.output
 
 
+@pytest.mark.slow
 def test_bias_of_a_selection_recomputes_it_from_model_and_pool(tmp_path):
     selection = tmp_path / "sel.json"
     made = run("select", "--metric", "entropy", "--budget", "200", "--split", "val", "--out", selection)

@@ -27,6 +27,7 @@ def error_line(result) -> str:
     return lines[0]
 
 
+@pytest.mark.slow
 def test_evaluate_json_matches_the_api(lenet_checkpoint, tmp_path):
     out = tmp_path / "ev.json"
     r = ok(run("evaluate", "-m", lenet_checkpoint, "--attacks", "pgd,fgsm", "--eps", "0.15", "--steps", "10",
@@ -87,6 +88,7 @@ def test_evaluate_warns_about_a_randomised_model(trained_lenet, tmp_path):
     assert "outputs change" in json.loads((tmp_path / "ev.json").read_text())["warnings"][0]
 
 
+@pytest.mark.slow
 def test_attack_writes_a_reusable_npz_and_retrain_uses_it(lenet_checkpoint, tmp_path):
     sel = tmp_path / "sel.json"
     ok(run("select", "-m", lenet_checkpoint, "--split", "val", "--metric", "entropy", "--budget", "40", "--out", sel))
@@ -130,6 +132,7 @@ def test_attack_refuses_a_selection_from_another_dataset(lenet_checkpoint, tmp_p
         "error: unknown attack 'nope'")
 
 
+@pytest.mark.slow
 def test_retrain_end_to_end(lenet_checkpoint, tmp_path):
     out, report = tmp_path / "re.pt", tmp_path / "re.json"
     r = ok(run("retrain", "-m", lenet_checkpoint, "--metric", "dre", "--budget", "60", "--train-size", "800",

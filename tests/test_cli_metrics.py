@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+
+import pytest
+
 from tests.cli_runner import run_cli as run
 
 
@@ -23,6 +26,7 @@ def test_metrics_says_what_each_metric_needs_and_where_sampling_applies(tmp_path
     assert rows["dfal"]["sampling"] and not rows["batchbald"]["sampling"]
 
 
+@pytest.mark.slow
 def test_select_sampling_and_reference_flags(tmp_path, lenet_checkpoint):
     out = tmp_path / "s.json"
     result = run("select", "--metric", "entropy", "--budget", "25", "--model", str(lenet_checkpoint),

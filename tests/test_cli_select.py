@@ -31,6 +31,7 @@ def test_bad_budgets(spec):
         parse_budget(spec, 20000)
 
 
+@pytest.mark.slow
 def test_select_writes_a_complete_selection(tmp_path, lenet_checkpoint):
     out, csv = tmp_path / "sel.json", tmp_path / "sel.csv"
     result = run("select", "--metric", "dre", "--budget", "4%", "--model", str(lenet_checkpoint),
@@ -131,6 +132,7 @@ def test_a_failed_run_leaves_an_existing_output_untouched(tmp_path, lenet_checkp
     assert [p.name for p in tmp_path.iterdir()] == ["keep.json"]
 
 
+@pytest.mark.slow
 def test_labeled_file_excludes_inputs_and_must_match_the_pool(tmp_path, lenet_checkpoint):
     first = tmp_path / "first.json"
     assert run("select", "--metric", "entropy", "--budget", "30", "--model", str(lenet_checkpoint), "--out", str(first)).exit_code == 0

@@ -43,6 +43,7 @@ def test_the_public_names_still_import_on_first_use():
         dltest.nonexistent  # noqa: B018
 
 
+@pytest.mark.slow
 def test_help_and_version_run_without_torch():
     code = ("import sys, runpy; sys.argv = ['dltest', {arg}]\n"
             "try: runpy.run_module('dltest', run_name='__main__')\n"
@@ -54,6 +55,7 @@ def test_help_and_version_run_without_torch():
     assert python("-m", "dltest", "--version").stdout.strip() == "dltest 0.1.0"
 
 
+@pytest.mark.slow
 def test_piped_help_is_wide_enough_and_shows_flags_as_flags():
     piped = subprocess.run(f"{sys.executable} -m dltest select --help | cat", shell=True, capture_output=True,
                            text=True, cwd=REPO, timeout=300,

@@ -243,6 +243,7 @@ def test_evaluate_and_attack_give_the_zoo_models_figures(kind, model_files, lene
         assert f["x"].min() >= 0 and f["x"].max() <= 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["torchscript", "probabilities", "normalisation outside"])
 def test_retrain_works_on_outside_models(kind, model_files, tmp_path):
     out = tmp_path / "retrained.pt"

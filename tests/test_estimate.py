@@ -516,6 +516,7 @@ def synthetic_robust_pool():
     return confidence, right.astype(float), survived.astype(float), robust.astype(float)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("design", list(DESIGNS))
 def test_coverage_with_the_plan_time_surrogate_on_a_pool_of_known_robust_accuracy(synthetic_robust_pool, design):
     from dltest.estimation.designs import robust_surrogate

@@ -57,6 +57,7 @@ def test_a_minimum_is_decided_on_the_exact_lower_bound():
     assert bar.passed  # the same 99.0% on ten times the inputs shows it
 
 
+@pytest.mark.slow
 def test_bars_just_below_and_above_the_bundled_models_figures(bundled, holdout, measured):
     acc_bound = lower_bound(measured.clean_correct, N)
     pgd_bound = lower_bound(measured.attacks[0].robust_correct, N)
@@ -98,6 +99,7 @@ def _weakened(model: nn.Module, scale: float) -> nn.Module:
     return worse
 
 
+@pytest.mark.slow
 def test_a_paired_drop_against_a_baseline(bundled, holdout, tmp_path):
     first = run_gate(bundled, holdout, GatePolicy(min_accuracy=0.5), n=N, seed=3, eps=0.1, steps=5, alpha=0.03,
                      attacks=["pgd"])
@@ -124,6 +126,7 @@ def test_a_paired_drop_against_a_baseline(bundled, holdout, tmp_path):
     assert slight.bars[0].drop < 0.02 and slight.passed
 
 
+@pytest.mark.slow
 def test_baseline_mismatches_are_refused(bundled, holdout, tmp_path):
     first = run_gate(bundled, holdout, GatePolicy(min_accuracy=0.5), n=50, eps=0.1, steps=5, alpha=0.03,
                      attacks=["pgd"])
@@ -161,6 +164,7 @@ class _Quantised(nn.Module):
         return self.inner(torch.round(x))
 
 
+@pytest.mark.slow
 def test_gradient_masking_warning_when_square_beats_pgd(bundled, holdout):
     result = run_gate(_Quantised(bundled).eval(), holdout, GatePolicy(min_robust={"pgd": 0.0, "square": 0.0}), n=60,
                       eps=0.3, steps=5, alpha=0.1, queries=300)
@@ -195,6 +199,7 @@ def _gate(tmp_path, *args, env=None):
     return result, out
 
 
+@pytest.mark.slow
 def test_cli_exit_codes_junit_markdown_and_step_summary(tmp_path, measured):
     pgd_bound = lower_bound(measured.attacks[0].robust_correct, N)
     summary = tmp_path / "summary.md"
@@ -223,6 +228,7 @@ def test_cli_exit_codes_junit_markdown_and_step_summary(tmp_path, measured):
     assert failure.get("name").startswith("pgd >=") and "lower bound" in failure.find("failure").get("message")
 
 
+@pytest.mark.slow
 def test_cli_baseline_round_trip(tmp_path):
     first, out = _gate(tmp_path, "--min-accuracy", "0.5", "--attacks", "pgd")
     assert first.exit_code == 0, first.output

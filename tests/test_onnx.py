@@ -70,6 +70,7 @@ def test_square_runs_on_onnx_and_gradient_methods_are_refused(exported, holdout)
             select(metric, 5, model=onnx_model, data=holdout.subset(torch.arange(50)))
 
 
+@pytest.mark.slow
 def test_cli_export_select_evaluate_gate(tmp_path, exported):
     torch_model, _, _ = exported
     onnx_path = tmp_path / "model.onnx"
@@ -118,6 +119,7 @@ def test_missing_onnxruntime_is_a_one_line_error(exported, monkeypatch):
         load_model(path)
 
 
+@pytest.mark.slow
 def test_parity_failure_writes_nothing(tmp_path, holdout):
     from dltest.export import export_onnx
 
@@ -153,6 +155,7 @@ def test_a_foreign_onnx_file_with_a_fixed_batch_of_one(tmp_path):
     assert_same_selection(select("margin", 20, model=model, data=pool), select("margin", 20, model=torch_model, data=pool))
 
 
+@pytest.mark.slow
 def test_an_onnx_model_that_outputs_probabilities_is_read_as_such(tmp_path, exported, holdout):
     from dltest.export import export_onnx
     from dltest.inference import infer

@@ -211,6 +211,7 @@ def state_format(path: Path) -> str:
     return torch.load(path, weights_only=True)["format"]
 
 
+@pytest.mark.slow
 def test_robust_al_resumes_a_run_folder_written_before_issue_19(tmp_path, monkeypatch):
     """State format 1 (main's code): entropy finished, its final attack kept in entropy.final.json;
     random cut after stage 1. Resumed, the run selects the positions of the uninterrupted run (main's

@@ -199,6 +199,7 @@ def test_sigkill_then_resume_gives_the_uninterrupted_log(tmp_path):
     assert not list(cut.rglob("*.tmp"))
 
 
+@pytest.mark.slow
 def test_run_folder_has_the_figure(splits, tmp_path):
     pytest.importorskip("matplotlib")
     run(tiny(budget=220, at=None), splits, tmp_path / "run")
@@ -252,6 +253,7 @@ def users_npz(path, train, test, colour: bool):
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("colour", [False, True], ids=["grey", "colour"])
 def test_cli_runs_on_a_users_npz_file(splits, tmp_path, colour):
     from pathlib import Path
@@ -287,6 +289,7 @@ def test_cli_runs_on_a_users_npz_file(splits, tmp_path, colour):
     assert model.eval()(torch.zeros(expected)).shape == (1, 10)
 
 
+@pytest.mark.slow
 def test_fashion_stages_are_evaluated_with_the_profiles_attack_and_the_log_names_it(tmp_path):
     # issue 17: on Fashion-MNIST PGD-50 overstates robustness, so its profile's per-stage attack is
     # apgd-square; every stage record says which attack, with its settings, gave robust_accuracy
@@ -303,6 +306,7 @@ def test_fashion_stages_are_evaluated_with_the_profiles_attack_and_the_log_names
     assert json.loads((tmp_path / "run" / "config.json").read_text())["eval_attacks"] == ["apgd-square"]
 
 
+@pytest.mark.slow
 def test_a_stage_whose_epochs_all_collapse_is_trained_again_with_the_eps_warm_up(splits, monkeypatch):
     import dltest.workflows.robust_al as workflow
 
@@ -322,6 +326,7 @@ def test_a_stage_whose_epochs_all_collapse_is_trained_again_with_the_eps_warm_up
     assert records[2].stopped_early.startswith("every epoch collapsed at full eps; trained again with the eps warm-up")
 
 
+@pytest.mark.slow
 def test_final_attacks_run_once_per_metric_and_a_resume_reuses_them(splits, tmp_path, monkeypatch):
     import dltest.workflows.robust_al as robust_al
 
@@ -352,6 +357,7 @@ def test_final_attacks_run_once_per_metric_and_a_resume_reuses_them(splits, tmp_
     assert attacked == [["pgd"]] and again.final_attacks == first.final_attacks
 
 
+@pytest.mark.slow
 def test_finished_metrics_of_a_run_still_going(splits, tmp_path):
     from dltest.workflows.robust_al import finished_metrics
 

@@ -21,6 +21,7 @@ def holdout_slice():
     return load_dataset("mnist", "holdout").subset(torch.arange(300), split="holdout")
 
 
+@pytest.mark.slow
 def test_numbers_agree_with_a_direct_torchattacks_call(trained_lenet, holdout_slice):
     report = evaluate_robustness(trained_lenet, holdout_slice, ["pgd", "fgsm"], eps=0.15, steps=10, alpha=0.03,
                                  seed=5, batch_size=512)
@@ -42,6 +43,7 @@ def test_numbers_agree_with_a_direct_torchattacks_call(trained_lenet, holdout_sl
     assert report.attacks[0].settings["eps"] == 0.15 and report.attacks[0].settings["steps"] == 10
 
 
+@pytest.mark.slow
 def test_batches_and_seed_make_no_difference_but_rng_is_restored(trained_lenet, holdout_slice):
     spec = attack_preset("pgd", "mnist", "eval", eps=0.1, steps=5)
     torch.manual_seed(123)

@@ -247,6 +247,7 @@ def egl_loop(model: nn.Module, x: torch.Tensor) -> np.ndarray:
     return np.array(out)
 
 
+@pytest.mark.slow
 def test_egl_exact_equals_python_loop_on_lenet(trained_lenet, small_pool):
     data = small_pool.subset(torch.arange(40))
     pool = pool_of(trained_lenet, data)
@@ -380,6 +381,7 @@ def test_deepfool_inside_the_box_is_one_overshot_step_on_a_linear_model():
     assert result.norms.item() == pytest.approx(1.02 * 0.6001 / math.sqrt(2), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_batched_deepfool_equals_spec_reference_on_the_bundled_model(mnist_test):
     # issue 17: the kernel's norms were 0.2-15% above this formula's and it stopped after 2 steps
     # instead of 8; now every input's norm is within 0.5% and takes the same number of steps
@@ -435,6 +437,7 @@ def test_dfal_every_candidate_crosses_the_boundary_on_the_bundled_model(mnist_te
     assert (result.iterations <= 50).all() and (result.norms > 0).all()
 
 
+@pytest.mark.slow
 def test_dfal_does_not_depend_on_class_order(trained_lenet, small_pool):
     # the same model with its classes renumbered must select the same inputs with the same norms:
     # nothing (tie-breaks, flip checks) may depend on a class's index
@@ -575,6 +578,7 @@ def test_cli_selector_flags(lenet_checkpoint, tmp_path, cli):
     assert all(flag in res.output for flag in ["--mc-samples", "--dropout", "--candidate-factor", "--egl-variant"])
 
 
+@pytest.mark.slow
 def test_cli_coreset_labeled_file_checked(lenet_checkpoint, tmp_path, cli):
     base = ["select", "--model", str(lenet_checkpoint), "--split", "val", "--budget", "10", "--metric", "coreset"]
     first = tmp_path / "first.json"

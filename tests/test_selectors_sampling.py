@@ -21,6 +21,7 @@ def draws(scores, sampling, temperature=1.0, highest=True, runs=4000, seed=0):
     return np.bincount(first, minlength=len(scores)) / runs
 
 
+@pytest.mark.slow
 def test_first_draw_follows_each_modes_probabilities():
     s = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64)
     np.testing.assert_allclose(draws(s, "power"), s.numpy() / s.sum().item(), atol=0.025)
@@ -67,6 +68,7 @@ def test_sampling_options_are_checked_and_recorded():
     assert {"entropy", "deepgini", "lc", "margin", "bald", "dfal", "egl"} <= set(score_based())
 
 
+@pytest.mark.slow
 def test_stochastic_acquisition_and_the_high_entropy_bias_on_mnist(mnist_test):
     # SPEC §6: JSD (base 2) between the 50-bin entropy histograms of the selection and the pool.
     # Measured here on the 10k test inputs at 4%: top-entropy is heavily biased, power sampling
@@ -91,6 +93,7 @@ def test_stochastic_acquisition_and_the_high_entropy_bias_on_mnist(mnist_test):
     assert bias("entropy", sampling="softmax") < 0.05
 
 
+@pytest.mark.slow
 def test_sampling_over_metrics_that_run_the_model(trained_lenet, mnist_test):
     pool = mnist_test.subset(torch.arange(60))
     for metric, options in (("bald", {}), ("dfal", {"candidate_factor": 4})):

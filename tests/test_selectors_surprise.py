@@ -121,6 +121,7 @@ def test_mdsa_equals_the_mahalanobis_formula_with_a_pseudo_inverse():
         np.testing.assert_allclose(ours[rows], np.sqrt(np.einsum("ij,jk,ik->i", diff, inv, diff)), rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_surprise_selectors_through_select(trained_lenet, mnist_test, mnist_train_slice):
     pool = mnist_test.subset(torch.arange(300))
     reference = mnist_train_slice.subset(torch.arange(2000))
