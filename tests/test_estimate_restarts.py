@@ -91,6 +91,16 @@ def test_one_restart_stores_0_1_flags_without_cross_sums(monkeypatch):
     assert drawn.attacks == [{"attack": "pgd", "settings": None, "seconds": 2.0, "survived": 3}]
 
 
+def test_attacks_default_to_three_runs_and_flags_to_one(monkeypatch):
+    drawn, calls, _ = _restart_plan(monkeypatch, attacks=("pgd",), restarts=None)
+    assert calls == [0, 1, 2] and drawn.attack_restarts == 3 and drawn.survived == {"pgd": PGD_COUNTS}
+    from dltest.estimation import plan
+
+    data, outputs = _pool()
+    given = plan(None, data, design="ppi", budget=6, outputs=outputs, survived={"pgd": [1, 0, 1, 1, 0, 1]})
+    assert given.attack_restarts == 1 and given.survived == {"pgd": "101101"}
+
+
 @pytest.mark.parametrize("value", [0, 10, 2.5, True, "3"])
 def test_plan_refuses_bad_attack_restarts(value):
     from dltest.estimation import plan

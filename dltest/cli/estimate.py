@@ -50,7 +50,7 @@ def plan_command(
     eps: Annotated[Optional[str], typer.Option(help="--attacks: Linf radius (default: the dataset's preset).", show_default=False)] = None,
     steps: Annotated[Optional[int], typer.Option(help="--attacks: attack iterations (default: the preset's).", show_default=False)] = None,
     alpha: Annotated[Optional[float], typer.Option(help="--attacks: PGD step size (default: the preset's).", show_default=False)] = None,
-    attack_restarts: Annotated[str, typer.Option("--attack-restarts", help="--attacks: run each plan-time attack this many times (1 to 9) with different seeds; the surrogate then uses the share of runs each prediction survived, at that many times the attack's cost.")] = "1",
+    attack_restarts: Annotated[Optional[str], typer.Option("--attack-restarts", help="--attacks: run each plan-time attack this many times (1 to 9, default 3) with the seeds seed, seed+1, ...; the surrogate then uses the share of runs each prediction survived, at that many times the attack's cost. 1 for an attack without a random start (FGSM): its runs agree.", show_default=False)] = None,
     dataset: Dataset = "mnist",
     split: Split = "test",
     model: ModelPath = None,
@@ -86,8 +86,8 @@ def plan_command(
     eps_value = parse_eps(eps)
     if not names and (eps is not None or steps is not None or alpha is not None):
         raise DltestError("--eps, --steps and --alpha set the plan-time attacks: give --attacks too")
-    restarts = _parse_restarts(attack_restarts)
-    if restarts > 1 and not names:
+    restarts = None if attack_restarts is None else _parse_restarts(attack_restarts)
+    if restarts is not None and restarts > 1 and not names:
         raise DltestError(f"--attack-restarts {attack_restarts} repeats the plan-time attacks: give --attacks too")
     resolve_device(device)
     check_outputs({"--out": out, "--csv": csv_path}, {"--model": model, "--dataset": dataset})
