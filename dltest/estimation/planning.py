@@ -38,8 +38,8 @@ SCORES: dict[str, Callable[[Tensor], Tensor]] = {
 PLAN_COMMAND = "estimate plan"
 PLAN_KIND = f"dltest {PLAN_COMMAND}"
 MAX_ATTACK_RESTARTS = 9  # the plan stores, per input, the runs survived as one digit
-# plan-time runs per attack when attacks are given: 3 runs of PGD saved 8-33% of the robust figures'
-# labels over 1 run on three of the four benchmark pools, 5 runs at most 3% more (docs/estimate.md)
+# plan-time runs per attack when attacks are given: 3 runs of PGD saved 2-35% of the robust figure's
+# labels over 1 run on three of the four benchmark pools, 5 runs 1-7% more than 3 (docs/estimate.md)
 DEFAULT_ATTACK_RESTARTS = 3
 
 
