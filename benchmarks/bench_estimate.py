@@ -11,10 +11,13 @@ simple random sample needs for the same mean width (the exact expected Clopper-P
 under binomial sampling at the pool's true accuracy, solved for n).
 
 Clean accuracy uses the bundled standard models; robust accuracy the bundled robust models
-(the standard ones are near 0% under PGD, where there is nothing to estimate).
+(the standard ones are near 0% under PGD, where there is nothing to estimate). Robust cells are
+also measured with the plan-time surrogate of ``dltest estimate plan --attacks pgd
+--attack-restarts K`` for each K of ``--restarts`` (the predicted-label PGD run K times with the
+seeds 0..K-1; ``g = f * s``, ``s`` the share of runs survived).
 
     DLTEST_DATA=../shared/datasets OMP_NUM_THREADS=1 python benchmarks/bench_estimate.py \\
-        --out docs/bench-estimate.json
+        --out docs/bench-estimate.json --cache /tmp/bench-estimate-cache
 """
 
 from __future__ import annotations
@@ -51,12 +54,12 @@ def shifted_pool(data: ImageDataset, seed: int = 0) -> ImageDataset:
     return part
 
 
-def cache_pool(model, data: ImageDataset, robust: bool, path: Path | None = None) -> dict:
+def cache_pool(model, data: ImageDataset, robust: bool, path: Path | None = None, restarts: int = 1) -> dict:
     """The one inference pass (confidence, entropy, right or wrong) and, for ``robust``, PGD flags
     with the true labels (the outcomes) and with the predicted labels (the plan-time surrogate's
-    flags, as ``dltest estimate plan --attacks pgd`` computes them); kept in ``path`` (an .npz)
-    when given, so that a rerun skips the attacks. A cache from before the surrogate gets its
-    predicted-label flags added."""
+    flags, as ``dltest estimate plan --attacks pgd`` computes them: ``survived`` with seed 0,
+    ``survived_<r>`` with seed r for r < ``restarts``); kept in ``path`` (an .npz) when given, so
+    that a rerun skips the attacks. A cache lacking some of them gets them added."""
     cached = {}
     if path is not None and path.is_file():
         with np.load(path, allow_pickle=False) as f:
@@ -65,26 +68,51 @@ def cache_pool(model, data: ImageDataset, robust: bool, path: Path | None = None
                 cached["pgd_settings"] = json.loads(str(f["pgd_settings"]))
     if not cached:
         cached = _compute_pool(model, data, robust)
-    missing = robust and "survived" not in cached
-    if missing:
-        cached.update(_plan_time_flags(model, data))
+    missing = False
+    for run in range(restarts if robust else 0):
+        if _run_key(run) not in cached:
+            missing = True
+            flags = _plan_time_flags(model, data, seed=run)
+            cached.update({key.replace("survived", _run_key(run)): value for key, value in flags.items()})
     if path is not None and (missing or not path.is_file()):
         np.savez(path, **{k: (json.dumps(v) if k == "pgd_settings" else v) for k, v in cached.items()})
     return cached
 
 
-def _plan_time_flags(model, data: ImageDataset) -> dict:
-    """What ``dltest estimate plan --attacks pgd`` computes: the pgd preset over the whole pool with
-    the model's predicted labels (no labels), timed."""
+def _run_key(run: int) -> str:
+    """The cache key of the plan-time run with seed ``run`` (seed 0: ``survived``, as before)."""
+    return "survived" if run == 0 else f"survived_{run}"
+
+
+def _plan_time_flags(model, data: ImageDataset, seed: int = 0) -> dict:
+    """What one run of ``dltest estimate plan --attacks pgd`` computes: the pgd preset over the whole
+    pool with the model's predicted labels (no labels), timed."""
     from dltest.estimation.planning import predicted_label_survival
 
     started = time.perf_counter()
     outputs = infer(model, data, embeddings=False)
     inferred = time.perf_counter()
-    flags, _ = predicted_label_survival(model, data, outputs, list(data.classes), ["pgd"], seed=0, batch_size=256,
-                                        device=None, progress=False)
-    return {"survived": flags["pgd"].astype(float), "survived_seconds": time.perf_counter() - inferred,
+    runs, _ = predicted_label_survival(model, data, outputs, list(data.classes), ["pgd"], seed=seed, batch_size=256,
+                                       device=None, progress=False)
+    return {"survived": runs[0]["pgd"].astype(float), "survived_seconds": time.perf_counter() - inferred,
             "survived_inference_seconds": inferred - started}
+
+
+def survival_share(cached: dict, restarts: int) -> np.ndarray:
+    """The share of the first ``restarts`` plan-time runs each prediction survived."""
+    return np.mean([cached[_run_key(run)] for run in range(restarts)], axis=0)
+
+
+def restart_stats(cached: dict, restarts: int) -> dict:
+    """How the share of ``restarts`` plan-time runs relates to the true labels' PGD run, over the right
+    predictions: how many are split (0 < s < 1), and the robust share where all runs spared /
+    none spared / some spared the prediction; and what the runs cost."""
+    share, right, robust = survival_share(cached, restarts), cached["clean"] > 0, cached["robust"] > 0
+    groups = {"all": share == 1, "none": share == 0, "split": (share > 0) & (share < 1)}
+    return {"restarts": restarts, "split_share": float(groups["split"][right].mean()),
+            **{f"robust_share_{name}": float(robust[right & where].mean()) if (right & where).any() else None
+               for name, where in groups.items()},
+            "seconds": round(sum(float(cached[_run_key(run) + "_seconds"]) for run in range(restarts)), 1)}
 
 
 def inference_seconds(model, data: ImageDataset) -> float:
@@ -133,21 +161,24 @@ def srs_labels_for_mean_width(width: float, share: float) -> int:
 
 
 def repeat(design_name: str, cached: dict, figure: str, budget: int, draws: int, seed: int,
-           plan_time: bool = False) -> dict:
+           restarts: int = 0) -> dict:
     """``draws`` seeded draws of one design at one budget, estimated as dltest estimate does.
 
-    ``plan_time`` (robust figures): the plan holds the predicted-label PGD flags, so the weighted
-    draws aim at both figures and the robust estimator predicts with the calibrated surrogate
-    built on ``g = f * survived``. Robust cells
+    ``restarts`` (robust figures; 0: none): the plan holds the share ``s`` of that many
+    predicted-label PGD runs each prediction survived, so the weighted draws aim at both figures
+    and the robust estimator predicts with the calibrated surrogate built on ``g = f * s``. Robust cells
     also estimate, from the same draws, the same model's clean accuracy (``clean_*`` keys): what
     the shared draw gives the clean figure."""
     from dltest.estimation import PoolScores
     from dltest.estimation.designs import robust_surrogate
+    from dltest.estimation.planning import surrogate_moments as pool_sums
 
-    g = robust_surrogate(cached["confidence"], cached["survived"]) if plan_time else None
+    plan_time = restarts > 0
+    share = survival_share(cached, restarts) if plan_time else None
+    g = robust_surrogate(cached["confidence"], share) if plan_time else None
     pool = PoolScores(cached["confidence"], cached["score"], robust=g)
     design = get_design(design_name)
-    surrogate_moments = design.prediction_moments(pool, g, budget) if plan_time else None
+    surrogate_moments = pool_sums(design, pool, share, budget) if plan_time else None
     rng = np.random.default_rng(seed)
     figures = [figure] + (["clean"] if figure == "robust" else [])
     estimates, lows, highs = ({f: np.empty(draws) for f in figures} for _ in range(3))
@@ -161,6 +192,7 @@ def repeat(design_name: str, cached: dict, figure: str, budget: int, draws: int,
             estimates[f][r], lows[f][r], highs[f][r] = result.estimate, result.low, result.high
         labels[r] = sample.labels_needed
     row = {"design": design_name, "budget": budget, "draws": draws, "plan_time_attack": plan_time,
+           "attack_restarts": restarts,
            **summary(estimates[figure], lows[figure], highs[figure], labels, float(cached[figure].mean())),
            "valid": design.invalid_reason(budget) is None}  # below the design's minimum its output says "not valid"
     if figure == "robust":
@@ -184,7 +216,7 @@ def summary(estimates: np.ndarray, lows: np.ndarray, highs: np.ndarray, labels: 
 
 
 def run(draws: int, budgets: tuple[int, ...], datasets: tuple[str, ...], cache: Path | None = None,
-        seed_offset: int = 0) -> dict:
+        seed_offset: int = 0, restarts: tuple[int, ...] = (1,)) -> dict:
     rows, pools = [], []
     for name in datasets:
         holdout = load_dataset(name, "holdout")
@@ -193,7 +225,7 @@ def run(draws: int, budgets: tuple[int, ...], datasets: tuple[str, ...], cache: 
                 model, info = load_model(dataset=name, robust=robust_model)
                 started = time.perf_counter()
                 where = cache / f"{name}-{pool_name}-{figure}.npz" if cache else None
-                cached = cache_pool(model, data, robust=figure == "robust", path=where)
+                cached = cache_pool(model, data, robust=figure == "robust", path=where, restarts=max(restarts))
                 entry = {"dataset": name, "pool": pool_name, "figure": figure, "model": info.source,
                          "size": len(data), "truth": float(cached[figure].mean()),
                          "mean_confidence": float(cached["confidence"].mean()),
@@ -211,30 +243,37 @@ def run(draws: int, budgets: tuple[int, ...], datasets: tuple[str, ...], cache: 
                                  plan_time_pgd_seconds=round(float(cached["survived_seconds"]), 1),
                                  # the inference pass timed just before that attack (same process, same load)
                                  plan_time_inference_seconds=round(float(cached["survived_inference_seconds"]), 2),
-                                 inference_seconds=round(inference_seconds(model, data), 2))
+                                 inference_seconds=round(inference_seconds(model, data), 2),
+                                 restarts=[restart_stats(cached, k) for k in restarts])
                 pools.append(entry)
                 print(f"{name}/{pool_name} {figure}: {len(data)} inputs, truth {cached[figure].mean():.4f}, "
                       f"mean confidence {cached['confidence'].mean():.4f}", flush=True)
-                for plan_time in (False, True) if figure == "robust" else (False,):
+                for runs in (0, *restarts) if figure == "robust" else (0,):
                     for budget in budgets:
                         for design in DESIGNS:
                             started = time.perf_counter()
                             row = repeat(design, cached, figure, budget, draws, seed=seed_offset + budget,
-                                         plan_time=plan_time)
+                                         restarts=runs)
                             row.update(dataset=name, pool=pool_name, figure=figure,
                                        seconds=round(time.perf_counter() - started, 1))
                             rows.append(row)
-                            print(f"  {'g' if plan_time else 'f'} n={budget:3d} {design:10s} coverage "
+                            print(f"  {f'g{runs}' if runs else 'f'} n={budget:3d} {design:10s} coverage "
                                   f"{row['coverage']:.3f} bias {row['bias']:+.4f} width {row['mean_width']:.4f} "
                                   f"labels/SRS {row['label_ratio_vs_srs']:.2f}", flush=True)
     return {"pools": pools, "rows": rows}
 
 
+def _runs(row: dict) -> int:
+    """The plan-time runs of a row (0: no plan-time attack; rows from before restarts: 1)."""
+    return int(row.get("attack_restarts", 1 if row.get("plan_time_attack") else 0))
+
+
 def markdown(result: dict) -> str:
     """One table per pool and figure: per design and budget, coverage / mean width / labels vs SRS;
-    for robust figures a second table with the plan-time surrogate, its cost, and what the shared
-    draw gives the model's clean accuracy; then the goals, checked without and with the option."""
+    for robust figures one more table per number of plan-time runs, their cost, and what the
+    shared draw gives the model's clean accuracy; then the goals, checked without and with the option."""
     rows = result["rows"]
+    restarts = sorted({_runs(r) for r in rows} - {0})
     lines = []
     for pool in result["pools"]:
         key = (pool["dataset"], pool["pool"], pool["figure"])
@@ -242,7 +281,7 @@ def markdown(result: dict) -> str:
         lines += [f"**{pool['dataset']} / {pool['pool']}, {pool['figure']} accuracy** ({pool['size']} inputs, "
                   f"true {100 * pool['truth']:.2f}%, mean confidence {100 * pool['mean_confidence']:.2f}%; "
                   f"{pool['model']})", ""]
-        lines += _table([r for r in mine if not r.get("plan_time_attack")])
+        lines += _table([r for r in mine if not _runs(r)])
         if pool["figure"] == "robust":
             lines += [f"*with the plan-time surrogate* (`plan --attacks pgd`): the predicted labels' PGD over the pool "
                       f"took {pool['plan_time_pgd_seconds']:.0f} s against {pool['plan_time_inference_seconds']:.2f} s "
@@ -251,11 +290,28 @@ def markdown(result: dict) -> str:
                       f"it agrees with the true labels' PGD run on {100 * pool['flags_agree_right']:.1f}% of the inputs: "
                       f"that run leaves {100 * pool['robust_share_survived']:.1f}% of the right survivors and "
                       f"{100 * pool['robust_share_broken']:.1f}% of the right broken predictions robust", ""]
-            lines += _table([r for r in mine if r.get("plan_time_attack")])
+            lines += _table([r for r in mine if _runs(r) == 1])
+            for stats in pool.get("restarts", []):
+                if stats["restarts"] == 1:
+                    continue
+                lines += [_restart_line(stats), ""] + _table([r for r in mine if _runs(r) == stats["restarts"]])
             lines += _clean_table(mine, pool)
-    return "\n".join(lines + ["Without plan-time attacks:"] + goals(rows, plan_time=False)
-                     + ["", "With `plan --attacks pgd` (robust cells: the plan-time surrogate; clean cells unchanged):"]
-                     + goals(rows, plan_time=True))
+    lines += ["Without plan-time attacks:"] + goals(rows, restarts=0)
+    for runs in restarts:
+        lines += ["", f"With `plan --attacks pgd --attack-restarts {runs}` (robust cells: the plan-time surrogate; "
+                      "clean cells unchanged):"] + goals(rows, restarts=runs)
+    return "\n".join(lines)
+
+
+def _restart_line(stats: dict) -> str:
+    def pct(value):
+        return "-" if value is None else f"{100 * value:.1f}%"
+
+    return (f"*with {stats['restarts']} plan-time runs* (`--attack-restarts {stats['restarts']}`, seeds 0-"
+            f"{stats['restarts'] - 1}; {stats['seconds']:.0f} s of PGD in all): {pct(stats['split_share'])} of the right "
+            f"predictions survived some runs but not all; the true labels' run leaves robust "
+            f"{pct(stats['robust_share_all'])} of the right predictions that survived every run, "
+            f"{pct(stats['robust_share_split'])} of the split ones, {pct(stats['robust_share_none'])} of those no run spared")
 
 
 def _table(mine: list[dict]) -> list[str]:
@@ -272,31 +328,33 @@ def _table(mine: list[dict]) -> list[str]:
 
 def _clean_table(mine: list[dict], pool: dict) -> list[str]:
     """The robust model's clean accuracy estimated from the robust cells' draws: coverage / labels
-    vs SRS with the confidence-only draw, then with the plan-time draw (only the weighted
+    vs SRS with the confidence-only draw, then with each plan-time draw (only the weighted
     designs' draws differ)."""
     budgets = sorted({r["budget"] for r in mine})
+    runs = sorted({_runs(r) for r in mine})
+    names = ["without"] + [f"{k} run{'s' if k > 1 else ''}" for k in runs if k]
     lines = [f"*the same model's clean accuracy (true {100 * pool['clean_truth']:.2f}%) from these draws*: coverage / "
-             "labels vs SRS, without -> with the plan-time attack", "",
+             f"labels vs SRS, {' -> '.join(names)}", "",
              "| design | " + " | ".join(f"n={b}" for b in budgets) + " |", "|---|" + "---|" * len(budgets)]
     for design in ("importance", "active"):
-        cells = {(r["budget"], bool(r.get("plan_time_attack"))): r for r in mine if r["design"] == design}
-        text = [" -> ".join(f"{100 * cells[b, t]['clean_coverage']:.1f}% / {cells[b, t]['clean_label_ratio_vs_srs']:.2f}"
-                            for t in (False, True)) for b in budgets]
+        cells = {(r["budget"], _runs(r)): r for r in mine if r["design"] == design}
+        text = [" -> ".join(f"{100 * cells[b, k]['clean_coverage']:.1f}% / {cells[b, k]['clean_label_ratio_vs_srs']:.2f}"
+                            for k in runs) for b in budgets]
         lines.append(f"| {design} | " + " | ".join(text) + " |")
     return lines + [""]
 
 
-def goals(rows: list[dict], plan_time: bool = False) -> list[str]:
+def goals(rows: list[dict], restarts: int = 0) -> list[str]:
     """The issue's goals, checked on every cell whose design claims a valid interval at its budget;
-    ``plan_time``: robust cells measured with the plan-time surrogate instead."""
-    rows = [r for r in rows if bool(r.get("plan_time_attack")) == (plan_time and r["figure"] == "robust")]
+    ``restarts``: robust cells measured with the plan-time surrogate of that many runs instead."""
+    rows = [r for r in rows if _runs(r) == (restarts if r["figure"] == "robust" else 0)]
     valid_rows = [r for r in rows if r.get("valid", True)]
     under = [r for r in valid_rows if r["coverage"] < 0.94]
     lines = [f"- coverage >= 94%: {len(valid_rows) - len(under)} of {len(valid_rows)} cells that claim a valid interval "
              f"({len(rows) - len(valid_rows)} cells below their design's minimum budget say 'not valid'); below: "
              + (", ".join(f"{r['dataset']}/{r['pool']} {r['figure']} {r['design']} n={r['budget']} "
                           f"({100 * r['coverage']:.1f}%)" for r in under) or "none")]
-    if plan_time:
+    if restarts:
         clean_under = [r for r in valid_rows if "clean_coverage" in r and r["clean_coverage"] < 0.94]
         lines.append(f"- the robust models' clean accuracy from the plan-time draws: coverage >= 94% in "
                      f"{sum('clean_coverage' in r for r in valid_rows) - len(clean_under)} of "
@@ -328,6 +386,8 @@ def main() -> None:
     parser.add_argument("--datasets", default=",".join(DATASETS))
     parser.add_argument("--out", type=Path, default=Path("docs/bench-estimate.json"))
     parser.add_argument("--cache", type=Path, help="Folder that keeps each pool's outputs and PGD flags between runs.")
+    parser.add_argument("--restarts", default="1,3,5",
+                        help="Plan-time runs per surrogate to measure (robust cells), comma-separated.")
     parser.add_argument("--table", type=Path, help="Print the Markdown tables of this result JSON and exit.")
     args = parser.parse_args()
     if args.table:
@@ -337,12 +397,14 @@ def main() -> None:
     started = time.perf_counter()
     if args.cache:
         args.cache.mkdir(parents=True, exist_ok=True)
+    restarts = tuple(int(k) for k in args.restarts.split(","))
     result = run(args.draws, tuple(int(b) for b in args.budgets.split(",")), tuple(args.datasets.split(",")), args.cache,
-                 args.seed_offset)
+                 args.seed_offset, restarts)
     result.update(machine=machine(), seconds=round(time.perf_counter() - started, 1), draws=args.draws,
-                  seed_offset=args.seed_offset,
+                  seed_offset=args.seed_offset, restarts=list(restarts),
                   command="python benchmarks/bench_estimate.py --out " + str(args.out)
-                  + (f" --seed-offset {args.seed_offset}" if args.seed_offset else ""))
+                  + (f" --seed-offset {args.seed_offset}" if args.seed_offset else "")
+                  + f" --restarts {args.restarts}")
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {args.out} in {result['seconds']:.0f} s")
 

@@ -557,14 +557,28 @@ def test_cli_plan_time_attacks_round_trip_on_an_mnist_slice(mnist_slice):
     assert "plan-time attacks fgsm ran over all 400 pool inputs with the predicted labels" in " ".join(result.output.split())
     drawn = json.loads(plan.read_text())
     assert [row["attack"] for row in drawn["attacks"]] == ["fgsm"] and drawn["attacks"][0]["settings"]["eps"] == 0.3
-    assert len(drawn["survived"]["fgsm"]) == 400 and set(drawn["survived"]["fgsm"]) <= {"0", "1"}
+    # three runs by default (seeds 0, 1, 2): FGSM has no random start, so every run agrees
+    assert drawn["attack_restarts"] == 3
+    assert len(drawn["survived"]["fgsm"]) == 400 and set(drawn["survived"]["fgsm"]) == {"0", "3"}
     assert set(drawn["surrogate_moments"]["fgsm"]) == {"mean_c", "mean_c2", "s0", "s1", "s2"}
     result = run_cli("estimate", "--plan", str(plan), "--labels", "pool", "-d", str(folder / "labeled.npz"),
                      "-m", robust_model, "--attacks", "fgsm", "--out", str(out))
     assert result.exit_code == 0, result.output
     figures = {f["figure"]: f for f in json.loads(out.read_text())["figures"]}
-    assert figures["fgsm"]["surrogate"] == "confidence x survived fgsm"
+    assert figures["fgsm"]["surrogate"] == "confidence x share of 3 runs survived fgsm"
     assert figures["accuracy"]["surrogate"] == "confidence"
+    # a and b rest on the right draws that survived / did not survive the plan-time attack
+    labels = np.load(folder / "labeled.npz")["y"]
+    right = np.asarray(drawn["predicted"]) == labels[drawn["positions"]]
+    survived = np.asarray([drawn["survived"]["fgsm"][p] == "3" for p in drawn["positions"]])
+    fgsm = figures["fgsm"]
+    assert (fgsm["surrogate_a_draws"], fgsm["surrogate_b_draws"]) == (int((right & survived).sum()),
+                                                                       int((right & ~survived).sum()))
+    assert 0 < fgsm["surrogate_a"] < 1 and 0 < fgsm["surrogate_b"] < 1
+    assert figures["accuracy"]["surrogate_a"] is None
+    assert (f"fgsm: surrogate h = a g + b (f - g) with a = {fgsm['surrogate_a']:.3f} (on "
+            f"{fgsm['surrogate_a_draws']:g} right draws that survived at plan time), b = {fgsm['surrogate_b']:.3f} (on "
+            f"{fgsm['surrogate_b_draws']:g} right draws broken at plan time)") in " ".join(result.output.split())
     # the truth, independently: FGSM (no random start) on all 400 inputs with their true labels
     pool = load_dataset("mnist", "holdout").subset(list(range(400)))
     model, _ = load_model(robust_model)

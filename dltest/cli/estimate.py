@@ -50,6 +50,7 @@ def plan_command(
     eps: Annotated[Optional[str], typer.Option(help="--attacks: Linf radius (default: the dataset's preset).", show_default=False)] = None,
     steps: Annotated[Optional[int], typer.Option(help="--attacks: attack iterations (default: the preset's).", show_default=False)] = None,
     alpha: Annotated[Optional[float], typer.Option(help="--attacks: PGD step size (default: the preset's).", show_default=False)] = None,
+    attack_restarts: Annotated[Optional[str], typer.Option("--attack-restarts", help="--attacks: run each plan-time attack this many times (1 to 9, default 3) with the seeds seed, seed+1, ...; the surrogate then uses the share of runs each prediction survived, at that many times the attack's cost. 1 for an attack without a random start (FGSM): its runs agree.", show_default=False)] = None,
     dataset: Dataset = "mnist",
     split: Split = "test",
     model: ModelPath = None,
@@ -85,6 +86,9 @@ def plan_command(
     eps_value = parse_eps(eps)
     if not names and (eps is not None or steps is not None or alpha is not None):
         raise DltestError("--eps, --steps and --alpha set the plan-time attacks: give --attacks too")
+    restarts = None if attack_restarts is None else _parse_restarts(attack_restarts)
+    if restarts is not None and restarts > 1 and not names:
+        raise DltestError(f"--attack-restarts {attack_restarts} repeats the plan-time attacks: give --attacks too")
     resolve_device(device)
     check_outputs({"--out": out, "--csv": csv_path}, {"--model": model, "--dataset": dataset})
     data, net, info = load_data_and_model(dataset, split, model, data_root, download, trust_model, arch, arch_kwargs,
@@ -92,13 +96,26 @@ def plan_command(
     with robustness_warnings_as_lines():
         drawn = plan(net, data, design=design, budget=budget, seed=seed, score=score, batch_size=batch_size,
                      device=device, progress=True, model_name=info.source, attacks=names, eps=eps_value, steps=steps,
-                     alpha=alpha, **options)
+                     alpha=alpha, attack_restarts=restarts, **options)
     drawn.model = info.describe()
     drawn.model_path = str(model) if model else None
     drawn.save(out)
     if csv_path:
         drawn.write_sheet(csv_path)
     _print_plan(drawn, out, csv_path)
+
+
+def _parse_restarts(text: str) -> int:
+    from dltest.estimation.planning import MAX_ATTACK_RESTARTS, check_attack_restarts
+
+    try:
+        value = int(text.strip())
+    except ValueError:
+        raise DltestError(f"--attack-restarts {text!r}: give a whole number from 1 to {MAX_ATTACK_RESTARTS}") from None
+    try:
+        return check_attack_restarts(value)
+    except DltestError:
+        raise DltestError(f"--attack-restarts {text}: give a whole number from 1 to {MAX_ATTACK_RESTARTS}") from None
 
 
 def _print_plan(drawn: EstimationPlan, out: Path, sheet: Path | None) -> None:
@@ -220,6 +237,11 @@ def _print_estimate(result: EstimateResult, out: Path) -> None:
                       "-" if f.srs_labels is None else str(f.srs_labels))
     console = Console()
     console.print(table)
+    for f in result.figures:
+        if f.surrogate_a is not None:
+            console.print(f"{f.figure}: surrogate h = a g + b (f - g) with a = {f.surrogate_a:.3f} "
+                          f"(on {f.surrogate_a_draws:g} right draws that survived at plan time), b = {f.surrogate_b:.3f} "
+                          f"(on {f.surrogate_b_draws:g} right draws broken at plan time)")
     console.print(f"interval: {result.interval}")
     if not result.valid:
         console.print(f"[bold red]interval not valid:[/] {result.invalid_reason}; the gate refuses this estimate")

@@ -57,7 +57,8 @@ that its interval is not valid (the gate refuses it).
 
 Robust accuracy with plan-time attacks (``dltest estimate plan --attacks``): ``PoolScores.robust``
 holds ``g = f * survived`` (:func:`robust_surrogate`), whether each prediction survived an attack
-with the predicted label, computed before any label. The weighted draws then aim at both figures
+with the predicted label (or the share of several runs it survived, ``--attack-restarts``),
+computed before any label. The weighted draws then aim at both figures
 (:func:`aim_at_both`), and the estimators take another prediction of the outcome through
 :meth:`Sample.with_prediction` and :meth:`Design.prediction_moments` (the calibrated surrogate of
 :func:`dltest.estimation.estimating.calibrated_surrogate`). The draw stays fixed before the labels,
@@ -213,7 +214,7 @@ def robust_surrogate(confidence: np.ndarray, survived: np.ndarray) -> np.ndarray
     """``g = f * survived``: a label-free prediction that an input is right AND robust. An attack
     with the model's predicted label is the attack with the true label wherever the prediction is
     right, and a wrong prediction is never robust: robust-and-right = right and the prediction
-    survives."""
+    survives. ``survived`` may be the share of several runs survived (in [0, 1])."""
     return np.asarray(confidence, float) * np.asarray(survived, float)
 
 

@@ -46,6 +46,11 @@ class FigureEstimate:
     draws: int
     lam: float | None = None
     surrogate: str = "confidence"  # the prediction its estimator used: "confidence" or "confidence x survived <attack>"
+    # with a plan-time surrogate: its calibration shares a, b and the right draws each rests on
+    surrogate_a: float | None = None
+    surrogate_b: float | None = None
+    surrogate_a_draws: float | None = None
+    surrogate_b_draws: float | None = None
 
     @property
     def width(self) -> float:
@@ -137,33 +142,69 @@ def estimate_outcome(design: Any, sample: Any, y: np.ndarray, clean: np.ndarray,
     return design.estimate(sample, y, confidence, survival_share(y, clean), floor=floor)
 
 
+@dataclass(frozen=True)
+class SurrogateCalibration:
+    """The calibrated surrogate's two shares, tuned on the labels: ``a`` of the right draws whose
+    prediction survived at plan time, ``b`` of those it did not, the share robust at estimate time;
+    ``a_draws`` and ``b_draws`` the right draws each rests on (weighted by the survival share
+    ``s`` and ``1 - s`` when the plan ran several restarts)."""
+
+    a: float
+    b: float
+    a_draws: float
+    b_draws: float
+
+
+def calibrate_surrogate(y: np.ndarray, clean: np.ndarray, g: np.ndarray, f: np.ndarray) -> SurrogateCalibration:
+    """``a`` and ``b`` of :func:`calibrated_surrogate` from the draws' outcomes ``y``, right
+    predictions ``clean``, surrogate ``g = f * s`` and confidence ``f``: among the right draws,
+    ``a = sum(y s) / sum(s)`` and ``b = sum(y (1 - s)) / sum(1 - s)`` (with 0/1 shares: the plain
+    shares of the survivors and of the broken), each kept within ``[1/(2m), 1 - 1/(2m)]`` of its
+    weight ``m`` (at least 1; all draws' count when it is 0)."""
+    share = np.clip(np.asarray(g, float) / np.asarray(f, float), 0.0, 1.0)  # f > 0: a top softmax probability
+    right = np.asarray(clean, bool)
+    y = np.asarray(y, float)
+
+    def weighted(weights: np.ndarray) -> tuple[float, float]:
+        mass = float(weights[right].sum())
+        edge = 0.5 / (max(mass, 1.0) if mass > 0 else len(y))
+        value = float((y * weights)[right].sum()) / mass if mass > 0 else 0.0
+        return float(np.clip(value, edge, 1 - edge)), mass
+
+    (a, a_draws), (b, b_draws) = weighted(share), weighted(1 - share)
+    return SurrogateCalibration(a, b, a_draws, b_draws)
+
+
 def calibrated_surrogate(sample: Any, y: np.ndarray, clean: np.ndarray, g: np.ndarray,
                          g_moments: Mapping[str, Any]) -> Any:
     """``sample`` predicting ``h = a g + b (f - g)`` instead of the confidence ``f``: ``a`` is the
     share of the right draws whose prediction survived the plan-time attack that are robust
     (survival at estimate time), ``b`` that share where the plan-time attack broke the
-    prediction. ``b`` is not 0: a random-start attack run again (other batches, other random
-    starts) spares a share of the borderline inputs that one run broke (15% on the MNIST holdout,
-    32% on Fashion-MNIST's with the robust models, docs/estimate.md); ``a`` is below 1 for the
-    same reason. Both are kept within ``[1/(2m), 1 - 1/(2m)]`` of their ``m`` draws.
+    prediction (:func:`calibrate_surrogate`; with several plan-time runs, ``g = f * s`` and the
+    shares weigh each draw by ``s`` and ``1 - s``). ``b`` is not 0: a random-start attack run
+    again (other batches, other random starts) spares a share of the borderline inputs that one
+    run broke (15% on the MNIST holdout, 32% on Fashion-MNIST's with the robust models,
+    docs/estimate.md); ``a`` is below 1 for the same reason.
 
-    ``h`` is linear in ``g`` and ``f``, and ``f g = g^2`` (``survived`` is 0 or 1), so its pool
-    sums follow from those of ``g`` and ``f``: ``mean(h) = a mean(g) + b (mean(f) - mean(g))``,
-    ``mean(h^2) = a^2 mean(g^2) + b^2 (mean(f^2) - mean(g^2))``, likewise the weighted sums and
-    the strata's means. ``a`` and ``b`` are tuned on the labels, as ``lambda`` is."""
+    ``h`` is linear in ``g`` and ``k = f - g``, so its pool sums follow from those of ``g`` and
+    ``f``: ``mean(h) = a mean(g) + b (mean(f) - mean(g))``, and with ``mean(k^2) = mean(f^2) -
+    mean(g^2) - 2 mean(g k)``, ``mean(h^2) = a^2 mean(g^2) + 2 a b mean(g k) + b^2 mean(k^2)``
+    (``g k = 0`` with 0/1 shares; the plan stores it as ``cross_*`` otherwise), likewise the
+    weighted sums and the strata's means. ``a`` and ``b`` are tuned on the labels, as ``lambda`` is."""
     g = np.asarray(g, float)
-    survived = g > 0  # f > 0 for every input (a top softmax probability)
-    a = survival_share(y, clean, survived, upper=True)
-    b = survival_share(y, clean, ~survived, upper=True)
+    fit = calibrate_surrogate(y, clean, g, sample.confidence)
+    a, b = fit.a, fit.b
     f_moments = sample.moments
 
-    def mix(key: str, square: bool = False) -> float:
-        wa, wb = (a * a, b * b) if square else (a, b)
-        return wa * g_moments[key] + wb * (f_moments[key] - g_moments[key])
+    def mix(key: str, cross: str | None = None) -> float:
+        if cross is None:
+            return a * g_moments[key] + b * (f_moments[key] - g_moments[key])
+        gk = float(g_moments.get(cross, 0.0))
+        return a * a * g_moments[key] + 2 * a * b * gk + b * b * (f_moments[key] - g_moments[key] - 2 * gk)
 
-    moments: dict[str, Any] = {"mean_c": mix("mean_c"), "mean_c2": mix("mean_c2", square=True)}
+    moments: dict[str, Any] = {"mean_c": mix("mean_c"), "mean_c2": mix("mean_c2", "cross_c2")}
     if "s1" in g_moments:
-        moments.update(s1=mix("s1"), s2=mix("s2", square=True))
+        moments.update(s1=mix("s1"), s2=mix("s2", "cross_s2"))
     if "strata_mean" in g_moments and sample.strata_mean_confidence is not None:
         strata_g = np.asarray(g_moments["strata_mean"], float)
         moments["strata_mean"] = a * strata_g + b * (np.asarray(sample.strata_mean_confidence) - strata_g)
@@ -209,14 +250,25 @@ def figure_surrogate(plan: EstimationPlan, figure: str, attacks: Sequence[str]):
     return plan.surrogate(figure)
 
 
-def figure_estimate(name: str, result: Result, labeled: int, draws: int, surrogate: str = "confidence") -> FigureEstimate:
+def surrogate_label(plan: EstimationPlan, figure: str) -> str:
+    """How the plan's surrogate of ``figure`` was made, for the output."""
+    if plan.attack_restarts > 1:
+        return f"confidence x share of {plan.attack_restarts} runs survived {figure}"
+    return f"confidence x survived {figure}"
+
+
+def figure_estimate(name: str, result: Result, labeled: int, draws: int, surrogate: str = "confidence",
+                    calibration: SurrogateCalibration | None = None) -> FigureEstimate:
     p = min(max(result.estimate, 0.5 / draws), 1 - 0.5 / draws)
+    fit = {} if calibration is None else {
+        "surrogate_a": round(calibration.a, 6), "surrogate_b": round(calibration.b, 6),
+        "surrogate_a_draws": round(calibration.a_draws, 4), "surrogate_b_draws": round(calibration.b_draws, 4)}
     effective = p * (1 - p) / result.standard_error**2 if result.standard_error > 0 else None
     return FigureEstimate(
         figure=name, estimate=result.estimate, low=result.low, high=result.high, confidence=result.confidence,
         standard_error=result.standard_error, effective_sample_size=None if effective is None else round(effective, 1),
         srs_labels=srs_labels_for_width(result.width, result.estimate, result.confidence), labeled=labeled,
-        draws=draws, lam=result.lam, surrogate=surrogate,
+        draws=draws, lam=result.lam, surrogate=surrogate, **fit,
     )
 
 
@@ -261,8 +313,9 @@ def estimate(
     for name, y in outcomes.items():
         surrogate = None if name == ACCURACY else figure_surrogate(plan, name, attacks)
         result = estimate_outcome(design, sample, y, clean, name == ACCURACY, confidence, surrogate)
+        fit = None if surrogate is None else calibrate_surrogate(y, clean, surrogate[0], sample.confidence)
         figures.append(figure_estimate(name, result, len(needed), len(plan.positions),
-                                       "confidence" if surrogate is None else f"confidence x survived {name}"))
+                                       surrogate_label(plan, name) if surrogate else "confidence", fit))
     reason = design.invalid_reason(len(plan.positions))
     return EstimateResult(
         design=plan.design, interval=design.interval, validity=design.validity, valid=reason is None,

@@ -37,6 +37,17 @@ SCORES: dict[str, Callable[[Tensor], Tensor]] = {
 }
 PLAN_COMMAND = "estimate plan"
 PLAN_KIND = f"dltest {PLAN_COMMAND}"
+MAX_ATTACK_RESTARTS = 9  # the plan stores, per input, the runs survived as one digit
+# plan-time runs per attack when attacks are given: 3 runs of PGD saved 2-35% of the robust figure's
+# labels over 1 run on three of the four benchmark pools, 5 runs 1-7% more than 3 (docs/estimate.md)
+DEFAULT_ATTACK_RESTARTS = 3
+
+
+def check_attack_restarts(value: Any) -> int:
+    """The number of plan-time runs per attack: a whole number from 1 to 9."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 1 <= value <= MAX_ATTACK_RESTARTS:
+        raise DltestError(f"attack restarts must be a whole number from 1 to {MAX_ATTACK_RESTARTS}, got {value!r}")
+    return int(value)
 
 
 def check_score(name: str) -> str:
@@ -74,22 +85,32 @@ class EstimationPlan:
     notes: list[str] = field(default_factory=list)
     # plan-time attacks with the predicted labels (none: robust figures use the confidence as before)
     attacks: list[dict[str, Any]] = field(default_factory=list)  # attack, settings, seconds, survived
-    survived: dict[str, str] = field(default_factory=dict)  # figure -> "0"/"1" per pool input: the prediction survived
+    # figure -> one digit per pool input: in how many of the attack_restarts runs the prediction survived
+    survived: dict[str, str] = field(default_factory=dict)
     surrogate_moments: dict[str, dict[str, Any]] = field(default_factory=dict)  # figure -> pool sums of g
+    attack_restarts: int = 1  # plan-time runs per attack, each with its own seed (seed, seed + 1, ...)
 
     @property
     def attack_names(self) -> list[str]:
         """The plan-time attacks, in order (empty: the plan has no robust surrogate)."""
         return [row["attack"] for row in self.attacks]
 
-    def surrogate(self, figure: str) -> tuple[np.ndarray, dict[str, Any]] | None:
-        """The robust surrogate ``g = f * survived`` of ``figure`` at every draw and its pool sums,
-        or None when the plan has no plan-time flags for it."""
-        flags = self.survived.get(figure)
-        if flags is None or figure not in self.surrogate_moments:
+    def survival_share(self, figure: str) -> np.ndarray | None:
+        """Per pool input, the share of the plan-time runs whose attack the prediction survived
+        (0 or 1 with one run), or None when the plan has no plan-time flags for ``figure``."""
+        counts = self.survived.get(figure)
+        if counts is None:
             return None
-        survived = np.asarray([flags[p] == "1" for p in self.positions], dtype=float)
-        return robust_surrogate(np.asarray(self.confidence, float), survived), self.surrogate_moments[figure]
+        return np.frombuffer(counts.encode("ascii"), dtype=np.uint8).astype(float) - ord("0")
+
+    def surrogate(self, figure: str) -> tuple[np.ndarray, dict[str, Any]] | None:
+        """The robust surrogate ``g = f * s`` of ``figure`` at every draw (``s`` the survival share)
+        and its pool sums, or None when the plan has no plan-time flags for it."""
+        share = self.survival_share(figure)
+        if share is None or figure not in self.surrogate_moments:
+            return None
+        at_draws = share[np.asarray(self.positions, dtype=np.int64)] / self.attack_restarts
+        return robust_surrogate(np.asarray(self.confidence, float), at_draws), self.surrogate_moments[figure]
 
     @property
     def labels_needed(self) -> list[int]:
@@ -150,8 +171,12 @@ def load_plan(path: str | os.PathLike) -> EstimationPlan:
         raise DltestError(f"{path}: the per-draw lists differ in length or are empty; write the plan again")
     if min(plan.positions) < 0 or max(plan.positions) >= plan.pool_size:
         raise DltestError(f"{path}: a drawn position lies outside the pool of {plan.pool_size}")
-    if any(len(flags) != plan.pool_size or set(flags) - {"0", "1"} for flags in plan.survived.values()):
-        raise DltestError(f"{path}: the plan-time attack flags must be one 0/1 per pool input; write the plan again")
+    if not isinstance(plan.attack_restarts, int) or not 1 <= plan.attack_restarts <= MAX_ATTACK_RESTARTS:
+        raise DltestError(f"{path}: attack_restarts must be 1 to {MAX_ATTACK_RESTARTS}, got {plan.attack_restarts!r}")
+    allowed = {str(k) for k in range(plan.attack_restarts + 1)}
+    if any(len(counts) != plan.pool_size or set(counts) - allowed for counts in plan.survived.values()):
+        raise DltestError(f"{path}: the plan-time attack flags must be one digit 0-{plan.attack_restarts} per pool "
+                          "input; write the plan again")
     return plan
 
 
@@ -179,6 +204,7 @@ def plan(
     steps: int | None = None,
     alpha: float | None = None,
     survived: Mapping[str, Sequence[bool] | np.ndarray] | None = None,
+    attack_restarts: int | None = None,
     **options: Any,
 ) -> EstimationPlan:
     """Draw the inputs to label for estimating ``model``'s accuracy on ``data`` (unlabeled is fine).
@@ -203,6 +229,12 @@ def plan(
         raise DltestError("plan needs the pool (data)")
     if attacks and survived is not None:
         raise DltestError("give plan-time attacks or their flags (survived), not both")
+    if attack_restarts is None:
+        restarts = DEFAULT_ATTACK_RESTARTS if attacks else 1
+    else:
+        restarts = check_attack_restarts(attack_restarts)
+    if restarts > 1 and not attacks:
+        raise DltestError(f"attack restarts ({restarts}) repeat the plan-time attacks: give attacks too")
     count = parse_budget(budget, len(data))
     if outputs is None:
         if model is None:
@@ -216,26 +248,30 @@ def plan(
     if attacks:
         if model is None:
             raise DltestError("plan-time attacks need the model")
-        survived, attack_rows = predicted_label_survival(model, data, outputs, classes, attacks, seed=seed,
-                                                         batch_size=batch_size, device=device, progress=progress,
-                                                         eps=eps, steps=steps, alpha=alpha)
+        runs, attack_rows = predicted_label_survival(model, data, outputs, classes, attacks, seed=seed,
+                                                     batch_size=batch_size, device=device, progress=progress,
+                                                     eps=eps, steps=steps, alpha=alpha, restarts=restarts)
     elif survived is not None:
-        survived = _checked_flags(survived, len(data))
+        runs = [_checked_flags(survived, len(data))]
         attack_rows = [{"attack": name, "settings": None, "seconds": None, "survived": int(flags.sum())}
-                       for name, flags in survived.items()]
+                       for name, flags in runs[0].items()]
+    else:
+        runs = []
     scores = pool_scores(outputs, score)
-    flags_by_figure = with_worst_case(survived or {})
-    if flags_by_figure:  # the weighted draws aim at clean accuracy and the hardest robust figure
-        draw_figure = WORST_CASE if WORST_CASE in flags_by_figure else next(iter(flags_by_figure))
-        scores = replace(scores, robust=robust_surrogate(scores.confidence, flags_by_figure[draw_figure]))
+    counts_by_figure = survived_runs(runs)
+    shares = {figure: counts / restarts for figure, counts in counts_by_figure.items()}
+    if shares:  # the weighted draws aim at clean accuracy and the hardest robust figure
+        draw_figure = WORST_CASE if WORST_CASE in shares else next(iter(shares))
+        scores = replace(scores, robust=robust_surrogate(scores.confidence, shares[draw_figure]))
     sample = chosen.draw(scores, count, np.random.default_rng(seed))
     predicted = outputs.predictions[torch.as_tensor(sample.positions)]
     notes = []
     if attack_rows:
         spent = sum(row["seconds"] or 0 for row in attack_rows)
+        times = f", {restarts} runs each with its own seed" if restarts > 1 else ""
         notes.append(f"plan-time attacks {', '.join(r['attack'] for r in attack_rows)} ran over all {len(data)} pool "
-                     f"inputs with the predicted labels ({spent:.1f} s, no labels): robust figures use confidence x "
-                     "survived as their surrogate")
+                     f"inputs with the predicted labels{times} ({spent:.1f} s, no labels): robust figures use "
+                     f"confidence x {'the share of runs survived' if restarts > 1 else 'survived'} as their surrogate")
     if sample.with_replacement:
         notes.append(f"{sample.labels_needed} distinct inputs to label for {count} draws (a repeated draw is labeled once)")
     reason = chosen.invalid_reason(count)
@@ -253,10 +289,39 @@ def plan(
         else sample.strata_mean_confidence.tolist(),
         model={"source": model_name} if model_name else None, seconds=round(time.perf_counter() - started, 3),
         notes=notes, attacks=attack_rows,
-        survived={figure: "".join("1" if v else "0" for v in flags) for figure, flags in flags_by_figure.items()},
-        surrogate_moments={figure: chosen.prediction_moments(scores, robust_surrogate(scores.confidence, flags), count)
-                           for figure, flags in flags_by_figure.items()},
+        survived={figure: "".join(map(str, counts.tolist())) for figure, counts in counts_by_figure.items()},
+        surrogate_moments={figure: surrogate_moments(chosen, scores, share, count) for figure, share in shares.items()},
+        attack_restarts=restarts,
     )
+
+
+def survived_runs(runs: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Per figure (each attack, and the worst case of two or more), in how many of ``runs`` (each
+    attack name -> survived flags) each prediction survived; the worst case counts a run only
+    when the prediction survived every attack of that run."""
+    counts: dict[str, np.ndarray] = {}
+    for run in runs:
+        for figure, flags in with_worst_case(run).items():
+            counts[figure] = counts.get(figure, 0) + flags.astype(np.int64)
+    return counts
+
+
+def surrogate_moments(chosen: Any, scores: PoolScores, share: np.ndarray, budget: int) -> dict[str, Any]:
+    """The pool sums of ``g = f * share`` the estimators need (the design's
+    :meth:`~dltest.estimation.designs.Design.prediction_moments`), and, where a share lies
+    strictly between 0 and 1, the cross sums of ``g`` and ``f - g`` (``cross_c2``, ``cross_s2``)
+    that the calibrated surrogate's squared sums need (0 for 0/1 shares, then left out)."""
+    f = scores.confidence
+    g = robust_surrogate(f, share)
+    moments = chosen.prediction_moments(scores, g, budget)
+    if np.all((share == 0) | (share == 1)):
+        return moments
+    whole, rest = chosen.prediction_moments(scores, f, budget), chosen.prediction_moments(scores, f - g, budget)
+    # g (f - g) by polarisation: f^2 = g^2 + 2 g (f - g) + (f - g)^2, for any design's weighting
+    moments["cross_c2"] = (whole["mean_c2"] - moments["mean_c2"] - rest["mean_c2"]) / 2
+    if "s2" in moments:
+        moments["cross_s2"] = (whole["s2"] - moments["s2"] - rest["s2"]) / 2
+    return moments
 
 
 def with_worst_case(survived: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -280,18 +345,29 @@ def _checked_flags(survived: Mapping[str, Any], pool_size: int) -> dict[str, np.
 def predicted_label_survival(
     model: nn.Module, data: ImageDataset, outputs: PoolOutputs, classes: list[str], attacks: Sequence[str], *,
     seed: int, batch_size: int, device: str | None, progress: bool, eps: float | str | None = None,
-    steps: int | None = None, alpha: float | None = None,
-) -> tuple[dict[str, np.ndarray], list[dict[str, Any]]]:
-    """Attack every pool input with the model's predicted label (no ground truth needed): per attack,
-    whether the prediction survived. Where the prediction is right this IS the attack with the true
-    label; an input whose prediction changes between the inference pass and the attack's own
-    clean pass counts as not survived. Returns the flags and one row per attack (settings, seconds)."""
+    steps: int | None = None, alpha: float | None = None, restarts: int = 1,
+) -> tuple[list[dict[str, np.ndarray]], list[dict[str, Any]]]:
+    """Attack every pool input with the model's predicted label (no ground truth needed), ``restarts``
+    times with the seeds ``seed, seed + 1, ...``: per run and attack, whether the prediction
+    survived. Where the prediction is right this IS the attack with the true label; an input whose
+    prediction changes between the inference pass and the attack's own clean pass counts as not
+    survived. Returns the runs' flags and one row per attack (settings, seconds of all runs, mean
+    survivors per run, runs)."""
     from dltest.robustness import evaluate_robustness
 
     pseudo = replace(data, y=outputs.predictions.clone().long(), labeled=True, classes=list(classes))
-    report = evaluate_robustness(model, pseudo, list(attacks), seed=seed, batch_size=batch_size, device=device,
-                                 progress=progress, eps=eps, steps=steps, alpha=alpha)
-    flags = {o.attack: np.asarray([c == "1" for c in o.robust_inputs], dtype=bool) for o in report.attacks}
-    rows = [{"attack": o.attack, "settings": o.settings, "seconds": o.seconds, "survived": int(flags[o.attack].sum())}
-            for o in report.attacks]
-    return flags, rows
+    runs: list[dict[str, np.ndarray]] = []
+    rows: dict[str, dict[str, Any]] = {}
+    for run in range(restarts):
+        report = evaluate_robustness(model, pseudo, list(attacks), seed=seed + run, batch_size=batch_size,
+                                     device=device, progress=progress, eps=eps, steps=steps, alpha=alpha)
+        runs.append({o.attack: np.asarray([c == "1" for c in o.robust_inputs], dtype=bool) for o in report.attacks})
+        for o in report.attacks:
+            row = rows.setdefault(o.attack, {"attack": o.attack, "settings": o.settings, "seconds": 0.0, "survived": 0})
+            row["seconds"] = round(row["seconds"] + (o.seconds or 0.0), 3)
+            row["survived"] += int(runs[-1][o.attack].sum())
+    for row in rows.values():
+        row["survived"] = row["survived"] / restarts if restarts > 1 else row["survived"]
+        if restarts > 1:
+            row["restarts"] = restarts
+    return runs, list(rows.values())
