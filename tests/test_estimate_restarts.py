@@ -197,3 +197,28 @@ def test_cli_refuses_attack_restarts_without_attacks(tmp_path):
                      "--attack-restarts", "3", "--out", str(out))
     assert result.exit_code == 2 and "give --attacks too" in result.output, result.output
     assert len(result.output.strip().splitlines()) == 1 and not out.exists()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(design="srs", score="deepgini"), "score applies to the importance design"),
+    (dict(budget="abc"), "abc"),
+    (dict(eps=0.3), "give attacks too"),
+    (dict(attack_restarts=3), "repeat the plan-time attacks"),
+    (dict(attacks=["pgd"], attack_restarts=0), "1 to 9"),
+    (dict(design="nope"), "nope"),
+])
+def test_plan_checks_its_arguments_before_any_forward_pass(kwargs, message):
+    from dltest.data import load_dataset
+    from dltest.estimation import plan
+
+    class Counting(torch.nn.Module):
+        calls = 0
+
+        def forward(self, x):
+            Counting.calls += 1
+            return torch.zeros(len(x), 10)
+
+    data = load_dataset("mnist", "holdout").subset(torch.arange(20))
+    with pytest.raises(DltestError, match=message):
+        plan(Counting(), data, **kwargs)
+    assert Counting.calls == 0

@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
-from dltest.budget import parse_budget
 from dltest.cli.app import app, robustness_warnings_as_lines
 from dltest.cli.options import (
     Arch, ArchKwargs, BatchSize, DataRoot, Dataset, Device, Download, ModelPath, Normalize, Seed, Split, TrustModel,
@@ -70,26 +69,19 @@ def plan_command(
     With --attacks, first attack the whole pool with the predicted labels (costs an attack pass
     over the pool, no labels) for a better robust-accuracy estimate."""
     from dltest.attacks import parse_attack_list, parse_eps
-    from dltest.estimation import get_design, plan
+    from dltest.cli.app import flags
+    from dltest.estimation import plan
+    from dltest.estimation.planning import check_plan_request
     from dltest.io import check_outputs
-    from dltest.runtime import resolve_device
 
     options = {key: value for key, value in (("strata", strata), ("uniform_share", uniform_share),
                                              ("proportional_share", proportional_share)) if value is not None}
-    get_design(design, **options)  # unknown design or option: fail before loading anything
-    if score not in SCORES:
-        raise DltestError(f"unknown score {score!r}; choose one of {', '.join(SCORES)}")
-    if score != "entropy" and design != "importance":
-        raise DltestError(f"--score applies to the importance design, not to {design!r}")
-    parse_budget(budget, pool_size=2**62)
     names = parse_attack_list(attacks) if attacks else []
-    eps_value = parse_eps(eps)
-    if not names and (eps is not None or steps is not None or alpha is not None):
-        raise DltestError("--eps, --steps and --alpha set the plan-time attacks: give --attacks too")
     restarts = None if attack_restarts is None else _parse_restarts(attack_restarts)
-    if restarts is not None and restarts > 1 and not names:
-        raise DltestError(f"--attack-restarts {attack_restarts} repeats the plan-time attacks: give --attacks too")
-    resolve_device(device)
+    with flags():  # the library's checks, before anything is loaded
+        check_plan_request(design, budget, score=score, attacks=names, eps=eps, steps=steps, alpha=alpha,
+                           attack_restarts=restarts, device=device, **options)
+    eps_value = parse_eps(eps)
     check_outputs({"--out": out, "--csv": csv_path}, {"--model": model, "--dataset": dataset})
     data, net, info = load_data_and_model(dataset, split, model, data_root, download, trust_model, arch, arch_kwargs,
                                           normalize, need_labels=False)

@@ -186,6 +186,46 @@ def pool_scores(outputs: PoolOutputs, score: str = "entropy") -> PoolScores:
     return PoolScores(probs.max(dim=1).values.numpy(), SCORES[check_score(score)](probs).numpy())
 
 
+def check_plan_request(
+    design: str = "active",
+    budget: int | str = 200,
+    *,
+    score: str = "entropy",
+    attacks: Sequence[str] = (),
+    eps: float | str | None = None,
+    steps: int | None = None,
+    alpha: float | None = None,
+    attack_restarts: int | None = None,
+    device: str | None = None,
+    **options: Any,
+) -> int:
+    """Check :func:`plan`'s arguments that need no model or data, before anything is loaded;
+    returns the number of plan-time attack runs (1 without attacks)."""
+    from dltest.attacks import parse_attack_list, parse_eps
+    from dltest.runtime import resolve_device
+
+    get_design(design, **options)
+    check_score(score)
+    if score != "entropy" and design != "importance":
+        raise DltestError(f"score applies to the importance design, not to {design!r}", param="score")
+    parse_budget(budget, pool_size=2**62)  # its syntax; its size is checked against the pool
+    if attacks:
+        parse_attack_list(",".join(attacks))
+    parse_eps(eps)
+    if not attacks and (eps is not None or steps is not None or alpha is not None):
+        raise DltestError("eps, steps and alpha set the plan-time attacks: give attacks too",
+                          cli="--eps, --steps and --alpha set the plan-time attacks: give --attacks too")
+    if attack_restarts is None:
+        restarts = DEFAULT_ATTACK_RESTARTS if attacks else 1
+    else:
+        restarts = check_attack_restarts(attack_restarts)
+    if restarts > 1 and not attacks:
+        raise DltestError(f"attack restarts ({restarts}) repeat the plan-time attacks: give attacks too",
+                          cli=f"--attack-restarts {restarts} repeats the plan-time attacks: give --attacks too")
+    resolve_device(device)
+    return restarts
+
+
 def plan(
     model: nn.Module | None = None,
     data: ImageDataset | None = None,
@@ -223,18 +263,13 @@ def plan(
     import time
 
     started = time.perf_counter()
+    restarts = check_plan_request(design, budget, score=score, attacks=attacks, eps=eps, steps=steps, alpha=alpha,
+                                  attack_restarts=attack_restarts, device=device, **options)
     chosen = get_design(design, **options)
-    check_score(score)
     if data is None:
         raise DltestError("plan needs the pool (data)")
     if attacks and survived is not None:
         raise DltestError("give plan-time attacks or their flags (survived), not both")
-    if attack_restarts is None:
-        restarts = DEFAULT_ATTACK_RESTARTS if attacks else 1
-    else:
-        restarts = check_attack_restarts(attack_restarts)
-    if restarts > 1 and not attacks:
-        raise DltestError(f"attack restarts ({restarts}) repeat the plan-time attacks: give attacks too")
     count = parse_budget(budget, len(data))
     if outputs is None:
         if model is None:
