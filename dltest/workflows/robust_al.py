@@ -5,7 +5,8 @@ a seed) -> per stage: one inference pass over the unlabeled pool -> ``select`` w
 -> the dataset's labels play the oracle -> adversarial training on the labeled pool, warm-started
 from the previous stage's best epoch -> clean and robust accuracy on the holdout half.
 
-Everything lives in a run folder, rewritten atomically after every stage::
+Everything lives in a run folder (:mod:`dltest.workflows.robust_al_folder`), rewritten atomically
+after every stage; the settings and records are in :mod:`dltest.workflows.robust_al_config`::
 
     config.json    the settings (a resumed run must match them)
     log.jsonl      one record per (metric, stage): labeled size, selected indices, accuracy,
@@ -26,7 +27,6 @@ ends with the selections and figures of an uninterrupted run: every random draw 
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import os
 import time
@@ -37,182 +37,34 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from dltest.header import output_header
 from dltest.adapter import check_fits
-from dltest.adversarial_training import AT_METHODS, AdversarialTraining, adversarial_training
+from dltest.adversarial_training import AdversarialTraining
 from dltest.analysis.bias import selection_bias
 from dltest.analysis.plots import accuracy_by_stage
-from dltest.attacks import attack_preset, parse_attack_list, pgd_check
-from dltest.checkpoint import save_checkpoint, state_digest
+from dltest.attacks import attack_preset, pgd_check
+from dltest.checkpoint import save_checkpoint
 from dltest.data import ImageDataset, LabeledPool
 from dltest.errors import DltestError, first_line
 from dltest.inference import infer
-from dltest.io import atomic_path, parse_json_text, read_json, write_json
-from dltest.resume import EDITED, ResumeState, Wording
-from dltest.profiles import PROFILES, dataset_profile
+from dltest.io import write_json
+from dltest.profiles import dataset_profile
 from dltest.robustness import evaluate_robustness
-from dltest.runtime import check_seed, resolve_device, seeded
+from dltest.runtime import resolve_device, seeded
 from dltest.selection import select
-from dltest.selectors import get_selector
 from dltest.training import Adversary, TrainConfig, train
 from dltest.zoo import ARCHITECTURES, default_arch, model_for_dataset, resolve_arch
 
-CONFIG_FILE, LOG_FILE, SUMMARY_FILE, FIGURE_FILE = "config.json", "log.jsonl", "summary.json", "figure.png"
-EVERY_METRIC_OPTIONS = ("sampling", "temperature")  # how each metric of a run draws its batch
-
-
-@dataclass(frozen=True)
-class RobustALConfig:
-    """The settings of one robust active-learning run (every figure of the run follows from them).
-
-    ``budget`` is the final labeled-pool size, ``initial`` the random initial pool, ``per_stage``
-    how many inputs each stage labels. ``at`` is the adversarial-training method (``None``:
-    standard active learning, the paper's Table 1), with ``at_steps`` inner steps of ``at_alpha``
-    (default: the method's preset). ``eval_attacks`` are evaluated on the holdout inputs after
-    every stage (default: the dataset profile's ``stage_attack``). ``epochs`` per stage, the best kept by
-    robust accuracy on ``val_n`` validation inputs under a ``check_steps``-step PGD.
-    ``train_size`` limits the unlabeled pool to a seeded subset of the training data. ``arch`` is
-    a zoo name or the user's ``module:Class`` / ``file.py:Class``, built with ``arch_kwargs``
-    (its forward must return logits). ``metric_options`` go to the metrics that take them (e.g.
-    ``samples`` to bald), except ``sampling`` and ``temperature``, which apply to every metric of
-    the run: each must rank scores, and is named with its sampling (``entropy+power``) in the
-    log, the summary and the files.
-    """
-
-    dataset: str
-    metrics: tuple[str, ...] = ("dre",)
-    arch: str | None = None
-    arch_kwargs: dict[str, Any] = field(default_factory=dict)
-    budget: int = 5000
-    initial: int = 200
-    per_stage: int = 200
-    epochs: int = 10
-    initial_epochs: int = 30
-    at: str | None = "pgd"
-    eps: float | None = None
-    at_steps: int | None = None
-    at_alpha: float | None = None
-    warmup_epochs: float | None = None
-    optimizer: str = "adam"
-    lr: float = 5e-3
-    batch_size: int = 128
-    eval_attacks: tuple[str, ...] | None = None
-    final_attacks: tuple[str, ...] = ()
-    eval_n: int | None = 1000
-    val_n: int = 500
-    check_steps: int = 5
-    train_size: int | None = None
-    seed: int = 0
-    metric_options: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        check_seed(self.seed)
-        if not self.metrics:
-            raise DltestError("metrics is empty: name at least one acquisition metric")
-        if len(set(self.metrics)) != len(self.metrics):
-            raise DltestError(f"metrics {', '.join(self.metrics)} name a metric twice")
-        for metric in self.metrics:
-            get_selector(metric, **self.options_for(metric))
-        for name, value in (("initial", self.initial), ("per_stage", self.per_stage), ("epochs", self.epochs),
-                            ("initial_epochs", self.initial_epochs), ("val_n", self.val_n),
-                            ("check_steps", self.check_steps), ("batch_size", self.batch_size)):
-            if value < 1:
-                raise DltestError(f"{name} must be >= 1, got {value}")
-        if self.budget <= self.initial:
-            raise DltestError(f"budget ({self.budget}) must exceed the initial labeled pool ({self.initial})")
-        if self.at is not None and self.at not in AT_METHODS:
-            raise DltestError(f"unknown adversarial training method {self.at!r}; choose one of "
-                              f"{', '.join(AT_METHODS)} (or none for standard active learning)")
-        if self.at is not None:  # the method's own checks (e.g. no steps for a single-step method)
-            _method(self, "grey")
-        if self.arch_kwargs and (self.arch is None or self.arch in ARCHITECTURES):
-            raise DltestError("arch_kwargs apply to a module:Class architecture, not to a zoo model")
-        if self.train_size is not None and self.train_size < 1:
-            raise DltestError(f"train_size must be >= 1, got {self.train_size}")
-        if self.eval_n is not None and self.eval_n < 1:
-            raise DltestError(f"eval_n must be >= 1, got {self.eval_n}")
-        if self.eval_attacks is None:
-            object.__setattr__(self, "eval_attacks", (stage_attack(self.dataset),))
-        parse_attack_list(",".join(self.eval_attacks))
-        if self.final_attacks:
-            parse_attack_list(",".join(self.final_attacks))
-        TrainConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, optimizer=self.optimizer)
-
-    @property
-    def stages(self) -> int:
-        """Selection stages after the initial model: ceil((budget - initial) / per_stage)."""
-        return -(-(self.budget - self.initial) // self.per_stage)
-
-    def stage_size(self, stage: int) -> int:
-        """Inputs labeled at ``stage`` (1-based): per_stage, the last stage takes the remainder."""
-        return min(self.per_stage, self.budget - self.initial - (stage - 1) * self.per_stage)
-
-    def options_for(self, metric: str) -> dict[str, Any]:
-        """The selector options that apply to ``metric``: those its constructor takes (e.g.
-        ``samples`` only to bald), and ``sampling`` / ``temperature``, which apply to every metric."""
-        from dltest.selectors import REGISTRY
-
-        cls = REGISTRY.get(metric)
-        allowed = cls.option_defaults() if cls else {}
-        return {k: v for k, v in self.metric_options.items() if k in allowed or k in EVERY_METRIC_OPTIONS}
-
-    def label(self, metric: str) -> str:
-        """``metric``'s name in the run's log, summary, state and model files: the metric's own
-        name, with its sampling when it has one (``entropy+power``)."""
-        return get_selector(metric, **self.options_for(metric)).label
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["metrics"], data["eval_attacks"] = list(self.metrics), list(self.eval_attacks)
-        data["final_attacks"] = list(self.final_attacks)
-        return data
-
-
-def stage_attack(dataset: str) -> str:
-    """The per-stage evaluation attack of ``dataset``: its profile's (``pgd`` for data that is not built in)."""
-    profile = PROFILES.get(dataset.lower())
-    return profile.stage_attack if profile is not None else "pgd"
-
-
-def preset(dataset: str, **overrides: Any) -> RobustALConfig:
-    """The paper's Table 3 schedule for ``dataset`` (its profile's), with ``overrides``; data that
-    is not built in has no schedule, so ``budget``, ``initial`` and ``per_stage`` must be given."""
-    schedule_keys = ("budget", "initial", "per_stage")
-    values = {k: v for k, v in overrides.items() if v is not None or k not in schedule_keys}  # at=None: standard AL
-    profile = PROFILES.get(dataset.lower())
-    if profile is not None and profile.schedule is not None:
-        schedule = profile.schedule
-        values = {"budget": schedule.budget, "initial": schedule.initial, "per_stage": schedule.per_stage, **values}
-    missing = [k for k in schedule_keys if k not in values]
-    if missing:
-        raise DltestError(f"{dataset} has no active-learning schedule of the paper's: give {', '.join(missing)}")
-    return RobustALConfig(dataset=dataset, **values)
-
-
-@dataclass
-class StageRecord:
-    """One line of the run log: a metric after one stage (stage 0: the initial model).
-
-    ``metric`` is the metric's name in the run (:meth:`RobustALConfig.label`): ``entropy``, or
-    ``entropy+power`` where the run samples its batches. ``selected`` are positions in the dataset's training split (``source_index``); ``attacks``
-    names the attacks behind ``robust_accuracy`` with their settings (e.g.
-    ``apgd-square eps=0.3 steps=100 queries=1000``).
-    """
-
-    metric: str
-    seed: int
-    stage: int
-    labeled: int
-    selected: list[int]
-    clean_accuracy: float
-    robust_accuracy: dict[str, float]
-    bias: dict[str, float] | None
-    seconds: dict[str, float]
-    best_epoch: int | None = None
-    stopped_early: str | None = None
-    attacks: list[str] = field(default_factory=list)  # the settings of each robust_accuracy's attack
+# the run's settings and records, and its folder (also imported from here by callers and tests)
+from dltest.workflows.robust_al_config import (  # noqa: F401
+    EVERY_METRIC_OPTIONS, MetricState, RobustALConfig, StageRecord, _method, _name, preset, stage_attack,
+)
+from dltest.workflows.robust_al_folder import (  # noqa: F401
+    CONFIG_FILE, FIGURE_FILE, LOG_FILE, SUMMARY_FILE, _final_attacks, _load_saved_states, _prepare_folder, _run_id,
+    _state_path, _write_log, _write_state, finished_metrics, read_log,
+)
 
 
 @dataclass
@@ -315,34 +167,9 @@ def robust_active_learning(
 # --- stages ------------------------------------------------------------------------------------
 
 
-def _method(config: RobustALConfig, family: str) -> AdversarialTraining | None:
-    if config.at is None:
-        return None
-    return adversarial_training(config.at, family, eps=config.eps, steps=config.at_steps, alpha=config.at_alpha,
-                                warmup_epochs=config.warmup_epochs)
-
-
 def _train_config(config: RobustALConfig, stage: int, augment: str, epochs: int | None = None) -> TrainConfig:
     return TrainConfig(epochs=epochs or config.epochs, batch_size=config.batch_size, lr=config.lr,
                        optimizer=config.optimizer, seed=_seed(config.seed, "train", stage), augment=augment)
-
-
-@dataclass
-class MetricState:
-    """Where a metric stands after its last finished stage: that stage's model, its labeled pool
-    (positions in the training pool, with the data's labels) and its records from stage 0 on.
-    ``metric`` is one of ``config.metrics`` (its records, files and seeds use its name in the run,
-    :func:`_name`); the initial model's state has the metric "" and one record."""
-
-    metric: str
-    model: nn.Module
-    pool: LabeledPool
-    records: list[StageRecord]
-
-    @property
-    def stage(self) -> int:
-        """The last finished stage (0: the initial model)."""
-        return self.records[-1].stage
 
 
 @dataclass(frozen=True)
@@ -391,11 +218,6 @@ def _initial(config: RobustALConfig, factory: Callable[[], nn.Module], data: Sta
     if folder is not None:
         _write_state(_state_path(folder, ""), config, state)
     return state
-
-
-def _name(config: RobustALConfig, metric: str) -> str:
-    """``metric``'s name in the run's records and files (``entropy+power`` with sampling; "" initial)."""
-    return config.label(metric) if metric else ""
 
 
 def _start(initial: MetricState, config: RobustALConfig, metric: str) -> MetricState:
@@ -486,208 +308,10 @@ def _check_data(config: RobustALConfig, train_data, val_data, holdout) -> None:
                           f"{val_data.name}, {holdout.name}")
 
 
-# --- the run folder ----------------------------------------------------------------------------
-
-
-def _prepare_folder(folder: Path, config: RobustALConfig, resume: bool) -> None:
-    config_path = folder / CONFIG_FILE
-    wanted = {**output_header("robust-al", config.seed), **config.to_dict()}  # a resume compares keys, not order
-    if folder.exists() and not folder.is_dir():
-        raise DltestError(f"run folder {folder} is a file")
-    if config_path.is_file():
-        if not resume:
-            raise DltestError(f"{folder} already holds a run; resume it with --resume or choose another --out")
-        found = read_json(config_path)
-        if not isinstance(found, dict):
-            raise DltestError(f"cannot resume {folder}: its {CONFIG_FILE} does not hold a JSON object")
-        found = {k: v for k, v in found.items() if k != "dltest_version"}
-        mismatched = sorted(k for k in set(found) | set(wanted) - {"dltest_version"}
-                            if k != "dltest_version" and found.get(k) != wanted.get(k))
-        if mismatched:
-            raise DltestError(f"cannot resume {folder}: it was run with other settings ({', '.join(mismatched)})")
-        return
-    if resume and folder.exists() and any(folder.iterdir()):
-        raise DltestError(f"cannot resume {folder}: it holds no {CONFIG_FILE}")
-    if resume and not folder.exists():
-        raise DltestError(f"cannot resume {folder}: no such run folder")
-    if folder.is_dir() and any(folder.iterdir()):
-        raise DltestError(f"{folder} is not empty and holds no dltest run ({CONFIG_FILE}); choose a new or empty "
-                          "folder for --out")
-    created = not folder.exists()
-    folder.mkdir(parents=True, exist_ok=True)
-    try:
-        write_json(config_path, wanted)
-    except DltestError:
-        if created:
-            folder.rmdir()
-        raise
-
-
-STATE_KIND, STATE_VERSION = "dltest robust-al state", 2
-STATE_FORMAT_1 = "dltest robust-al state 1"  # before issue 19: the labeled positions alone, the settings hashed
-STATE_WORDING = Wording(unreadable="unreadable, truncated or not a state file",
-                        other_settings="it comes from another run or other settings",
-                        remedy="remove the run folder to start afresh")
-
-
-def _state_path(folder: Path, metric: str) -> Path:
-    """``state/initial.pt`` for the initial model (metric ""), else ``state/<metric>.pt``."""
-    return folder / "state" / f"{metric or 'initial'}.pt"
-
-
-def _state_file(path: Path, config: RobustALConfig, labels: Tensor | None = None) -> ResumeState:
-    """The state file at ``path`` of a run with ``config``; ``labels`` (the training pool's) let it
-    read the state files of format 1 too."""
-    legacy = (lambda raw, file: _read_format_1(raw, file, config, labels)) if labels is not None else None
-    return ResumeState(path, STATE_KIND, STATE_VERSION, config.to_dict(), wording=STATE_WORDING, legacy=legacy)
-
-
-def _write_state(path: Path, config: RobustALConfig, state: MetricState) -> None:
-    """Save ``state`` (its model's weights, its records as JSON lines and its labeled pool's
-    ``size``, ``labeled`` and ``labels``) atomically, with the settings and a digest."""
-    weights = {k: v.detach().cpu() for k, v in state.model.state_dict().items()}
-    lines = [json.dumps(asdict(r)) for r in state.records]
-    _state_file(path, config).save({"model": weights, "records": lines, **state.pool.state_dict()})
-
-
-def _final_path(folder: Path, metric: str) -> Path:
-    return folder / "state" / f"{metric}.final.json"
-
-
-def _final_attacks(folder: Path | None, config: RobustALConfig, state: MetricState,
-                   attack: Callable[[nn.Module], dict[str, float]]) -> dict[str, float]:
-    """The final attacks' robust accuracy of a metric's last model, computed once per run folder:
-    the result is kept beside the metric's state with a digest of that state and reused only while
-    the digest matches (the same settings, weights, labeled pool and records). The digest is the
-    one of state format 1, so the results kept by runs of earlier dltest are reused too."""
-    metric, model = _name(config, state.metric), state.model
-    if folder is None:
-        return attack(model)
-    weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    lines = [json.dumps(asdict(r)) for r in state.records]
-    digest = hashlib.sha256(json.dumps([_format_1_digest(_run_id(config), weights, state.pool.labeled(), lines),
-                                        list(config.final_attacks)]).encode()).hexdigest()
-    path = _final_path(folder, metric)
-    if path.is_file():
-        try:
-            kept = read_json(path)
-        except DltestError:
-            kept = None
-        if (isinstance(kept, dict) and kept.get("digest") == digest and isinstance(kept.get("robust_accuracy"), dict)
-                and all(isinstance(v, float) for v in kept["robust_accuracy"].values())):
-            return kept["robust_accuracy"]
-    accuracy = attack(model)
-    write_json(path, {"metric": metric, "attacks": list(config.final_attacks), "robust_accuracy": accuracy,
-                      "digest": digest})
-    return accuracy
-
-
-def _load_saved_states(folder: Path, config: RobustALConfig, factory: Callable[[], nn.Module],
-                       labels: Tensor) -> dict[str, MetricState]:
-    """Every state file of the run, checked, under its metric in ``config.metrics`` (the initial model
-    under ""); a state file that is unreadable, edited, or from another run or other settings is
-    refused, never used.
-    ``labels`` are the training pool's (the oracle)."""
-    saved = {}
-    for metric in ("", *config.metrics):
-        path = _state_path(folder, _name(config, metric))
-        if os.path.lexists(path):
-            saved[metric] = _read_state(path, config, metric, factory, labels)
-    if saved and "" not in saved:
-        raise DltestError(f"cannot resume {folder}: {_state_path(folder, '')} is missing; remove the run folder "
-                          "to start afresh")
-    return saved
-
-
-def _read_state(path: Path, config: RobustALConfig, metric: str, factory: Callable[[], nn.Module],
-                labels: Tensor) -> MetricState:
-    file = _state_file(path, config, labels)
-    state = file.load()
-    weights, lines = state.get("model"), state.get("records")
-    if (not isinstance(weights, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in weights.items())
-            or not isinstance(lines, list) or not all(isinstance(line, str) for line in lines)):
-        raise file.refuse("it lacks the model, labeled pool or records")
-    try:
-        pool = LabeledPool.from_state_dict({k: state.get(k) for k in ("size", "labeled", "labels")})
-    except DltestError as exc:
-        raise file.refuse(f"its labeled pool is malformed ({str(exc)[:120]})") from None
-    if pool.size != len(labels):
-        raise file.refuse(f"its labeled pool covers {pool.size} inputs, not the training pool of {len(labels)}")
-    if not torch.equal(pool.labels(), labels[pool.labeled()].long()):
-        raise file.refuse("its labels are not the training data's (the data changed since)")
-    records = _check_records(lines, config, _name(config, metric), pool, file.refuse)
-    model = factory()
-    try:
-        model.load_state_dict(weights)
-    except (RuntimeError, KeyError, TypeError, ValueError) as exc:
-        raise file.refuse(f"its weights do not fit the model ({str(exc).splitlines()[0][:120]})") from None
-    return MetricState(metric, model.eval(), pool, records)
-
-
-def _read_format_1(raw: dict[str, Any], file: ResumeState, config: RobustALConfig,
-                   labels: Tensor) -> dict[str, Any] | None:
-    """The contents of a state file of format 1 (dltest before issue 19), checked as that format
-    was, with its labeled positions' labels taken from the data; None for any other format."""
-    if raw.get("format") != STATE_FORMAT_1:
-        return None
-    weights, labeled, lines = raw.get("model"), raw.get("labeled"), raw.get("records")
-    if (not isinstance(weights, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in weights.items())
-            or not isinstance(labeled, Tensor) or not isinstance(lines, list)
-            or not all(isinstance(line, str) for line in lines)):
-        raise file.refuse("it lacks the model, labeled pool or records")
-    if raw.get("run") != _run_id(config):
-        raise file.refuse(STATE_WORDING.other_settings)
-    if raw.get("digest") != _format_1_digest(raw["run"], weights, labeled, lines):
-        raise file.refuse(EDITED)
-    n = len(labels)
-    if labeled.dtype != torch.long or labeled.ndim != 1 or (len(labeled) and not 0 <= int(labeled.min()) <= int(labeled.max()) < n):
-        raise file.refuse(f"its labeled pool is not positions in the pool of {n}")
-    return {"model": weights, "records": lines, "size": n, "labeled": labeled, "labels": labels[labeled].long()}
-
-
-def _run_id(config: RobustALConfig) -> str:
-    """Format 1's fingerprint of the settings: a hash of them."""
-    return hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True, default=str).encode()).hexdigest()
-
-
-def _format_1_digest(run_id: str, weights: dict[str, Tensor], labeled: Tensor, records: list[str]) -> str:
-    """Format 1's digest of a state: settings (``run_id``), weights, labeled positions and records."""
-    return state_digest({**{f"model.{k}": v for k, v in weights.items()}, "labeled": labeled},
-                        {"format": STATE_FORMAT_1, "run": run_id, "records": records})
-
-
-def _check_records(lines: list[str], config: RobustALConfig, metric: str, pool: LabeledPool,
-                   refuse: Callable[[str], DltestError]) -> list[StageRecord]:
-    """The records of a state file, consistent with the settings and the labeled pool."""
-    records = []
-    for line in lines:
-        try:
-            records.append(StageRecord(**parse_json_text(line, "a record")))
-        except (DltestError, TypeError) as exc:
-            raise refuse(f"a record is malformed ({str(exc)[:80]})") from None
-    stages = [r.stage for r in records]
-    if not records or stages != list(range(len(records))) or stages[-1] > config.stages:
-        raise refuse(f"its stages {stages[:8]} are not 0, 1, ... up to at most {config.stages}")
-    if any(r.metric != metric or r.seed != config.seed for r in records) or (not metric and len(records) > 1):
-        raise refuse(f"its records are not those of metric {metric or 'initial'!r}, seed {config.seed}")
-    expected = config.initial + sum(config.stage_size(k) for k in range(1, stages[-1] + 1))
-    if len(pool) != expected or records[-1].labeled != expected:
-        raise refuse(f"its labeled pool is not {expected} distinct positions in the pool of {pool.size}")
-    return records
-
-
 def _on_device(state: MetricState, device: torch.device) -> MetricState:
     """A saved state, its model moved to ``device`` in eval mode."""
     state.model.to(device).eval()
     return state
-
-
-def _write_log(folder: Path, config: RobustALConfig, records: dict[str, list[StageRecord]]) -> None:
-    with atomic_path(folder / LOG_FILE) as tmp:
-        with open(tmp, "w") as f:
-            for metric in config.metrics:
-                for record in records.get(config.label(metric), []):
-                    f.write(json.dumps(asdict(record)) + "\n")
 
 
 def _finish(folder: Path, result: RobustALResult, train_data: ImageDataset) -> None:
@@ -707,51 +331,6 @@ def _finish(folder: Path, result: RobustALResult, train_data: ImageDataset) -> N
         accuracy_by_stage(records, folder / FIGURE_FILE, title=f"{train_data.name}, seed {result.config.seed}")
     except DltestError as exc:  # matplotlib missing: the run's figures are all in the log anyway
         warnings.warn(f"no {FIGURE_FILE}: {exc}", stacklevel=2)
-
-
-def read_log(path: str | os.PathLike) -> list[StageRecord]:
-    """The records of a run's ``log.jsonl`` (or of the run folder that holds it)."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / LOG_FILE
-    if not path.is_file():
-        raise DltestError(f"no run log at {path}")
-    records = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if line.strip():
-            fields = parse_json_text(line, f"{path}:{number}")
-            try:
-                records.append(StageRecord(**fields))
-            except TypeError:
-                raise DltestError(f"{path}:{number} is not a stage record of dltest robust-al") from None
-    return records
-
-
-def finished_metrics(folder: str | os.PathLike) -> dict[str, dict[str, Any]]:
-    """The metrics of a run folder that reached the last stage, in ``summary.json``'s ``final`` shape
-    (labeled, stage, clean accuracy, robust accuracy with the final attacks): for a finished run its
-    summary, for one still going (or stopped) the metrics done so far, with the final attacks kept in
-    ``state/`` for those already attacked."""
-    folder = Path(folder)
-    if (folder / SUMMARY_FILE).is_file():
-        summary = read_json(folder / SUMMARY_FILE)
-        if isinstance(summary, dict) and isinstance(summary.get("final"), dict):
-            return summary["final"]
-        raise DltestError(f"{folder / SUMMARY_FILE} holds no 'final' table")
-    config = read_json(folder / CONFIG_FILE)
-    try:
-        stages = -(-(int(config["budget"]) - int(config["initial"])) // int(config["per_stage"]))
-    except (TypeError, KeyError, ValueError):
-        raise DltestError(f"{folder / CONFIG_FILE} lacks the schedule (budget, initial, per_stage)") from None
-    finished = {}
-    for record in read_log(folder) if (folder / LOG_FILE).is_file() else []:
-        if record.stage != stages:
-            continue
-        final = read_json(_final_path(folder, record.metric)) if _final_path(folder, record.metric).is_file() else {}
-        finished[record.metric] = {"labeled": record.labeled, "stage": record.stage,
-                                   "clean_accuracy": record.clean_accuracy,
-                                   "robust_accuracy": {**record.robust_accuracy, **final.get("robust_accuracy", {})}}
-    return finished
 
 
 def _total_seconds(records: Sequence[StageRecord]) -> dict[str, float]:
