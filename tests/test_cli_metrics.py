@@ -6,6 +6,8 @@ import json
 
 import pytest
 
+from dltest.errors import DltestError
+
 from tests.cli_runner import run_cli as run
 
 
@@ -24,6 +26,16 @@ def test_metrics_says_what_each_metric_needs_and_where_sampling_applies(tmp_path
     assert rows["ats"]["needs"] == ["the pool's outputs only"]
     assert rows["entropy"]["sampling"] == ["power", "softmax", "rank"] and rows["dre"]["sampling"] == []
     assert rows["dfal"]["sampling"] and not rows["batchbald"]["sampling"]
+    assert rows["margin"]["sampling"] == ["softmax", "rank"]  # lowest margins first: power sampling refuses it
+    from dltest.selectors import REGISTRY, get_selector
+    for name, row in rows.items():  # every mode listed is accepted, every other one refused
+        for mode in ("power", "softmax", "rank"):
+            if mode in row["sampling"]:
+                get_selector(name, sampling=mode)
+            else:
+                with pytest.raises(DltestError):
+                    get_selector(name, sampling=mode)
+    assert set(rows) == set(REGISTRY)
 
 
 @pytest.mark.slow

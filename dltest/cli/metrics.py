@@ -32,13 +32,14 @@ def needs(cls: type[Selector]) -> list[str]:
 
 def metric_catalogue() -> list[dict]:
     """Every registered metric: name, summary, options with defaults, what it needs, whether it
-    reruns the model and whether ``--sampling`` applies."""
+    reruns the model and which ``--sampling`` modes apply (``power`` only to scores where higher
+    is better)."""
     from dltest.selectors import REGISTRY, SAMPLINGS, ScoreSelector
 
     return [
         {"metric": name, "summary": cls.summary, "options": cls.option_defaults(), "score": cls.score_name,
          "needs": needs(cls), "runs_model_again": cls.needs_model, "needs_reference": cls.needs_reference,
-         "sampling": list(SAMPLINGS) if issubclass(cls, ScoreSelector) else []}
+         "sampling": [m for m in SAMPLINGS if m != "power" or cls.highest] if issubclass(cls, ScoreSelector) else []}
         for name, cls in sorted(REGISTRY.items())
     ]
 
@@ -63,9 +64,9 @@ def metrics_command(
     table.add_column("--sampling")
     for row in catalogue:
         options = ", ".join(f"{k}={v}" for k, v in row["options"].items()) or "-"
-        table.add_row(row["metric"], row["summary"], options, "; ".join(row["needs"]), "yes" if row["sampling"] else "no")
+        table.add_row(row["metric"], row["summary"], options, "; ".join(row["needs"]), ", ".join(row["sampling"]) or "no")
     Console(width=max(Console().width, 160)).print(table)
-    Console().print("--sampling power|softmax|rank with --temperature T applies to every metric marked yes "
+    Console().print("--sampling power|softmax|rank with --temperature T applies where listed "
                     "(stochastic batch acquisition, Kirsch et al. 2023).")
     if out:
         write_json(out, {**output_header("metrics", None), "metrics": catalogue})
