@@ -23,6 +23,11 @@ from dltest.zoo import ARCHITECTURES
 EVERY_METRIC_OPTIONS = ("sampling", "temperature")  # how each metric of a run draws its batch
 
 
+def stage_count(budget: int, initial: int, per_stage: int) -> int:
+    """Selection stages of a schedule after the initial model: ceil((budget - initial) / per_stage)."""
+    return -(-(budget - initial) // per_stage)
+
+
 @dataclass(frozen=True)
 class RobustALConfig:
     """The settings of one robust active-learning run (every figure of the run follows from them).
@@ -103,7 +108,7 @@ class RobustALConfig:
     @property
     def stages(self) -> int:
         """Selection stages after the initial model: ceil((budget - initial) / per_stage)."""
-        return -(-(self.budget - self.initial) // self.per_stage)
+        return stage_count(self.budget, self.initial, self.per_stage)
 
     def stage_size(self, stage: int) -> int:
         """Inputs labeled at ``stage`` (1-based): per_stage, the last stage takes the remainder."""

@@ -22,7 +22,7 @@ from dltest.errors import DltestError
 from dltest.io import atomic_path, parse_json_text, read_json, write_json
 from dltest.resume import EDITED, ResumeState, Wording
 
-from dltest.workflows.robust_al_config import MetricState, RobustALConfig, StageRecord, _name
+from dltest.workflows.robust_al_config import MetricState, RobustALConfig, StageRecord, _name, stage_count
 
 CONFIG_FILE, LOG_FILE, SUMMARY_FILE, FIGURE_FILE = "config.json", "log.jsonl", "summary.json", "figure.png"
 
@@ -256,7 +256,7 @@ def finished_metrics(folder: str | os.PathLike) -> dict[str, dict[str, Any]]:
         raise DltestError(f"{folder / SUMMARY_FILE} holds no 'final' table")
     config = read_json(folder / CONFIG_FILE)
     try:
-        stages = -(-(int(config["budget"]) - int(config["initial"])) // int(config["per_stage"]))
+        stages = stage_count(int(config["budget"]), int(config["initial"]), int(config["per_stage"]))
     except (TypeError, KeyError, ValueError):
         raise DltestError(f"{folder / CONFIG_FILE} lacks the schedule (budget, initial, per_stage)") from None
     finished = {}
