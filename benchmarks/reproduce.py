@@ -210,12 +210,12 @@ def run_retrain(size: Size, dataset: str, metric: str, budget: str, seed: int, r
 # --- the report ----------------------------------------------------------------------------------
 
 
-def final_rows(folders: list[Path]) -> dict[str, dict[str, list[float]]]:
+def final_rows(finished: dict[Path, dict[str, Any]]) -> dict[str, dict[str, list[float]]]:
     """metric -> {"clean": [per seed], attack: [per seed]} at each run's last stage (final attacks included;
-    a run still going contributes the functions it has finished)."""
+    a run still going contributes the functions it has finished), from :func:`finished_metrics` per folder."""
     rows: dict[str, dict[str, list[float]]] = {}
-    for folder in folders:
-        for metric, final in finished_metrics(folder).items():
+    for done in finished.values():
+        for metric, final in done.items():
             row = rows.setdefault(metric, {"clean": []})
             row["clean"].append(100 * final["clean_accuracy"])
             for attack, value in final["robust_accuracy"].items():
@@ -223,13 +223,13 @@ def final_rows(folders: list[Path]) -> dict[str, dict[str, list[float]]]:
     return rows
 
 
-def _progress(folders: list[Path]) -> list[str]:
+def _progress(finished: dict[Path, dict[str, Any]]) -> list[str]:
     """A line per run folder still going: which of its functions the table holds so far."""
     lines = []
-    for folder in folders:
+    for folder, done in finished.items():
         if (folder / "summary.json").is_file():
             continue
-        config, done = read_json(folder / "config.json"), finished_metrics(folder)
+        config = read_json(folder / "config.json")
         attacked = [m for m, f in done.items() if set(config.get("final_attacks", [])) <= set(f["robust_accuracy"])]
         lines.append(f"- in progress, {folder.name}: {len(done)} of {len(config['metrics'])} functions finished "
                      f"({', '.join(done) or 'none'}), final attacks on {len(attacked)}")
@@ -407,14 +407,15 @@ def write_report(size: Size, runs: Path, report: Path, command: str, device, sec
     for dataset in size.datasets:
         folders = [p.parent for p in sorted((runs / "robust-al").glob(f"{dataset}-seed*/config.json"))]
         folders = [f for f in folders if (f / "log.jsonl").is_file()]
+        finished = {f: finished_metrics(f) for f in folders}
         lines += [f"## {dataset}: robust active learning (Table 5)", ""]
-        rows = final_rows(folders)
+        rows = final_rows(finished)
         if not rows:
             lines += ["(no function has finished its last stage yet)", ""]
             continue
-        seeds = len({read_json(f / "config.json")["seed"] for f in folders if finished_metrics(f)})
+        seeds = len({read_json(f / "config.json")["seed"] for f, done in finished.items() if done})
         lines += [f"Last stage, mean ± sd over {seeds} seed(s); the paper's robustness is under AutoAttack.", ""]
-        lines += _progress(folders)
+        lines += _progress(finished)
         lines += final_table(rows, dataset, paper=True)
         analysis, comparisons = analyses(folders, dataset, figures, f"{size.name}-{dataset}-robust", report.parent)
         headline = next((a for a in ("autoattack", "pgd") if any(a in r for r in rows.values())), None)
@@ -427,7 +428,7 @@ def write_report(size: Size, runs: Path, report: Path, command: str, device, sec
         if folders:
             lines += [f"## {dataset}: standard active learning (Table 1)", "",
                       "The same loop with standard training; the paper finds its robustness near 0.", ""]
-            lines += final_table(final_rows(folders), dataset, paper=False)
+            lines += final_table(final_rows({f: finished_metrics(f) for f in folders}), dataset, paper=False)
             lines.append("")
     retrained = sorted((runs / "retrain").glob("*.json")) if (runs / "retrain").is_dir() else []
     if retrained:
