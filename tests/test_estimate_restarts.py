@@ -17,9 +17,9 @@ from tests.cli_runner import run_cli
 
 CONFIDENCE = np.array([0.9, 0.6, 0.8, 0.7, 0.95, 0.5])
 # per plan-time run (seed 0, 1, 2) and attack: did the prediction survive, per pool input
-PLAN_RUNS = {0: {"pgd": "110100", "fgsm": "111100"},
-             1: {"pgd": "100110", "fgsm": "100111"},
-             2: {"pgd": "111100", "fgsm": "011100"}}
+PLAN_RUNS = {0: {"pgd": "110100", "square": "111100", "fgsm": "101110"},
+             1: {"pgd": "100110", "square": "100111", "fgsm": "000000"},
+             2: {"pgd": "111100", "square": "011100", "fgsm": "000000"}}  # fgsm has no random start: runs once
 PGD_COUNTS = "321310"  # the runs each input survived pgd
 WORST_COUNTS = "221310"  # survived both attacks of a run: 110100, 100110, 011100
 
@@ -39,16 +39,25 @@ def _fake_plan_attack(calls):
     """evaluate_robustness as the plan-time attack calls it: the flags of PLAN_RUNS[seed]."""
     def fake(model, data, attacks, seed=0, **_):
         calls.append(seed)
+        calls.attacks.append(list(attacks))
         return SimpleNamespace(attacks=[SimpleNamespace(attack=a, settings=None, seconds=2.0,
                                                         robust_inputs=PLAN_RUNS[seed][a]) for a in attacks])
     return fake
 
 
-def _restart_plan(monkeypatch, attacks=("pgd", "fgsm"), restarts=3, design="ppi", budget=6):
+class Calls(list):
+    """The seeds of the plan-time runs; ``attacks``: the attacks each run ran."""
+
+    def __init__(self):
+        super().__init__()
+        self.attacks: list[list[str]] = []
+
+
+def _restart_plan(monkeypatch, attacks=("pgd", "square"), restarts=3, design="ppi", budget=6):
     import dltest.robustness
     from dltest.estimation import plan
 
-    calls: list[int] = []
+    calls = Calls()
     monkeypatch.setattr(dltest.robustness, "evaluate_robustness", _fake_plan_attack(calls))
     data, outputs = _pool()
     drawn = plan(torch.nn.Identity(), data, design=design, budget=budget, seed=0, outputs=outputs,
@@ -62,7 +71,7 @@ def test_the_plan_stores_the_share_of_runs_each_prediction_survived(monkeypatch,
     drawn, calls, _ = _restart_plan(monkeypatch)
     assert calls == [0, 1, 2]  # one run per restart, seeds seed, seed + 1, seed + 2
     assert drawn.attack_restarts == 3
-    assert drawn.survived == {"pgd": PGD_COUNTS, "fgsm": "222311", "worst-case": WORST_COUNTS}
+    assert drawn.survived == {"pgd": PGD_COUNTS, "square": "222311", "worst-case": WORST_COUNTS}
     assert drawn.attacks[0] == {"attack": "pgd", "settings": None, "seconds": 6.0,
                                 "survived": pytest.approx(10 / 3), "restarts": 3}  # 3 + 3 + 4 per run
     share = np.array([3, 2, 1, 3, 1, 0]) / 3
@@ -99,6 +108,23 @@ def test_attacks_default_to_three_runs_and_flags_to_one(monkeypatch):
     data, outputs = _pool()
     given = plan(None, data, design="ppi", budget=6, outputs=outputs, survived={"pgd": [1, 0, 1, 1, 0, 1]})
     assert given.attack_restarts == 1 and given.survived == {"pgd": "101101"}
+
+
+def test_an_attack_without_a_random_start_runs_once_and_counts_for_every_run(monkeypatch):
+    drawn, calls, _ = _restart_plan(monkeypatch, attacks=("fgsm", "pgd"), restarts=3)
+    assert calls == [0, 1, 2] and calls.attacks == [["fgsm", "pgd"], ["pgd"], ["pgd"]]
+    # fgsm's one run (101110) counts 3 times; worst case per run: 100100, 100110, 101100
+    assert drawn.survived == {"fgsm": "303330", "pgd": PGD_COUNTS, "worst-case": "301310"}
+    assert drawn.attacks[0] == {"attack": "fgsm", "settings": None, "seconds": 2.0, "survived": 4.0, "restarts": 1}
+    assert drawn.attacks[1]["seconds"] == 6.0 and drawn.attacks[1]["restarts"] == 3
+    from dltest.estimation.estimating import surrogate_label
+    assert surrogate_label(drawn, "fgsm") == "confidence x survived fgsm"
+    assert surrogate_label(drawn, "pgd") == "confidence x share of 3 runs survived pgd"
+    assert surrogate_label(drawn, "worst-case") == "confidence x share of 3 runs survived worst-case"
+    alone, calls, _ = _restart_plan(monkeypatch, attacks=("fgsm",), restarts=None)
+    assert calls == [0] and alone.attack_restarts == 1 and alone.survived == {"fgsm": "101110"}
+    with pytest.raises(DltestError, match="same outcome every run"):
+        _restart_plan(monkeypatch, attacks=("fgsm",), restarts=3)
 
 
 @pytest.mark.parametrize("value", [0, 10, 2.5, True, "3"])
@@ -204,6 +230,7 @@ def test_cli_refuses_attack_restarts_without_attacks(tmp_path):
     (dict(budget="abc"), "abc"),
     (dict(eps=0.3), "give attacks too"),
     (dict(attack_restarts=3), "repeat the plan-time attacks"),
+    (dict(attacks=["fgsm"], attack_restarts=2), "same outcome every run"),
     (dict(attacks=["pgd"], attack_restarts=0), "1 to 9"),
     (dict(design="nope"), "nope"),
 ])

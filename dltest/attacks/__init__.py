@@ -12,8 +12,8 @@ from dltest.attacks.examples import AdversarialExamples, generate_adversarial, l
 from dltest.attacks.kernels import DeepFoolL2, DeepFoolResult, PGDAdversary, deepfool_l2, pgd_linf
 from dltest.attacks.presets import (
     ATTACKS, PRESETS, PURPOSES, Adversary, Attack, AttackSpec, Preset, attack_preset, build_attack,
-    check_attack_name, check_attack_request, parse_attack_list, parse_eps, pgd_adversary, pgd_check, register,
-    takes,
+    check_attack_name, check_attack_request, is_seeded, parse_attack_list, parse_eps, pgd_adversary, pgd_check,
+    register, takes,
 )
 from dltest.runtime import native_cpu_backward, native_input_grad_pays
 
@@ -21,7 +21,7 @@ __all__ = [
     "ATTACKS", "PRESETS", "PURPOSES", "AdversarialExamples", "Adversary", "Attack", "AttackSpec", "DeepFoolL2", "DeepFoolResult",
     "deepfool_l2",
     "PGDAdversary", "Preset", "attack_preset", "build_attack", "check_attack_name", "check_attack_request",
-    "generate_adversarial",
+    "generate_adversarial", "is_seeded",
     "load_adversarial", "native_cpu_backward", "native_input_grad_pays", "parse_attack_list", "parse_eps",
     "pgd_adversary", "pgd_check", "pgd_linf", "register", "takes", "with_examples",
 ]

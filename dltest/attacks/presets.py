@@ -149,6 +149,7 @@ class Preset:
     name: ClassVar[str]
     options: ClassVar[tuple[str, ...]] = ()
     takes_eps: ClassVar[bool] = True
+    seeded: ClassVar[bool] = True  # its outcome depends on the seed (a random start or a random search)
     hint: ClassVar[str] = ""  # appended when a refused option has a way through
 
     def spec(self, family: AttackFamily, purpose: str, eps: float, base: dict[str, Any], given_eps: bool = False,
@@ -174,6 +175,11 @@ def takes(name: str, option: str) -> bool:
     """Whether attack ``name`` takes ``option`` (``eps``, ``alpha``, ``steps`` or ``queries``)."""
     preset = PRESETS[check_attack_name(name)]
     return preset.takes_eps if option == "eps" else option in preset.options
+
+
+def is_seeded(name: str) -> bool:
+    """Whether attack ``name`` can give another outcome with another seed (FGSM and DeepFool cannot)."""
+    return PRESETS[check_attack_name(name)].seeded
 
 
 def _torchattacks():
@@ -203,6 +209,7 @@ class PGD(Preset):
 @register
 class FGSM(Preset):
     name = "fgsm"
+    seeded = False
 
     def spec(self, family, purpose, eps, base, given_eps=False):
         return AttackSpec("fgsm", eps, note="single step of size eps", **base)
@@ -280,6 +287,7 @@ class DeepFool(Preset):
     name = "deepfool"
     options = ("steps",)
     takes_eps = False
+    seeded = False
 
     def spec(self, family, purpose, eps, base, given_eps=False, steps=None):
         return AttackSpec("deepfool", None, steps=steps if steps is not None else DEEPFOOL_STEPS,

@@ -49,7 +49,7 @@ def plan_command(
     eps: Annotated[Optional[str], typer.Option(help="--attacks: Linf radius (default: the dataset's preset).", show_default=False)] = None,
     steps: Annotated[Optional[int], typer.Option(help="--attacks: attack iterations (default: the preset's).", show_default=False)] = None,
     alpha: Annotated[Optional[float], typer.Option(help="--attacks: PGD step size (default: the preset's).", show_default=False)] = None,
-    attack_restarts: Annotated[Optional[str], typer.Option("--attack-restarts", help="--attacks: run each plan-time attack this many times (1 to 9, default 3) with the seeds seed, seed+1, ...; the surrogate then uses the share of runs each prediction survived, at that many times the attack's cost. 1 for an attack without a random start (FGSM): its runs agree.", show_default=False)] = None,
+    attack_restarts: Annotated[Optional[str], typer.Option("--attack-restarts", help="--attacks: run each plan-time attack this many times (1 to 9; default 3, or 1 when no attack has a random start) with the seeds seed, seed+1, ...; the surrogate then uses the share of runs each prediction survived, at that many times the attack's cost. An attack without a random start (fgsm, deepfool) runs once: its runs would agree.", show_default=False)] = None,
     dataset: Dataset = "mnist",
     split: Split = "test",
     model: ModelPath = None,

@@ -252,7 +252,8 @@ def figure_surrogate(plan: EstimationPlan, figure: str, attacks: Sequence[str]):
 
 def surrogate_label(plan: EstimationPlan, figure: str) -> str:
     """How the plan's surrogate of ``figure`` was made, for the output."""
-    if plan.attack_restarts > 1:
+    runs = next((row.get("restarts", 1) for row in plan.attacks if row.get("attack") == figure), plan.attack_restarts)
+    if plan.attack_restarts > 1 and runs > 1:
         return f"confidence x share of {plan.attack_restarts} runs survived {figure}"
     return f"confidence x survived {figure}"
 

@@ -201,7 +201,7 @@ def check_plan_request(
 ) -> int:
     """Check :func:`plan`'s arguments that need no model or data, before anything is loaded;
     returns the number of plan-time attack runs (1 without attacks)."""
-    from dltest.attacks import parse_attack_list, parse_eps
+    from dltest.attacks import is_seeded, parse_attack_list, parse_eps
     from dltest.runtime import resolve_device
 
     get_design(design, **options)
@@ -215,13 +215,18 @@ def check_plan_request(
     if not attacks and (eps is not None or steps is not None or alpha is not None):
         raise DltestError("eps, steps and alpha set the plan-time attacks: give attacks too",
                           cli="--eps, --steps and --alpha set the plan-time attacks: give --attacks too")
+    seeded = [name for name in attacks if is_seeded(name)]
     if attack_restarts is None:
-        restarts = DEFAULT_ATTACK_RESTARTS if attacks else 1
+        restarts = DEFAULT_ATTACK_RESTARTS if seeded else 1
     else:
         restarts = check_attack_restarts(attack_restarts)
     if restarts > 1 and not attacks:
         raise DltestError(f"attack restarts ({restarts}) repeat the plan-time attacks: give attacks too",
                           cli=f"--attack-restarts {restarts} repeats the plan-time attacks: give --attacks too")
+    if restarts > 1 and not seeded:
+        raise DltestError(f"attack restarts ({restarts}): {', '.join(attacks)} give the same outcome every run; "
+                          "give 1", cli=f"--attack-restarts {restarts}: {', '.join(attacks)} give the same outcome "
+                                        "every run (no random start); give 1 or leave it out")
     resolve_device(device)
     return restarts
 
@@ -387,22 +392,24 @@ def predicted_label_survival(
     survived. Where the prediction is right this IS the attack with the true label; an input whose
     prediction changes between the inference pass and the attack's own clean pass counts as not
     survived. Returns the runs' flags and one row per attack (settings, seconds of all runs, mean
-    survivors per run, runs)."""
+    survivors per run, runs); an attack without a random start runs once (its other runs would agree)."""
+    from dltest.attacks import is_seeded
     from dltest.robustness import evaluate_robustness
 
     pseudo = replace(data, y=outputs.predictions.clone().long(), labeled=True, classes=list(classes))
     runs: list[dict[str, np.ndarray]] = []
     rows: dict[str, dict[str, Any]] = {}
     for run in range(restarts):
-        report = evaluate_robustness(model, pseudo, list(attacks), seed=seed + run, batch_size=batch_size,
+        names = [name for name in attacks if run == 0 or is_seeded(name)]
+        report = evaluate_robustness(model, pseudo, names, seed=seed + run, batch_size=batch_size,
                                      device=device, progress=progress, eps=eps, steps=steps, alpha=alpha)
-        runs.append({o.attack: np.asarray([c == "1" for c in o.robust_inputs], dtype=bool) for o in report.attacks})
+        flags = {o.attack: np.asarray([c == "1" for c in o.robust_inputs], dtype=bool) for o in report.attacks}
+        runs.append({name: flags[name] if name in flags else runs[0][name] for name in runs[0]} if run else flags)
         for o in report.attacks:
             row = rows.setdefault(o.attack, {"attack": o.attack, "settings": o.settings, "seconds": 0.0, "survived": 0})
             row["seconds"] = round(row["seconds"] + (o.seconds or 0.0), 3)
-            row["survived"] += int(runs[-1][o.attack].sum())
-    for row in rows.values():
-        row["survived"] = row["survived"] / restarts if restarts > 1 else row["survived"]
+    for name, row in rows.items():
+        row["survived"] = sum(int(r[name].sum()) for r in runs) / restarts if restarts > 1 else int(runs[0][name].sum())
         if restarts > 1:
-            row["restarts"] = restarts
+            row["restarts"] = restarts if is_seeded(name) else 1
     return runs, list(rows.values())
