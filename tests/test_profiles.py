@@ -37,6 +37,19 @@ def test_profiles_hold_the_papers_numbers():
     assert mnist.pretrained == "lenet5-mnist.pt" and cifar.pretrained is None
 
 
+@pytest.mark.parametrize("family, adversarial, optimizer, expected", [
+    (GREY, True, None, ("adam", 5e-3, 0.0)),  # Wong et al. 2020's MNIST recipe
+    (GREY, True, "sgd", ("sgd", 0.05, 5e-4)),
+    (GREY, False, None, ("sgd", 0.05, 5e-4)),
+    (COLOUR, True, None, ("sgd", 0.1, 5e-4)),  # Rice et al. 2020
+    (COLOUR, False, None, ("sgd", 0.05, 5e-4)),
+    (COLOUR, False, "adam", ("adam", 5e-3, 0.0)),
+])
+def test_the_family_holds_the_optimizer_recipe_of_a_run_from_scratch(family, adversarial, optimizer, expected):
+    recipe = family.training.recipe(adversarial, optimizer)
+    assert (recipe.optimizer, recipe.lr, recipe.weight_decay) == expected
+
+
 def test_profiles_are_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         PROFILES["mnist"].arch = "vgg8"  # type: ignore[misc]

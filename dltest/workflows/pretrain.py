@@ -31,19 +31,6 @@ from dltest.training import TrainConfig, TrainResult, accuracy, train
 from dltest.zoo import default_arch, model_for_dataset
 
 
-def recipe(family: str, adversarial: bool, optimizer: str | None = None) -> dict[str, Any]:
-    """Optimizer, peak learning rate and weight decay of a training run from scratch.
-
-    Adversarial training on grey images at eps 0.3 uses Adam with a one-cycle peak of 5e-3
-    (Wong et al. 2020's MNIST recipe; SGD at 0.05 collapsed to a constant model); on colour
-    images SGD at 0.1 (Rice et al. 2020). Standard training: SGD at 0.05.
-    """
-    optimizer = optimizer or ("adam" if adversarial and family == "grey" else "sgd")
-    if optimizer == "adam":
-        return {"optimizer": "adam", "lr": 5e-3, "weight_decay": 0.0}
-    return {"optimizer": optimizer, "lr": 0.1 if adversarial and family == "colour" else 0.05, "weight_decay": 5e-4}
-
-
 @dataclass
 class PretrainResult:
     """The trained model, its holdout figures and the report written beside the checkpoint."""
@@ -84,7 +71,7 @@ def pretrain(
     ``at`` names an adversarial-training method (:data:`~dltest.adversarial_training.AT_METHODS`)
     with ``at_options`` (eps, alpha, steps, warmup_epochs, beta) over the dataset's preset; then
     the report adds PGD robust accuracy (SPEC §2 evaluation preset at the training eps) on
-    ``eval_n`` seeded holdout inputs. ``optimizer``, ``lr`` default to :func:`recipe`,
+    ``eval_n`` seeded holdout inputs. ``optimizer``, ``lr`` default to the profile's :meth:`~dltest.profiles.TrainingDefaults.recipe`,
     ``augment`` to the dataset's. ``init`` starts from a dltest checkpoint's weights instead of a
     fresh model (fine-tuning, e.g. hardening a standard model adversarially). The best epoch is chosen on the val half (adversarially: on
     ``val_n`` seeded val inputs under a 10-step PGD check). With ``out``, the checkpoint is written there (and per-epoch
@@ -110,9 +97,9 @@ def pretrain(
     profile = dataset_profile(train_data.name, train_data.input_shape[0])
     family = profile.attack.name
     adversarial = adversarial_training(at, family, **(at_options or {})) if at is not None else None
-    defaults = recipe(family, adversarial is not None, optimizer)
-    config = TrainConfig(epochs=epochs, batch_size=batch_size, optimizer=defaults["optimizer"],
-                         lr=lr if lr is not None else defaults["lr"], weight_decay=defaults["weight_decay"],
+    defaults = profile.attack.training.recipe(adversarial is not None, optimizer)
+    config = TrainConfig(epochs=epochs, batch_size=batch_size, optimizer=defaults.optimizer,
+                         lr=lr if lr is not None else defaults.lr, weight_decay=defaults.weight_decay,
                          augment=augment or profile.augment, seed=seed)
     if init is not None:
         model, arch_name = _initial_weights(init, arch, train_data)
